@@ -1,0 +1,167 @@
+"""The run directory: what each stage writes there and how the next stage finds it.
+
+Layout of a workdir:
+  config.json            resolved config of the latest run (every run rewrites it)
+  tokenizer.model        SentencePiece model trained on the training split
+  fgrams.npz             the FGramSet (absent for the baseline)
+  fgrams.json            how the set was made: tokenizer fingerprint, sizes, timing
+  fgrams_summary.txt     counts by length and the top f-grams, detokenized
+  data/                  tokenized + matched splits (cached, keyed by fingerprints)
+  checkpoints/           orbax CheckpointManager directory
+  metrics.jsonl          one JSON object per logged train/eval step
+"""
+import collections
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+import ml_collections
+import numpy as np
+
+from scone_jax import corpus
+from scone_jax import fgrams
+
+TOKENIZER_FILE = 'tokenizer.model'
+FGRAMS_FILE = 'fgrams.npz'
+FGRAMS_META_FILE = 'fgrams.json'
+FGRAMS_SUMMARY_FILE = 'fgrams_summary.txt'
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+DATA_DIR = 'data'
+METRICS_FILE = 'metrics.jsonl'
+
+
+@dataclasses.dataclass
+class RunArtifacts:
+  """Everything upstream of training, ready to use."""
+  tokenizer: 'corpus.Tokenizer'
+  fgram_set: Optional[fgrams.FGramSet]
+  train_docs: list
+  heldout_docs: list
+
+
+def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes the resolved config beside the checkpoints (every run does this)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+  return path
+
+
+def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
+  """Loads the corpus, trains or reuses the tokenizer, extracts or reuses the f-grams."""
+  os.makedirs(workdir, exist_ok=True)
+  t0 = time.time()
+  train_docs = corpus.load_documents(cfg.corpus, 'train')
+  heldout_docs = corpus.load_documents(cfg.corpus, 'heldout')
+  logging.info('corpus %s: %d training and %d held-out documents (%.1fs)',
+               cfg.corpus.name, len(train_docs), len(heldout_docs), time.time() - t0)
+  tokenizer = corpus.prepare_tokenizer(cfg, workdir, [d.text for d in train_docs])
+  fgram_set = None
+  if cfg.fgrams.enabled:
+    fgram_set = prepare_fgrams(cfg, workdir, tokenizer, train_docs)
+  return RunArtifacts(tokenizer, fgram_set, train_docs, heldout_docs)
+
+
+def _fgram_request(cfg, tokenizer) -> dict:
+  return {
+      'tokenizer_fingerprint': tokenizer.fingerprint,
+      'corpus': cfg.corpus.to_dict(),
+      'max_len': cfg.fgrams.max_len,
+      'min_count': cfg.fgrams.min_count,
+      'num_fgrams': cfg.fgrams.num_fgrams,
+  }
+
+
+def prepare_fgrams(cfg, workdir, tokenizer, train_docs) -> fgrams.FGramSet:
+  """Returns the run's FGramSet: cfg.fgrams.path, the workdir's, or a fresh extraction."""
+  if cfg.fgrams.path:
+    fgram_set = fgrams.FGramSet.load(cfg.fgrams.path)
+    _check_fgrams_fit(fgram_set, cfg, cfg.fgrams.path)
+    logging.info('using f-gram set %s (%d f-grams, %s)', cfg.fgrams.path, len(fgram_set),
+                 fgram_set.fingerprint[:12])
+    return fgram_set
+  path = os.path.join(workdir, FGRAMS_FILE)
+  meta_path = os.path.join(workdir, FGRAMS_META_FILE)
+  request = _fgram_request(cfg, tokenizer)
+  if os.path.exists(path) and os.path.exists(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if meta.get('request') == request:
+      fgram_set = fgrams.FGramSet.load(path)
+      if fgram_set.fingerprint != meta.get('fingerprint'):
+        raise ValueError(
+            f'{path} has fingerprint {fgram_set.fingerprint[:12]} but {meta_path} records '
+            f'{str(meta.get("fingerprint"))[:12]}; delete both to re-extract.')
+      logging.info('reusing f-gram set %s (%d f-grams, %s)', path, len(fgram_set),
+                   fgram_set.fingerprint[:12])
+      return fgram_set
+    if os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+      raise ValueError(
+          f'{workdir} already has checkpoints trained with a different f-gram set '
+          f'({meta.get("request")}); use a new --workdir or restore the original config.')
+    logging.info('f-gram settings changed; re-extracting')
+
+  t0 = time.time()
+  docs_tokens = [tokenizer.encode(d.text) for d in train_docs]
+  num_tokens = int(sum(len(t) for t in docs_tokens))
+  t_tok = time.time() - t0
+  logging.info('tokenized %d training documents: %d tokens (%.1fs)', len(docs_tokens),
+               num_tokens, t_tok)
+  t0 = time.time()
+  fgram_set = fgrams.extract(docs_tokens, max_len=cfg.fgrams.max_len,
+                             min_count=cfg.fgrams.min_count,
+                             num_fgrams=cfg.fgrams.num_fgrams)
+  t_ext = time.time() - t0
+  fgram_set.save(path)
+  meta = {
+      'request': request,
+      'fingerprint': fgram_set.fingerprint,
+      'num_fgrams': len(fgram_set),
+      'train_tokens': num_tokens,
+      'extract_seconds': t_ext,
+      'extract_tokens_per_s': num_tokens / max(t_ext, 1e-9),
+  }
+  tmp = meta_path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(meta, f, indent=2)
+  os.replace(tmp, meta_path)
+  summary = fgram_summary(fgram_set, tokenizer, num_tokens=num_tokens, seconds=t_ext)
+  with open(os.path.join(workdir, FGRAMS_SUMMARY_FILE), 'w') as f:
+    f.write(summary)
+  return fgram_set
+
+
+def _check_fgrams_fit(fgram_set, cfg, path):
+  if fgram_set.max_len > cfg.fgrams.max_len:
+    raise ValueError(f'f-gram set {path} has max_len {fgram_set.max_len} but the config says '
+                     f'fgrams.max_len={cfg.fgrams.max_len}; set --config.fgrams.max_len='
+                     f'{fgram_set.max_len}.')
+
+
+def fgram_summary(fgram_set, tokenizer, *, num_tokens=None, seconds=None, top=40) -> str:
+  """Human-readable summary: counts by length and the most frequent f-grams, detokenized."""
+  lines = [f'f-gram set {fgram_set.fingerprint[:12]}: {len(fgram_set)} f-grams, '
+           f'max_len {fgram_set.max_len}']
+  if num_tokens is not None:
+    rate = f', {num_tokens / seconds:,.0f} tokens/s' if seconds else ''
+    lines.append(f'extracted from {num_tokens:,} training tokens'
+                 + (f' in {seconds:.1f}s{rate}' if seconds else ''))
+  by_len = collections.Counter(np.asarray(fgram_set.lengths).tolist())
+  lines.append('count by length: ' + ', '.join(
+      f'n={n}: {by_len[n]}' for n in range(2, fgram_set.max_len + 1)))
+  counts = np.asarray(fgram_set.counts)
+  if len(counts):
+    lines.append(f'occurrences: max {counts.max():,}, min {counts.min():,}')
+  lines.append(f'top {min(top, len(fgram_set))} f-grams (id, count, n, text):')
+  for i in range(min(top, len(fgram_set))):
+    ngram = fgram_set.ngram(i)
+    pieces = tokenizer.decode(np.asarray(ngram, np.int32))
+    lines.append(f'  {i:6d} {int(counts[i]):9,d}  n={len(ngram)}  {pieces!r}')
+  return '\n'.join(lines) + '\n'

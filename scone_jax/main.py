@@ -1,0 +1,129 @@
+"""scone_jax command line: extract → train → eval → export → generate.
+
+  python -m scone_jax.main --mode=extract --config=experiments/configs/scone.py --workdir=DIR
+  python -m scone_jax.main --mode=train   --config=experiments/configs/scone.py --workdir=DIR
+  python -m scone_jax.main --mode=eval    --config=... --workdir=DIR --eval_text=a.txt,b.txt
+  python -m scone_jax.main --mode=export  --config=... --workdir=DIR [--export_dir=OUT]
+  python -m scone_jax.main --mode=generate --export_dir=OUT --prompt="..."
+
+This file wires stages together; the work happens in the modules it calls.
+"""
+import json
+import logging as py_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+MODES = ('extract', 'train', 'eval', 'export', 'generate')
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Run config file (a get_config() .py), e.g. experiments/configs/scone.py.',
+    lock_config=True)
+_MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to run.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (artifacts and checkpoints).')
+_EVAL_TEXT = flags.DEFINE_list('eval_text', None,
+                               'Plain-text files (blank-line-separated documents) to evaluate.')
+_EXPORT_DIR = flags.DEFINE_string('export_dir', None, 'Export directory (default WORKDIR/export).')
+_PROMPT = flags.DEFINE_multi_string('prompt', None, 'Prompt(s) for --mode=generate.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate per prompt.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy decoding.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens (0 = off).')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).')
+_TABLE_STORAGE = flags.DEFINE_enum('table_storage', 'ram', ('ram', 'mmap', 'tensorstore'),
+                                   'Where serving keeps the f-gram table.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed for --mode=generate.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() (multi-host; automatic on TPU pods '
+    'and with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set).')
+
+
+def _init_distributed():
+  import jax  # pylint: disable=g-import-not-at-top
+  coordinator = os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=int(os.environ['JAX_NUM_PROCESSES']),
+                               process_id=int(os.environ['JAX_PROCESS_ID']))
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+
+
+def _require(value, flag):
+  if not value:
+    raise app.UsageError(f'--{flag} is required for --mode={_MODE.value}.')
+  return value
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  py_logging.getLogger('absl').setLevel(py_logging.INFO)
+  logging.set_verbosity(logging.INFO)
+  logging.use_absl_handler()
+  mode = _MODE.value
+
+  if mode == 'generate' or (mode == 'eval' and _EXPORT_DIR.value and not _WORKDIR.value):
+    from scone_jax import serving  # pylint: disable=g-import-not-at-top
+    export_dir = _require(_EXPORT_DIR.value, 'export_dir')
+    gen = serving.load(export_dir, table_storage=_TABLE_STORAGE.value)
+    if mode == 'generate':
+      prompts = _require(_PROMPT.value, 'prompt')
+      texts = gen.generate_text(prompts, max_new_tokens=_MAX_NEW_TOKENS.value,
+                                temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                                top_p=_TOP_P.value, seed=_SEED.value)
+      for prompt, text in zip(prompts, texts):
+        print(f'=== {prompt!r}\n{prompt}{text}')
+    else:
+      from scone_jax import corpus  # pylint: disable=g-import-not-at-top
+      docs = corpus.read_text_documents(_require(_EVAL_TEXT.value, 'eval_text'))
+      print(json.dumps(gen.evaluate(docs)))
+    return
+
+  _init_distributed()
+  from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
+  from scone_jax import train  # pylint: disable=g-import-not-at-top
+  cfg = _CONFIG.value
+  if cfg is None:
+    raise app.UsageError('--config is required, e.g. --config=experiments/configs/scone.py')
+  workdir = _require(_WORKDIR.value, 'workdir')
+  train.validate_config(cfg)
+
+  if mode == 'extract':
+    if not cfg.fgrams.enabled:
+      raise app.UsageError('this config has fgrams.enabled=False; use a SCONE config.')
+    artifacts.write_config(cfg, workdir)
+    run = artifacts.prepare_run(cfg, workdir)
+    print(artifacts.fgram_summary(run.fgram_set, run.tokenizer), end='')
+    print(f'wrote {os.path.join(workdir, artifacts.FGRAMS_FILE)}')
+  elif mode == 'train':
+    artifacts.write_config(cfg, workdir)
+    run = artifacts.prepare_run(cfg, workdir)
+    last = train.train(cfg, workdir, run)
+    print(json.dumps(last))
+  elif mode == 'eval':
+    run = artifacts.prepare_run(cfg, workdir)
+    trainer = train.load_for_eval(cfg, workdir, run)
+    if _EVAL_TEXT.value:
+      from scone_jax import corpus  # pylint: disable=g-import-not-at-top
+      docs = corpus.read_text_documents(_EVAL_TEXT.value)
+    else:
+      docs = run.heldout_docs
+    print(json.dumps(train.eval_documents(trainer, docs)))
+  elif mode == 'export':
+    from scone_jax import export  # pylint: disable=g-import-not-at-top
+    run = artifacts.prepare_run(cfg, workdir)
+    export_dir = _EXPORT_DIR.value or os.path.join(workdir, 'export')
+    summary = export.export(cfg, workdir, run, export_dir)
+    print(json.dumps(summary))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == '__main__':
+  sys.exit(run())
