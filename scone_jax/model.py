@@ -1,0 +1,408 @@
+"""Flax model: the main decoder-only LM, the f-gram model A_fgram, and SCONE's input embedding.
+
+Parameter tree (top level names are an API shared with train/export/serving):
+  token_embed  T [vocab, d], the input embedding; also read by A_fgram.
+  decoder      the main decoder blocks, final norm, learned positions (if any).
+  lm_head      [d, vocab], untied from T.
+  fgram_model  everything of A_fgram (K position embeddings, blocks, final norm); absent in the
+               baseline. Serving drops it: `embed_inputs` without f-grams and `backbone` never
+               touch it.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and key
+activations carry `nn.with_logical_constraint`; `sharding.py` maps the names onto the mesh.
+"""
+import dataclasses
+import functools
+from typing import Any, Optional
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+
+# Finite instead of -inf so a fully masked row (padding queries) gives a uniform softmax,
+# not NaN; exp(_NEG_INF - max) is exactly 0 next to any unmasked logit.
+_NEG_INF = float(jnp.finfo(jnp.float32).min)
+_NORM_EPS = 1e-6
+_ROPE_MAX_WAVELENGTH = 10_000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static model hyperparameters (hashable, so a Flax module attribute)."""
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  mlp_activation: str = 'gelu'   # 'gelu' | 'swiglu'
+  position: str = 'rope'         # 'rope' | 'learned'
+  max_seq_len: int = 128         # rows of the learned position table
+  dropout_rate: float = 0.0
+  dtype: str = 'bfloat16'        # compute dtype
+  param_dtype: str = 'float32'
+  fgrams_enabled: bool = False
+  fgram_max_len: int = 5         # K: f-gram windows and A_fgram's position table
+  fgram_num_layers: int = 2
+  fgram_num_heads: int = 4
+  fgram_head_dim: int = 64
+  fgram_mlp_dim: int = 1024
+  remat: bool = False            # rematerialise each block in the backward pass
+  scan_layers: bool = False      # nn.scan over blocks (params get a leading 'layers' axis)
+
+  def __post_init__(self):
+    if self.mlp_activation not in ('gelu', 'swiglu'):
+      raise ValueError(f'model.mlp_activation={self.mlp_activation!r}; use gelu or swiglu.')
+    if self.position not in ('rope', 'learned'):
+      raise ValueError(f'model.position={self.position!r}; use rope or learned.')
+    if self.position == 'rope' and self.head_dim % 2:
+      raise ValueError(f'model.head_dim={self.head_dim} must be even for rope positions.')
+    for name in ('dtype', 'param_dtype'):
+      if getattr(self, name) not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(f'model.{name}={getattr(self, name)!r}; use float32, bfloat16 or '
+                         'float16.')
+    if self.fgrams_enabled and self.fgram_max_len < 1:
+      raise ValueError(f'fgrams.max_len={self.fgram_max_len} must be positive.')
+
+  @classmethod
+  def from_config(cls, cfg, vocab_size: int) -> 'ModelConfig':
+    """From the run config (cfg.model, cfg.fgram_model, cfg.fgrams, cfg.seq_len)."""
+    m, f = cfg.model, cfg.fgram_model
+    return cls(
+        vocab_size=int(vocab_size), num_layers=m.num_layers, d_model=m.d_model,
+        num_heads=m.num_heads, head_dim=m.head_dim, mlp_dim=m.mlp_dim,
+        mlp_activation=m.mlp_activation, position=m.position, max_seq_len=cfg.seq_len,
+        dropout_rate=float(m.dropout_rate), dtype=m.dtype, param_dtype=m.param_dtype,
+        fgrams_enabled=bool(cfg.fgrams.enabled), fgram_max_len=cfg.fgrams.max_len,
+        fgram_num_layers=f.num_layers, fgram_num_heads=f.num_heads, fgram_head_dim=f.head_dim,
+        fgram_mlp_dim=f.mlp_dim, remat=bool(m.get('remat', False)),
+        scan_layers=bool(m.get('scan_layers', False)))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """What one decoder block needs; the main model and A_fgram differ only in these."""
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  mlp_activation: str
+  use_rope: bool
+  dropout_rate: float
+  dtype: Any
+  param_dtype: Any
+  batch_axis: str = 'batch'      # logical names of the activations' leading axes
+  length_axis: str = 'length'
+
+
+def _dense_init(names):
+  return nn.with_logical_partitioning(nn.initializers.lecun_normal(), names)
+
+
+class RMSNorm(nn.Module):
+  """RMS normalisation with statistics in float32, output in the compute dtype."""
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + _NORM_EPS)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rope(x_BxLxHxK, positions_BxL):
+  """Rotary position embedding (half-split form), computed in float32."""
+  half = x_BxLxHxK.shape[-1] // 2
+  freq_H = _ROPE_MAX_WAVELENGTH ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLx1xH = (positions_BxL.astype(jnp.float32)[..., None] * freq_H)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BxLx1xH), jnp.cos(angle_BxLx1xH)
+  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with an optional flax-style KV cache ('cache' collection)."""
+  cfg: BlockConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, valid_BxL, decode):
+    c = self.cfg
+    act = (c.batch_axis, c.length_axis, 'heads', 'kv')
+    proj = functools.partial(nn.DenseGeneral, features=(c.num_heads, c.head_dim), axis=-1,
+                             use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
+                             kernel_init=_dense_init(('embed', 'heads', 'kv')))
+    q_BxLxHxK = nn.with_logical_constraint(proj(name='query')(x_BxLxD), act)
+    k_BxLxHxK = nn.with_logical_constraint(proj(name='key')(x_BxLxD), act)
+    v_BxLxHxK = nn.with_logical_constraint(proj(name='value')(x_BxLxD), act)
+    if c.use_rope:
+      q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL)
+      k_BxLxHxK = apply_rope(k_BxLxHxK, positions_BxL)
+
+    mask = mask_Bx1xLxL
+    if decode:
+      # Keys are cached after rope, so a cached entry never needs its position again.
+      initialized = self.has_variable('cache', 'cached_key')
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, k_BxLxHxK.shape,
+                                 k_BxLxHxK.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros, v_BxLxHxK.shape,
+                                   v_BxLxHxK.dtype)
+      cached_valid = self.variable('cache', 'cached_valid', jnp.zeros, valid_BxL.shape,
+                                   jnp.bool_)
+      cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+      if initialized:
+        # Write the T new entries at the shared index, then attend to every valid cached
+        # entry at or before each query's slot.
+        num_slots, num_new = cached_key.value.shape[1], x_BxLxD.shape[1]
+        if num_new > num_slots:
+          raise ValueError(f'decoding {num_new} tokens at once but the cache holds '
+                           f'{num_slots}; init the cache with a longer input.')
+        index = cache_index.value
+        k_BxSxHxK = jax.lax.dynamic_update_slice(cached_key.value, k_BxLxHxK.astype(
+            cached_key.value.dtype), (0, index, 0, 0))
+        v_BxSxHxK = jax.lax.dynamic_update_slice(cached_value.value, v_BxLxHxK.astype(
+            cached_value.value.dtype), (0, index, 0, 0))
+        valid_BxS = jax.lax.dynamic_update_slice(cached_valid.value, valid_BxL, (0, index))
+        cached_key.value, cached_value.value = k_BxSxHxK, v_BxSxHxK
+        cached_valid.value = valid_BxS
+        cache_index.value = index + num_new
+        query_slot_L = index + jnp.arange(num_new)
+        causal_LxS = jnp.arange(num_slots)[None, :] <= query_slot_L[:, None]
+        mask = causal_LxS[None, None] & valid_BxS[:, None, None, :]
+        k_BxLxHxK, v_BxLxHxK = k_BxSxHxK, v_BxSxHxK
+
+    q_BxLxHxK = q_BxLxHxK * jnp.asarray(c.head_dim ** -0.5, q_BxLxHxK.dtype)
+    logits_BxHxLxS = jnp.einsum('blhk,bshk->bhls', q_BxLxHxK, k_BxLxHxK,
+                                preferred_element_type=jnp.float32)
+    logits_BxHxLxS = jnp.where(mask, logits_BxHxLxS, _NEG_INF)
+    probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(c.dtype)
+    out_BxLxHxK = jnp.einsum('bhls,bshk->blhk', probs_BxHxLxS, v_BxLxHxK.astype(c.dtype))
+    out_BxLxHxK = nn.with_logical_constraint(out_BxLxHxK, act)
+    return nn.DenseGeneral(features=x_BxLxD.shape[-1], axis=(-2, -1), use_bias=False,
+                           dtype=c.dtype, param_dtype=c.param_dtype,
+                           kernel_init=_dense_init(('heads', 'kv', 'embed')),
+                           name='out')(out_BxLxHxK)
+
+
+class Mlp(nn.Module):
+  """Feed-forward: gelu (wi → gelu → wo) or swiglu (silu(wi_gate) · wi_up → wo)."""
+  cfg: BlockConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    c = self.cfg
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype)
+    hidden_axes = (c.batch_axis, c.length_axis, 'mlp')
+    if c.mlp_activation == 'swiglu':
+      gate = dense(c.mlp_dim, kernel_init=_dense_init(('embed', 'mlp')), name='wi_gate')(x_BxLxD)
+      up = dense(c.mlp_dim, kernel_init=_dense_init(('embed', 'mlp')), name='wi_up')(x_BxLxD)
+      h_BxLxM = nn.silu(gate) * up
+    else:
+      h_BxLxM = nn.gelu(dense(c.mlp_dim, kernel_init=_dense_init(('embed', 'mlp')),
+                              name='wi')(x_BxLxD))
+    h_BxLxM = nn.with_logical_constraint(h_BxLxM, hidden_axes)
+    return dense(x_BxLxD.shape[-1], kernel_init=_dense_init(('mlp', 'embed')), name='wo')(h_BxLxM)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm transformer block; the main model and A_fgram are both stacks of these."""
+  cfg: BlockConfig
+  scanned: bool = False  # under nn.scan: return (carry, None)
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, valid_BxL, deterministic, decode):
+    c = self.cfg
+    h = RMSNorm(c.dtype, c.param_dtype, name='attn_norm')(x_BxLxD)
+    h = Attention(c, name='attention')(h, positions_BxL, mask_Bx1xLxL, valid_BxL, decode)
+    x_BxLxD = x_BxLxD + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    h = RMSNorm(c.dtype, c.param_dtype, name='mlp_norm')(x_BxLxD)
+    h = Mlp(c, name='mlp')(h)
+    x_BxLxD = x_BxLxD + nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, (c.batch_axis, c.length_axis, 'embed'))
+    return (x_BxLxD, None) if self.scanned else x_BxLxD
+
+
+def _run_blocks(block_cfg: BlockConfig, num_layers: int, *, scan: bool, remat: bool,
+                x_BxLxD, positions_BxL, mask_Bx1xLxL, valid_BxL, deterministic, decode):
+  """Applies `num_layers` blocks inside the calling module's compact scope.
+
+  Unscanned blocks are named layers_0..N-1; scanned ones share the name `layers` and their
+  parameters (and cache) get a leading axis of size N, logical name 'layers'.
+  """
+  block_cls = DecoderBlock
+  if remat:
+    # self=0, x=1, positions=2, mask=3, valid=4: deterministic and decode stay Python bools.
+    block_cls = nn.remat(block_cls, prevent_cse=not scan, static_argnums=(5, 6))
+  args = (positions_BxL, mask_Bx1xLxL, valid_BxL, deterministic, decode)
+  if scan:
+    stack = nn.scan(block_cls, variable_axes={'params': 0, 'cache': 0},
+                    split_rngs={'params': True, 'dropout': True},
+                    in_axes=(nn.broadcast,) * len(args), length=num_layers,
+                    metadata_params={nn.PARTITION_NAME: 'layers'})
+    x_BxLxD, _ = stack(block_cfg, scanned=True, name='layers')(x_BxLxD, *args)
+    return x_BxLxD
+  for i in range(num_layers):
+    x_BxLxD = block_cls(block_cfg, name=f'layers_{i}')(x_BxLxD, *args)
+  return x_BxLxD
+
+
+def _dtype(name):
+  return jnp.dtype(name)
+
+
+class Decoder(nn.Module):
+  """The main model's blocks, optional learned positions and the final norm."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, valid_BxL, deterministic, decode):
+    c = self.config
+    dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
+    block_cfg = BlockConfig(c.num_heads, c.head_dim, c.mlp_dim, c.mlp_activation,
+                            c.position == 'rope', c.dropout_rate, dtype, param_dtype)
+    x_BxLxD = x_BxLxD.astype(dtype)
+    if c.position == 'learned':
+      pos_embed = nn.Embed(c.max_seq_len, c.d_model, dtype=dtype, param_dtype=param_dtype,
+                           embedding_init=nn.with_logical_partitioning(
+                               nn.initializers.normal(0.02), ('length', 'embed')),
+                           name='pos_embed')
+      x_BxLxD = x_BxLxD + pos_embed(positions_BxL)
+    x_BxLxD = nn.Dropout(c.dropout_rate)(x_BxLxD, deterministic=deterministic)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed'))
+    # Causal, same segment (0 = padding attends only to padding, so no row is empty), and
+    # only to valid keys. Under decode with a filled cache, Attention builds its own mask.
+    seg_BxL = segment_ids_BxL
+    causal_LxL = jnp.tril(jnp.ones((x_BxLxD.shape[1],) * 2, jnp.bool_))
+    same_segment_Bx1xLxL = seg_BxL[:, None, :, None] == seg_BxL[:, None, None, :]
+    mask_Bx1xLxL = (causal_LxL[None, None] & same_segment_Bx1xLxL
+                    & valid_BxL[:, None, None, :])
+    x_BxLxD = _run_blocks(block_cfg, c.num_layers, scan=c.scan_layers, remat=c.remat,
+                          x_BxLxD=x_BxLxD, positions_BxL=positions_BxL,
+                          mask_Bx1xLxL=mask_Bx1xLxL, valid_BxL=valid_BxL,
+                          deterministic=deterministic, decode=decode)
+    return RMSNorm(dtype, param_dtype, name='final_norm')(x_BxLxD)
+
+
+class FGramModel(nn.Module):
+  """A_fgram: causal blocks of width d over embedded f-gram windows, K learned positions."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_UxKxD, lengths_U, deterministic):
+    c = self.config
+    dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
+    num_pos = x_UxKxD.shape[1]
+    if num_pos > c.fgram_max_len:
+      raise ValueError(f'f-gram windows have {num_pos} tokens but the f-gram model has '
+                       f'{c.fgram_max_len} positions (fgrams.max_len); rebuild the batch with '
+                       'the run\'s f-gram set.')
+    block_cfg = BlockConfig(c.fgram_num_heads, c.fgram_head_dim, c.fgram_mlp_dim,
+                            c.mlp_activation, False, c.dropout_rate, dtype, param_dtype,
+                            batch_axis='fgram_batch', length_axis='fgram_len')
+    pos_embed = nn.Embed(c.fgram_max_len, c.d_model, dtype=dtype, param_dtype=param_dtype,
+                         embedding_init=nn.with_logical_partitioning(
+                             nn.initializers.normal(0.02), ('fgram_len', 'embed')),
+                         name='pos_embed')
+    x_UxKxD = x_UxKxD.astype(dtype) + pos_embed(jnp.arange(num_pos))[None]
+    x_UxKxD = nn.Dropout(c.dropout_rate)(x_UxKxD, deterministic=deterministic)
+    x_UxKxD = nn.with_logical_constraint(x_UxKxD, ('fgram_batch', 'fgram_len', 'embed'))
+    # Causal only: windows are left-aligned, so the 0-padding after the last token never
+    # reaches the output at index length-1.
+    num_rows = x_UxKxD.shape[0]
+    mask_1x1xKxK = jnp.tril(jnp.ones((num_pos, num_pos), jnp.bool_))[None, None]
+    positions_UxK = jnp.broadcast_to(jnp.arange(num_pos), (num_rows, num_pos))
+    x_UxKxD = _run_blocks(block_cfg, c.fgram_num_layers, scan=c.scan_layers, remat=c.remat,
+                          x_BxLxD=x_UxKxD, positions_BxL=positions_UxK,
+                          mask_Bx1xLxL=mask_1x1xKxK,
+                          valid_BxL=jnp.ones((num_rows, num_pos), jnp.bool_),
+                          deterministic=deterministic, decode=False)
+    last_U = jnp.clip(lengths_U - 1, 0, num_pos - 1)
+    last_UxD = jnp.take_along_axis(x_UxKxD, last_U[:, None, None], axis=1)[:, 0]
+    # The norm is per position, so normalising only the gathered rows is the same and cheaper.
+    emb_UxD = RMSNorm(dtype, param_dtype, name='final_norm')(last_UxD)
+    return nn.with_logical_constraint(emb_UxD, ('fgram_batch', 'embed'))
+
+
+class SconeLM(nn.Module):
+  """Main LM whose input embedding of matched positions comes from A_fgram (SCONE)."""
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
+    self.token_embed = nn.Embed(c.vocab_size, c.d_model, dtype=dtype, param_dtype=param_dtype,
+                                embedding_init=nn.with_logical_partitioning(
+                                    nn.initializers.normal(1.0), ('vocab', 'embed')))
+    self.decoder = Decoder(c)
+    self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                            kernel_init=_dense_init(('embed', 'vocab')))
+    if c.fgrams_enabled:
+      self.fgram_model = FGramModel(c)
+
+  def __call__(self, inputs_BxL, *, positions_BxL=None, segment_ids_BxL=None,
+               fgram_index_BxL=None, fgram_uniq_tokens_UxK=None, fgram_uniq_lengths_U=None,
+               deterministic=True, decode=False):
+    """Token ids [B, L] → float32 logits [B, L, vocab]."""
+    x_BxLxD = self.embed_inputs(inputs_BxL, fgram_index_BxL, fgram_uniq_tokens_UxK,
+                                fgram_uniq_lengths_U, deterministic=deterministic)
+    return self.backbone(x_BxLxD, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL,
+                         deterministic=deterministic, decode=decode)
+
+  def embed_inputs(self, inputs_BxL, fgram_index_BxL=None, fgram_uniq_tokens_UxK=None,
+                   fgram_uniq_lengths_U=None, *, deterministic=True):
+    """Input vectors: A_fgram(T[window]) where fgram_index >= 0, else T[token]."""
+    c = self.config
+    x_BxLxD = self.token_embed(inputs_BxL)
+    if c.fgrams_enabled and self.is_initializing() and fgram_index_BxL is None:
+      # Create A_fgram's parameters even when init is given no f-gram inputs.
+      self.fgram_embed(jnp.zeros((1, c.fgram_max_len), jnp.int32), jnp.ones((1,), jnp.int32))
+    if fgram_index_BxL is None:
+      return nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed'))
+    if not c.fgrams_enabled:
+      raise ValueError('fgram_index_BxL was given to a model built with fgrams_enabled=False; '
+                       'build it from a config with fgrams.enabled=True or drop the f-gram '
+                       'inputs.')
+    if fgram_uniq_tokens_UxK is None or fgram_uniq_lengths_U is None:
+      raise ValueError('fgram_index_BxL needs fgram_uniq_tokens_UxK and fgram_uniq_lengths_U.')
+    emb_UxD = self.fgram_embed(fgram_uniq_tokens_UxK, fgram_uniq_lengths_U,
+                               deterministic=deterministic)
+    matched_BxL = fgram_index_BxL >= 0
+    gathered_BxLxD = jnp.take(emb_UxD, jnp.where(matched_BxL, fgram_index_BxL, 0), axis=0)
+    x_BxLxD = jnp.where(matched_BxL[..., None], gathered_BxLxD.astype(x_BxLxD.dtype), x_BxLxD)
+    return nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed'))
+
+  def fgram_embed(self, fgram_tokens_UxK, fgram_lengths_U, deterministic=True):
+    """A_fgram's output rows for left-aligned windows [U, K] (0-padded) of the given lengths."""
+    if not self.config.fgrams_enabled:
+      raise ValueError('fgram_embed called on a model built with fgrams_enabled=False.')
+    x_UxKxD = self.token_embed(fgram_tokens_UxK)
+    return self.fgram_model(x_UxKxD, fgram_lengths_U, deterministic)
+
+  def backbone(self, x_BxLxD, *, positions_BxL=None, segment_ids_BxL=None, deterministic=True,
+               decode=False, valid_BxL=None):
+    """Input vectors [B, L, d] → float32 logits; the whole inference-time model.
+
+    decode=True uses the 'cache' collection (init it with `init(..., decode=True)` on a
+    [B, max_decode_len] input; apply with mutable=['cache']): the L new entries are written
+    at the shared cache index, `valid_BxL` is stored with them, and each query attends to
+    the valid cached entries at or before its slot. positions_BxL are then required.
+    """
+    batch, length = x_BxLxD.shape[:2]
+    if positions_BxL is None:
+      if decode and not self.is_initializing():
+        raise ValueError('backbone(decode=True) needs positions_BxL (each example\'s position '
+                         'of the new tokens).')
+      positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones((batch, length), jnp.int32)
+    elif decode:
+      raise ValueError('segment_ids_BxL (packing) is not supported with decode=True; use '
+                       'valid_BxL for padding.')
+    if valid_BxL is None:
+      valid_BxL = jnp.ones((batch, length), jnp.bool_)
+    h_BxLxD = self.decoder(x_BxLxD, positions_BxL, segment_ids_BxL, valid_BxL.astype(jnp.bool_),
+                           deterministic, decode)
+    logits_BxLxV = self.lm_head(h_BxLxD).astype(jnp.float32)
+    return nn.with_logical_constraint(logits_BxLxV, ('batch', 'length', 'vocab'))

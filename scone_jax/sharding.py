@@ -1,0 +1,147 @@
+"""Device mesh and logical-axis sharding rules.
+
+The mesh has three axes: `data` (pure data parallelism, also across slices), `fsdp` (data
+parallelism whose parameters and optimizer state are split over it) and `tensor` (model
+parallelism of heads, mlp and vocab). Modules name their axes logically (`batch`, `embed`,
+`heads`, ...); `logical_axis_rules` maps those names onto mesh axes.
+"""
+import contextlib
+import logging
+import math
+from typing import Any, Optional, Sequence
+
+from flax import linen as nn
+import jax
+from jax.experimental import mesh_utils
+import numpy as np
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# FSDP by default. Order matters: an activation [batch, length, embed] gets (data, fsdp) for
+# batch first, so embed (fsdp) is left unsharded there while parameters shard embed over fsdp.
+_DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('fgram_batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('kv', None),
+    ('length', None),
+    ('fgram_len', None),
+    ('layers', None),
+)
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict:
+  """Global axis sizes {'data', 'fsdp', 'tensor'} with the one -1 filled in.
+
+  `mesh_cfg.data/fsdp/tensor` are the sizes within a slice; `mesh_cfg.dcn_data` (default 1)
+  multiplies the data axis across slices, so the returned `data` is data × dcn_data.
+  """
+  dcn_data = int(_field(mesh_cfg, 'dcn_data', 1))
+  if dcn_data < 1:
+    raise ValueError(f'mesh dcn_data={dcn_data} must be >= 1.')
+  if num_devices % dcn_data:
+    raise ValueError(f'mesh dcn_data={dcn_data} does not divide {num_devices} devices.')
+  per_slice = num_devices // dcn_data
+  sizes = {a: int(_field(mesh_cfg, a, 1)) for a in MESH_AXES}
+  bad = [f'{a}={v}' for a, v in sizes.items() if v == 0 or v < -1]
+  if bad:
+    raise ValueError(f'mesh {", ".join(bad)}: axis sizes must be positive or -1 (autofill).')
+  auto = [a for a, v in sizes.items() if v == -1]
+  described = ' × '.join(f'{a}={v}' for a, v in sizes.items())
+  where = f'{per_slice} devices' + (f' per slice ({dcn_data} slices)' if dcn_data > 1 else '')
+  if len(auto) > 1:
+    raise ValueError(f'mesh {described}: only one axis may be -1, got {", ".join(auto)}.')
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if auto:
+    if per_slice % fixed:
+      raise ValueError(f'mesh {described}: the fixed axes (product {fixed}) do not divide '
+                       f'{where}; change them so their product divides {per_slice}.')
+    sizes[auto[0]] = per_slice // fixed
+  elif fixed != per_slice:
+    raise ValueError(f'mesh {described} = {fixed} does not match {where}; set one axis to -1.')
+  sizes['data'] *= dcn_data
+  return sizes
+
+
+def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all), laid out for the topology."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = resolve_mesh_shape(mesh_cfg, len(devices))
+  dcn_data = int(_field(mesh_cfg, 'dcn_data', 1))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  if dcn_data > 1 and hasattr(devices[0], 'slice_index'):
+    ici_shape = (sizes['data'] // dcn_data, sizes['fsdp'], sizes['tensor'])
+    device_array = mesh_utils.create_hybrid_device_mesh(ici_shape, (dcn_data, 1, 1), devices)
+  else:
+    if dcn_data > 1:
+      logging.warning('mesh dcn_data=%d but the devices have no slice_index (not a multi-slice '
+                      'TPU); laying out one flat mesh of shape %s.', dcn_data, shape)
+    try:
+      device_array = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      # Some TPU topologies only fit a shape by splitting a physical axis.
+      logging.warning('mesh %s does not map onto the physical topology (%s); splitting '
+                      'physical axes.', shape, e)
+      device_array = mesh_utils.create_device_mesh(shape, devices,
+                                                   allow_split_physical_axes=True)
+  return jax.sharding.Mesh(device_array, MESH_AXES)
+
+
+def logical_axis_rules(cfg=None) -> tuple:
+  """Logical → mesh axis rules; `cfg.logical_axis_rules` (pairs), if set, replaces them."""
+  custom = _field(cfg, 'logical_axis_rules', None) if cfg is not None else None
+  if custom:
+    return tuple((str(name), _mesh_axes(axes)) for name, axes in custom)
+  return _DEFAULT_RULES
+
+
+def logical_to_sharding(logical_spec_tree, mesh: jax.sharding.Mesh, rules):
+  """A tree of logical PartitionSpecs → the same tree of NamedShardings."""
+  return nn.logical_to_mesh_sharding(logical_spec_tree, mesh, rules)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: jax.sharding.Mesh, rules):
+  """Makes `mesh` and `rules` current, so the model's logical constraints take effect."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def init_sharded(model: nn.Module, rng, example_inputs: dict, mesh: jax.sharding.Mesh, rules):
+  """Initialises `model`'s params directly in their shardings.
+
+  example_inputs are the keyword arguments of `model.__call__` (e.g. {'inputs_BxL': ...}).
+  Returns (params, param_shardings): plain arrays (no nn.Partitioned boxes) and the matching
+  tree of NamedShardings.
+  """
+  def init_boxed(rng):
+    return model.init({'params': rng}, **example_inputs)['params']
+
+  with mesh_context(mesh, rules):
+    abstract = jax.eval_shape(init_boxed, rng)
+    param_shardings = logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    params = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=param_shardings)(rng)
+  return params, param_shardings
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules, ndim: int) -> jax.sharding.NamedSharding:
+  """Leading dim over the batch axes, the rest replicated."""
+  spec = nn.logical_to_mesh_axes(('batch',) + (None,) * (ndim - 1), rules)
+  return jax.sharding.NamedSharding(mesh, spec)
+
+
+def _field(cfg, name, default):
+  if cfg is None:
+    return default
+  if hasattr(cfg, 'get'):
+    return cfg.get(name, default)
+  return getattr(cfg, name, default)
+
+
+def _mesh_axes(axes):
+  if axes is None or isinstance(axes, str):
+    return axes
+  return tuple(axes)
