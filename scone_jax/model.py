@@ -94,8 +94,30 @@ class BlockConfig:
   length_axis: str = 'length'
 
 
-def _dense_init(names):
-  return nn.with_logical_partitioning(nn.initializers.lecun_normal(), names)
+def _dense_init(names, in_axis=-2, out_axis=-1):
+  return nn.with_logical_partitioning(
+      nn.initializers.lecun_normal(in_axis=in_axis, out_axis=out_axis), names)
+
+
+class Projection(nn.Module):
+  """y = einsum(equation, x, W) with W of a given multi-axis shape, created unflattened.
+
+  (nn.DenseGeneral creates its kernel flat and reshapes it, which breaks logical partitioning
+  of kernels with more than two axes.)
+  """
+  equation: str
+  kernel_shape: tuple
+  kernel_axes: tuple
+  in_axis: Any
+  out_axis: Any
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', _dense_init(self.kernel_axes, self.in_axis, self.out_axis),
+                        self.kernel_shape, self.param_dtype)
+    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -131,9 +153,9 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, valid_BxL, decode):
     c = self.cfg
     act = (c.batch_axis, c.length_axis, 'heads', 'kv')
-    proj = functools.partial(nn.DenseGeneral, features=(c.num_heads, c.head_dim), axis=-1,
-                             use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
-                             kernel_init=_dense_init(('embed', 'heads', 'kv')))
+    proj = functools.partial(Projection, 'bld,dhk->blhk',
+                             (x_BxLxD.shape[-1], c.num_heads, c.head_dim),
+                             ('embed', 'heads', 'kv'), 0, (1, 2), c.dtype, c.param_dtype)
     q_BxLxHxK = nn.with_logical_constraint(proj(name='query')(x_BxLxD), act)
     k_BxLxHxK = nn.with_logical_constraint(proj(name='key')(x_BxLxD), act)
     v_BxLxHxK = nn.with_logical_constraint(proj(name='value')(x_BxLxD), act)
@@ -180,10 +202,9 @@ class Attention(nn.Module):
     probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(c.dtype)
     out_BxLxHxK = jnp.einsum('bhls,bshk->blhk', probs_BxHxLxS, v_BxLxHxK.astype(c.dtype))
     out_BxLxHxK = nn.with_logical_constraint(out_BxLxHxK, act)
-    return nn.DenseGeneral(features=x_BxLxD.shape[-1], axis=(-2, -1), use_bias=False,
-                           dtype=c.dtype, param_dtype=c.param_dtype,
-                           kernel_init=_dense_init(('heads', 'kv', 'embed')),
-                           name='out')(out_BxLxHxK)
+    return Projection('blhk,hkd->bld', (c.num_heads, c.head_dim, x_BxLxD.shape[-1]),
+                      ('heads', 'kv', 'embed'), (0, 1), 2, c.dtype, c.param_dtype,
+                      name='out')(out_BxLxHxK)
 
 
 class Mlp(nn.Module):

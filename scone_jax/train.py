@@ -265,6 +265,15 @@ def _example_inputs(cfg, fgram_set):
   return ex
 
 
+def optimizer_shardings(tx, params, param_shardings, replicated):
+  """Optimizer-state leaves shaped like params are sharded like them; the rest replicated."""
+  abstract = jax.eval_shape(tx.init, params)
+  return optax.tree_map_params(
+      tx, lambda _, s: s, abstract, param_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+
+
 def create_trainer(cfg, workdir, run: artifacts.RunArtifacts, mesh=None) -> Trainer:
   """Builds the mesh, the model and a freshly initialised, already sharded state."""
   mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
@@ -275,8 +284,8 @@ def create_trainer(cfg, workdir, run: artifacts.RunArtifacts, mesh=None) -> Trai
   rng = jax.random.PRNGKey(cfg.seed)
   params, param_shardings = sharding.init_sharded(
       model, rng, _example_inputs(cfg, run.fgram_set), mesh, rules)
-  opt_shardings = jax.jit(tx.init).lower(params).compile().output_shardings
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  opt_shardings = optimizer_shardings(tx, params, param_shardings, replicated)
   state_shardings = TrainState(replicated, param_shardings, opt_shardings)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = TrainState(jax.device_put(jnp.int32(0), replicated), params, opt_state)
@@ -433,11 +442,17 @@ class _MetricsWriter:
     self._f.write(json.dumps({'step': step, **metrics}) + '\n')
     self._f.flush()
     if self._tb is not None:
-      with self._tb.as_default():
-        for k, v in metrics.items():
-          if isinstance(v, (int, float)):
-            self._tf.summary.scalar(k, v, step=step)
-      self._tb.flush()
+      try:
+        with self._tb.as_default():
+          for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+              self._tf.summary.scalar(k, v, step=step)
+        self._tb.flush()
+      except Exception as e:  # pylint: disable=broad-except
+        # e.g. TensorFlow without the tensorboard package: keep training, JSONL still has it.
+        logging.warning('TensorBoard summaries disabled (%s: %s); metrics go to %s only.',
+                        type(e).__name__, e, artifacts.METRICS_FILE)
+        self._tb = None
 
   def close(self):
     self._f.close()
@@ -523,7 +538,7 @@ def train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) -
         t_last, tokens_since, steps_since = time.time(), 0, 0
         fgram_stats = {k: 0 for k in fgram_stats}
       if done % cfg.eval_every_steps == 0 or done == cfg.num_train_steps:
-        ev = evaluate(trainer, iter(eval_loader), max_batches=cfg.eval_batches)
+        ev = evaluate(trainer, eval_loader, max_batches=cfg.eval_batches)
         logging.info('eval at step %d: loss %.4f  ppl %.2f  bits/byte %.4f', done, ev['loss'],
                      ev['ppl'], ev['bits_per_byte'])
         writer.write(done, {f'eval/{k}': v for k, v in ev.items()})
@@ -559,4 +574,4 @@ def eval_documents(trainer: Trainer, docs) -> dict:
   split = data.prepare_split(docs, trainer.run.tokenizer, trainer.fgram_set)
   loader = data.Loader(split, seq_len=trainer.cfg.seq_len, batch_size=trainer.cfg.batch_size,
                        seed=0, shuffle=False, eval_mode=True)
-  return evaluate(trainer, iter(loader))
+  return evaluate(trainer, loader)
