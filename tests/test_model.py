@@ -1,0 +1,226 @@
+"""The SCONE model itself: what replaces what, causality, packing, the KV cache, axis names."""
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scone_jax import data
+from scone_jax import fgrams
+from scone_jax import model as model_lib
+
+VOCAB = 50
+K = 4
+
+
+def _config(**overrides):
+  kw = dict(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=2, head_dim=16, mlp_dim=64,
+            max_seq_len=24, dtype='float32', fgrams_enabled=True, fgram_max_len=K,
+            fgram_num_layers=2, fgram_num_heads=2, fgram_head_dim=16, fgram_mlp_dim=48)
+  kw.update(overrides)
+  return model_lib.ModelConfig(**kw)
+
+
+def _fgram_set(rng):
+  """Random f-grams of lengths 2..K over the vocab (ids by rank, no duplicates)."""
+  grams = set()
+  while len(grams) < 40:
+    n = int(rng.integers(2, K + 1))
+    grams.add(tuple(int(t) for t in rng.integers(1, 5, size=n)))
+  grams = sorted(grams)
+  return fgrams.FGramSet.from_ngrams(grams, np.arange(len(grams), 0, -1), max_len=K)
+
+
+def _batch(fgram_set, rng, batch=3, length=24, dedupe=True):
+  """Rows of small-alphabet tokens (so f-grams match often) with their matches, deduped."""
+  tokens_BxL = rng.integers(1, 5, size=(batch, length)).astype(np.int32)
+  ids, lens = zip(*(fgram_set.match(row) for row in tokens_BxL))
+  b = {'inputs': tokens_BxL, 'fgram_ids': np.stack(ids), 'fgram_lengths': np.stack(lens)}
+  return data.dedupe_fgrams(b, fgram_set, bucket=16, dedupe=dedupe)
+
+
+def _scone_kwargs(b):
+  return dict(fgram_index_BxL=jnp.asarray(b['fgram_index']),
+              fgram_uniq_tokens_UxK=jnp.asarray(b['fgram_uniq_tokens']),
+              fgram_uniq_lengths_U=jnp.asarray(b['fgram_uniq_lengths']))
+
+
+@pytest.fixture(scope='module')
+def setup():
+  rng = np.random.default_rng(0)
+  fs = _fgram_set(rng)
+  model = model_lib.SconeLM(_config())
+  b = _batch(fs, rng)
+  params = model.init({'params': jax.random.PRNGKey(1)}, jnp.asarray(b['inputs']),
+                      **_scone_kwargs(b))['params']
+  return fs, model, nn.unbox(params), b
+
+
+def test_matches_really_happen(setup):
+  fs, _, _, b = setup
+  matched = b['fgram_index'] >= 0
+  assert 0.2 < matched.mean() < 0.95
+  assert b['fgram_num_unique'] < matched.sum()  # dedupe has something to save
+
+
+def test_no_fgrams_equals_baseline(setup):
+  """SCONE with every position unmatched is the baseline, parameter for parameter."""
+  _, scone, params, b = setup
+  base = model_lib.SconeLM(_config(fgrams_enabled=False))
+  base_params = nn.unbox(base.init({'params': jax.random.PRNGKey(1)},
+                                   jnp.asarray(b['inputs']))['params'])
+  shared = {k: v for k, v in params.items() if k != 'fgram_model'}
+  jax.tree.map(np.testing.assert_array_equal, shared, base_params)
+  inputs = jnp.asarray(b['inputs'])
+  unmatched = dict(_scone_kwargs(b), fgram_index_BxL=jnp.full(inputs.shape, -1, jnp.int32))
+  got = scone.apply({'params': params}, inputs, **unmatched)
+  want = base.apply({'params': base_params}, inputs)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_matched_input_is_fgram_model_output_on_its_window(setup):
+  """x[i] = A_fgram(T[window ending at i]) where an f-gram matches, T[token] elsewhere."""
+  fs, model, params, b = setup
+  x = np.asarray(model.apply({'params': params}, jnp.asarray(b['inputs']),
+                             *(_scone_kwargs(b).values()), method=model_lib.SconeLM.embed_inputs))
+  table = np.asarray(params['token_embed']['embedding'])
+  ids_BxL = b['fgram_ids']
+  for r, c in zip(*np.nonzero(ids_BxL >= 0)):
+    n = int(b['fgram_lengths'][r, c])
+    window = b['inputs'][r, c - n + 1:c + 1]
+    assert tuple(window) == fs.ngram(int(ids_BxL[r, c]))
+    padded = np.zeros((1, K), np.int32)
+    padded[0, :n] = window
+    want = model.apply({'params': params}, jnp.asarray(padded), jnp.asarray([n]),
+                       method=model_lib.SconeLM.fgram_embed)
+    np.testing.assert_allclose(x[r, c], np.asarray(want)[0], rtol=1e-5, atol=1e-6)
+  unmatched = ids_BxL < 0
+  np.testing.assert_array_equal(x[unmatched], table[b['inputs'][unmatched]])
+
+
+def test_fgram_output_ignores_window_padding(setup):
+  """Windows are causal and left-aligned: what pads a short window never reaches its row."""
+  _, model, params, _ = setup
+  toks = np.array([[3, 5, 0, 0], [3, 5, 7, 9]], np.int32)
+  out = model.apply({'params': params}, jnp.asarray(toks), jnp.asarray([2, 2]),
+                    method=model_lib.SconeLM.fgram_embed)
+  np.testing.assert_allclose(np.asarray(out[0]), np.asarray(out[1]), rtol=1e-6, atol=1e-6)
+
+
+def test_dedupe_does_not_change_logits(setup):
+  fs, model, params, _ = setup
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(1, 5, size=(2, 24)).astype(np.int32)
+  ids, lens = zip(*(fs.match(row) for row in tokens))
+  raw = {'inputs': tokens, 'fgram_ids': np.stack(ids), 'fgram_lengths': np.stack(lens)}
+  outs = []
+  for dedupe in (True, False):
+    b = data.dedupe_fgrams(raw, fs, bucket=16, dedupe=dedupe)
+    outs.append(np.asarray(model.apply({'params': params}, jnp.asarray(tokens),
+                                       **_scone_kwargs(b))))
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_the_fgram_model_and_the_shared_table(setup):
+  _, model, params, b = setup
+  inputs = jnp.asarray(b['inputs'])
+
+  def loss(p):
+    logits = model.apply({'params': p}, inputs, **_scone_kwargs(b))
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+        logits, jnp.roll(inputs, -1, 1)[..., None], -1)[..., 0])
+
+  grads = jax.grad(loss)(params)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads['fgram_model']):
+    assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
+  # T rows of tokens seen only inside f-gram windows still get gradient through A_fgram.
+  assert float(jnp.abs(grads['token_embed']['embedding']).sum()) > 0
+
+
+def test_causal_and_packed_segments_are_isolated(setup):
+  fs, model, params, _ = setup
+  rng = np.random.default_rng(7)
+  tokens = rng.integers(1, VOCAB, size=(1, 24)).astype(np.int32)
+  seg = np.array([[1] * 10 + [2] * 14], np.int32)
+  pos = np.concatenate([np.arange(10), np.arange(14)])[None].astype(np.int32)
+  run = lambda t: np.asarray(model.apply(
+      {'params': params}, jnp.asarray(t), positions_BxL=jnp.asarray(pos),
+      segment_ids_BxL=jnp.asarray(seg)))
+  base = run(tokens)
+  future = tokens.copy()
+  future[0, 15:] = (future[0, 15:] + 1) % VOCAB
+  np.testing.assert_array_equal(run(future)[0, :15], base[0, :15])   # causal
+  first = tokens.copy()
+  first[0, :10] = (first[0, :10] + 3) % VOCAB
+  np.testing.assert_allclose(run(first)[0, 10:], base[0, 10:], rtol=1e-5, atol=1e-5)  # packed
+  alone = np.asarray(model.apply({'params': params}, jnp.asarray(tokens[:, 10:])))
+  np.testing.assert_allclose(base[0, 10:], alone[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('position', ['rope', 'learned'])
+def test_kv_cache_decode_equals_full_forward(position):
+  cfg = _config(fgrams_enabled=False, position=position)
+  model = model_lib.SconeLM(cfg)
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(1, VOCAB, size=(2, 12)).astype(np.int32))
+  params = nn.unbox(model.init({'params': jax.random.PRNGKey(0)}, tokens)['params'])
+  full = np.asarray(model.apply({'params': params}, tokens))
+  x = model.apply({'params': params}, tokens, method=model_lib.SconeLM.embed_inputs)
+  cache = model.init({'params': jax.random.PRNGKey(0)}, jnp.zeros((2, 16, 32), jnp.float32),
+                     decode=True, method=model_lib.SconeLM.backbone)['cache']
+  pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
+  # Prefill 5 tokens in one call, then one token per call.
+  logits, vs = model.apply({'params': params, 'cache': cache}, x[:, :5], positions_BxL=pos[:, :5],
+                           decode=True, mutable=['cache'], method=model_lib.SconeLM.backbone)
+  steps = [np.asarray(logits)]
+  cache = vs['cache']
+  for i in range(5, 12):
+    logits, vs = model.apply({'params': params, 'cache': cache}, x[:, i:i + 1],
+                             positions_BxL=pos[:, i:i + 1], decode=True, mutable=['cache'],
+                             method=model_lib.SconeLM.backbone)
+    cache = vs['cache']
+    steps.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_every_parameter_has_logical_axes(scan_layers):
+  model = model_lib.SconeLM(_config(scan_layers=scan_layers, mlp_activation='swiglu'))
+  boxed = jax.eval_shape(lambda: model.init({'params': jax.random.PRNGKey(0)},
+                                            jnp.zeros((2, 8), jnp.int32))['params'])
+  leaves = jax.tree_util.tree_leaves_with_path(
+      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert 'fgram_model' in boxed
+  for path, leaf in leaves:
+    assert isinstance(leaf, nn.Partitioned), f'{jax.tree_util.keystr(path)} has no axis names'
+    assert len(leaf.names) == leaf.value.ndim, jax.tree_util.keystr(path)
+  if scan_layers:
+    kernel = boxed['decoder']['layers']['attention']['query']['kernel']
+    assert kernel.names[0] == 'layers' and kernel.value.shape[0] == 2
+
+
+def test_mixed_precision_keeps_fp32_params_and_logits():
+  cfg = _config(dtype='bfloat16', param_dtype='float32')
+  model = model_lib.SconeLM(cfg)
+  rng = np.random.default_rng(0)
+  fs = _fgram_set(rng)
+  b = _batch(fs, rng)
+  params = nn.unbox(model.init({'params': jax.random.PRNGKey(1)}, jnp.asarray(b['inputs']),
+                               **_scone_kwargs(b))['params'])
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  logits = model.apply({'params': params}, jnp.asarray(b['inputs']), **_scone_kwargs(b))
+  assert logits.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_bad_inputs_are_refused():
+  with pytest.raises(ValueError, match='mlp_activation'):
+    _config(mlp_activation='relu6')
+  with pytest.raises(ValueError, match='head_dim'):
+    _config(head_dim=15)
+  base = model_lib.SconeLM(_config(fgrams_enabled=False))
+  toks = jnp.zeros((1, 8), jnp.int32)
+  params = base.init({'params': jax.random.PRNGKey(0)}, toks)
+  with pytest.raises(ValueError, match='fgrams_enabled=False'):
+    base.apply(params, toks, fgram_index_BxL=toks, fgram_uniq_tokens_UxK=jnp.zeros((1, K), jnp.int32),
+               fgram_uniq_lengths_U=jnp.ones((1,), jnp.int32))
