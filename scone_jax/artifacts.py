@@ -55,7 +55,30 @@ def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
-  """Loads the corpus, trains or reuses the tokenizer, extracts or reuses the f-grams."""
+  """Loads the corpus, trains or reuses the tokenizer, extracts or reuses the f-grams.
+
+  On several processes (a pod), process 0 makes the tokenizer and the f-gram set first;
+  the others wait for it and then load what it wrote (the workdir is shared).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return _prepare_run(cfg, workdir)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  run = _prepare_run(cfg, workdir) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices('scone_jax.prepare_run')
+  if run is None:
+    run = _prepare_run(cfg, workdir)
+  fingerprints = np.frombuffer(bytes.fromhex(
+      run.tokenizer.fingerprint[:16] + (run.fgram_set.fingerprint[:16] if run.fgram_set
+                                        else '0' * 16)), np.uint8)
+  everyone = multihost_utils.process_allgather(fingerprints)
+  if not (everyone == everyone[0]).all():
+    raise RuntimeError('processes disagree on the tokenizer or f-gram set; is the workdir '
+                       f'{workdir} on a filesystem all hosts share?')
+  return run
+
+
+def _prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
   train_docs = corpus.load_documents(cfg.corpus, 'train')

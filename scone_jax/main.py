@@ -52,6 +52,15 @@ def _init_distributed():
     jax.distributed.initialize()
 
 
+class _QuietLibraries(py_logging.Filter):
+  """Drops orbax's per-save INFO chatter so the progress lines stay readable."""
+  _NOISY = (os.sep + 'orbax' + os.sep, os.sep + 'tensorstore' + os.sep)
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or not any(
+        n in record.pathname for n in self._NOISY)
+
+
 def _require(value, flag):
   if not value:
     raise app.UsageError(f'--{flag} is required for --mode={_MODE.value}.')
@@ -64,6 +73,7 @@ def main(argv):
   py_logging.getLogger('absl').setLevel(py_logging.INFO)
   logging.set_verbosity(logging.INFO)
   logging.use_absl_handler()
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   mode = _MODE.value
 
   if mode == 'generate' or (mode == 'eval' and _EXPORT_DIR.value and not _WORKDIR.value):

@@ -168,9 +168,34 @@ def batch_shardings(step_batch: dict, mesh, rules) -> dict:
 
 
 def device_put_batch(step_batch, shardings):
-  """Assembles global arrays from this process's rows (multi-host safe)."""
+  """Assembles global arrays from this process's rows (multi-host safe).
+
+  With several processes, each deduped its own rows' f-grams: the unique-window arrays are
+  padded to one size agreed by all processes, and fgram_index is shifted from local to
+  global rows of the assembled [A, U_global, K] array.
+  """
+  if jax.process_count() > 1 and 'fgram_uniq_tokens' in step_batch:
+    step_batch = _globalize_fgram_rows(step_batch, shardings['fgram_uniq_tokens'])
   return {k: jax.make_array_from_process_local_data(shardings[k], v)
           for k, v in step_batch.items()}
+
+
+def _globalize_fgram_rows(step_batch, uniq_sharding):
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  toks = step_batch['fgram_uniq_tokens']
+  accum, local_u, width = toks.shape
+  size = int(np.max(multihost_utils.process_allgather(np.int32(local_u))))
+  out = dict(step_batch)
+  out['fgram_uniq_tokens'] = np.pad(toks, ((0, 0), (0, size - local_u), (0, 0)))
+  out['fgram_uniq_lengths'] = np.pad(step_batch['fgram_uniq_lengths'],
+                                     ((0, 0), (0, size - local_u)), constant_values=1)
+  global_shape = (accum, size * jax.process_count(), width)
+  starts = {idx[1].start or 0 for idx in
+            uniq_sharding.addressable_devices_indices_map(global_shape).values()}
+  offset = min(starts)
+  index = step_batch['fgram_index']
+  out['fgram_index'] = np.where(index >= 0, index + offset, -1).astype(np.int32)
+  return out
 
 
 # ----------------------------------------------------------------------------- step
