@@ -65,6 +65,8 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: Optional[int] =
                        f'{cfg.fgrams.max_len}; raise seq_len or lower max_len.')
     if cfg.fgram_model.num_layers < 1:
       raise ValueError('config.fgram_model.num_layers must be >= 1 when f-grams are enabled.')
+  if cfg.input_pipeline not in ('numpy', 'seqio'):
+    raise ValueError(f'config.input_pipeline={cfg.input_pipeline!r}; use numpy or seqio.')
   for dt in (cfg.model.dtype, cfg.model.param_dtype, cfg.export.dtype):
     if dt not in ('float32', 'bfloat16', 'float16'):
       raise ValueError(f'unknown dtype {dt!r}; use float32, bfloat16 or float16.')
@@ -494,10 +496,20 @@ def make_loaders(cfg, workdir, run: artifacts.RunArtifacts):
                                    name='train')
   heldout_split = data.prepare_split(run.heldout_docs, run.tokenizer, run.fgram_set,
                                      cache_dir=cache, name='heldout')
-  train_loader = data.Loader(train_split, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                             seed=cfg.seed, shuffle=True,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count())
+  if cfg.input_pipeline == 'seqio':
+    train_task, _ = data.register_tasks(cfg, run.tokenizer, run.fgram_set,
+                                        train_docs=run.train_docs,
+                                        heldout_docs=run.heldout_docs)
+    logging.info('training input: seqio task %s', train_task)
+    train_loader = data.SeqioLoader(train_task, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                                    seed=cfg.seed, shuffle=True,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+  else:
+    train_loader = data.Loader(train_split, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                               seed=cfg.seed, shuffle=True,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
   eval_loader = data.Loader(heldout_split, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                             seed=cfg.seed, shuffle=False, eval_mode=True,
                             process_index=jax.process_index(),
