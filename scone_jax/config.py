@@ -87,5 +87,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.export = ml_collections.ConfigDict()
   c.export.dtype = 'float32'       # 'float32', 'bfloat16' or 'float16'
   c.export.batch_size = 4096       # f-grams per sharded A_fgram pass
-  c.export.rows_per_chunk = 4096
+  c.export.rows_per_chunk = 4096   # rows per zarr3 read chunk (the unit of a random-row read)
+  c.export.chunks_per_shard = 0    # read chunks per shard file (the unit of a write); 0: ~64 MiB files
   return c

@@ -1,0 +1,562 @@
+"""Export: run A_fgram once over every f-gram into a table, and package what serving needs.
+
+An export directory (built as `EXPORT_DIR.partial`, renamed into place only when complete):
+  table/             tensorstore zarr3 array [S, d] of export.dtype; row i is f-gram i's input
+                     vector. Rows come in read chunks of export.rows_per_chunk rows (one chunk is
+                     the unit of a random-row read), grouped into shard files with the zarr3
+                     `sharding_indexed` codec; every chunk and shard index carries a crc32c.
+  params/            orbax checkpoint of the main model's parameters (token_embed, decoder,
+                     lm_head): no f-gram model, no optimizer state.
+  fgrams.npz         the FGramSet.
+  tokenizer.model    the SentencePiece model.
+  model_config.json  ModelConfig fields, seq_len, the eval batch size and the run config.
+  export.json        metadata binding the pieces (fingerprints, step, shape, checksums); written
+                     last, so a directory without it is not an export.
+  progress*.json     only in `.partial`: the shards written so far and their sha256.
+
+The table checksum is sha256 over the per-shard sha256 digests in order, each taken over
+the shard's rows as stored (little-endian bytes, row-major) while they are written; a
+resumed export keeps the digests of the shards it does not redo. Multi-host: each process
+computes and writes its own contiguous range of shards; process 0 verifies and finalises.
+"""
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from typing import Optional
+
+from flax import linen as nn
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+
+from scone_jax import artifacts
+from scone_jax import model as model_lib
+from scone_jax import sharding
+from scone_jax import train
+
+FORMAT_VERSION = 1
+PARTIAL_SUFFIX = '.partial'
+TABLE_DIR = 'table'
+PARAMS_DIR = 'params'
+FGRAMS_FILE = 'fgrams.npz'
+TOKENIZER_FILE = 'tokenizer.model'
+MODEL_CONFIG_FILE = 'model_config.json'
+METADATA_FILE = 'export.json'
+REQUEST_FILE = 'request.json'
+TABLE_DTYPES = ('float32', 'bfloat16', 'float16')
+_TABLE_DIGEST_TAG = b'scone_jax.table.v1'
+_SHARD_TARGET_BYTES = 64 << 20   # default shard file size: few files, cheap random reads
+_LOG_EVERY_S = 5.0
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def rows_digest(rows_NxD: np.ndarray) -> str:
+  """sha256 of rows as stored: little-endian bytes, row-major."""
+  rows = np.ascontiguousarray(rows_NxD)
+  if rows.dtype.byteorder == '>':
+    rows = rows.astype(rows.dtype.newbyteorder('<'))
+  return hashlib.sha256(memoryview(rows.reshape(-1).view(np.uint8))).hexdigest()
+
+
+def table_digest(shard_digests) -> str:
+  """The table checksum: sha256 over the shards' sha256 digests, in shard order."""
+  h = hashlib.sha256(_TABLE_DIGEST_TAG)
+  for d in shard_digests:
+    h.update(bytes.fromhex(d))
+  return h.hexdigest()
+
+
+def file_tree_digest(directory: str) -> str:
+  """sha256 over every file under directory (relative path, size, content), sorted by path."""
+  h = hashlib.sha256()
+  paths = []
+  for root, _, files in os.walk(directory):
+    paths.extend(os.path.join(root, f) for f in files)
+  for path in sorted(paths, key=lambda p: os.path.relpath(p, directory)):
+    rel = os.path.relpath(path, directory).replace(os.sep, '/')
+    h.update(rel.encode('utf-8') + b'\0')
+    h.update(str(os.path.getsize(path)).encode() + b'\0')
+    with open(path, 'rb') as f:
+      for block in iter(lambda: f.read(1 << 22), b''):
+        h.update(block)
+  return h.hexdigest()
+
+
+def file_digest(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 22), b''):
+      h.update(block)
+  return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- table layout
+
+
+@dataclasses.dataclass(frozen=True)
+class TableLayout:
+  """How the [S, d] table is cut: read chunks of rows, grouped into shard files."""
+  num_rows: int
+  dim: int
+  dtype: str
+  rows_per_chunk: int
+  chunks_per_shard: int
+
+  @property
+  def shard_rows(self) -> int:
+    return self.rows_per_chunk * self.chunks_per_shard
+
+  @property
+  def num_shards(self) -> int:
+    return -(-self.num_rows // self.shard_rows)
+
+  def shard_range(self, s: int) -> tuple:
+    return s * self.shard_rows, min(self.num_rows, (s + 1) * self.shard_rows)
+
+  def shard_file(self, table_dir: str, s: int) -> str:
+    # zarr3 default chunk key encoding: c/<row block>/<column block>.
+    return os.path.join(table_dir, 'c', str(s), '0')
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def make_layout(num_rows: int, dim: int, dtype: str, rows_per_chunk: int,
+                chunks_per_shard: int = 0) -> TableLayout:
+  """A layout; chunks_per_shard=0 picks shard files of about 64 MiB."""
+  if dtype not in TABLE_DTYPES:
+    raise ValueError(f'export.dtype={dtype!r}; use one of {", ".join(TABLE_DTYPES)}.')
+  if rows_per_chunk < 1:
+    raise ValueError(f'export.rows_per_chunk={rows_per_chunk} must be positive.')
+  if chunks_per_shard <= 0:
+    chunk_bytes = rows_per_chunk * dim * np.dtype(jnp.dtype(dtype)).itemsize
+    chunks_per_shard = max(1, _SHARD_TARGET_BYTES // max(chunk_bytes, 1))
+    # No point in shards longer than the table.
+    chunks_per_shard = min(chunks_per_shard, max(1, -(-num_rows // rows_per_chunk)))
+  return TableLayout(int(num_rows), int(dim), dtype, int(rows_per_chunk), int(chunks_per_shard))
+
+
+def table_spec(table_dir: str, layout: Optional[TableLayout] = None) -> dict:
+  """tensorstore spec of the table; with a layout, the zarr3 metadata to create it."""
+  spec = {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.abspath(table_dir)}}
+  if layout is not None:
+    little = {'name': 'bytes', 'configuration': {'endian': 'little'}}
+    spec['metadata'] = {
+        'shape': [layout.num_rows, layout.dim],
+        'data_type': layout.dtype,
+        'chunk_grid': {'name': 'regular',
+                       'configuration': {'chunk_shape': [layout.shard_rows, layout.dim]}},
+        'chunk_key_encoding': {'name': 'default'},
+        'fill_value': 0,
+        'codecs': [{
+            'name': 'sharding_indexed',
+            'configuration': {
+                'chunk_shape': [layout.rows_per_chunk, layout.dim],
+                # Uncompressed rows (embeddings do not compress) with a crc32c per chunk, so a
+                # damaged chunk fails its read instead of returning wrong numbers.
+                'codecs': [little, {'name': 'crc32c'}],
+                'index_codecs': [little, {'name': 'crc32c'}],
+                'index_location': 'end',
+            },
+        }],
+    }
+  return spec
+
+
+def open_table(table_dir: str, layout: Optional[TableLayout] = None, *, create=False,
+               cache_bytes: int = 0):
+  """Opens (or with create=True, creates or reopens) the table's tensorstore."""
+  spec = table_spec(table_dir, layout)
+  context = ts.Context({'cache_pool': {'total_bytes_limit': int(cache_bytes)}})
+  if create:
+    return ts.open(spec, create=True, open=True, context=context).result()
+  return ts.open(spec, open=True, context=context).result()
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+def write_json_atomic(path: str, obj) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def model_config_json(cfg, model_config: model_lib.ModelConfig) -> dict:
+  return {
+      'format_version': FORMAT_VERSION,
+      'model': dataclasses.asdict(model_config),
+      'seq_len': int(cfg.seq_len),
+      'batch_size': int(cfg.batch_size),
+      'run_config': json.loads(cfg.to_json_best_effort()),
+  }
+
+
+def _main_params(params) -> dict:
+  """The inference-time model: everything but the f-gram model (and no optimizer state)."""
+  return {k: v for k, v in params.items() if k != 'fgram_model'}
+
+
+def _copy_file_atomic(src, dst):
+  tmp = f'{dst}.tmp{os.getpid()}'
+  shutil.copyfile(src, tmp)
+  os.replace(tmp, dst)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def _progress_path(partial_dir, process_index):
+  return os.path.join(partial_dir, f'progress.{process_index}.json')
+
+
+def _read_done(partial_dir, request) -> dict:
+  """{shard: {'sha256', 'bytes'}} from every process's progress file of this request."""
+  done = {}
+  for name in sorted(os.listdir(partial_dir)) if os.path.isdir(partial_dir) else []:
+    if not (name.startswith('progress.') and name.endswith('.json')):
+      continue
+    try:
+      prog = read_json(os.path.join(partial_dir, name))
+    except (OSError, ValueError):
+      continue  # a torn write of a crashed run: its shards are redone
+    if prog.get('request') != request:
+      continue
+    for s, entry in prog.get('done', {}).items():
+      done[int(s)] = entry
+  return done
+
+
+def _write_shard(store, lo: int, rows_NxD: np.ndarray):
+  """Starts writing rows [lo, lo + N) (one whole shard); returns the tensorstore future."""
+  return store[lo:lo + rows_NxD.shape[0]].write(rows_NxD)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _fgram_pass(trainer, out_dtype):
+  """Jitted (params, tokens [B, K], lengths [B]) -> rows [B, d] in out_dtype, batch-sharded."""
+  mesh, rules = trainer.mesh, trainer.rules
+  model = trainer.model
+  batch_2d = jax.sharding.NamedSharding(
+      mesh, nn.logical_to_mesh_axes(('fgram_batch', None), rules))
+  batch_1d = jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(('fgram_batch',), rules))
+  param_shardings = {k: trainer.state_shardings.params[k] for k in ('token_embed', 'fgram_model')}
+
+  def fn(params, toks_BxK, lens_B):
+    emb_BxD = model.apply({'params': params}, toks_BxK, lens_B,
+                          method=model_lib.SconeLM.fgram_embed)
+    return emb_BxD.astype(out_dtype)
+
+  jitted = jax.jit(fn, in_shardings=(param_shardings, batch_2d, batch_1d),
+                   out_shardings=batch_2d)
+  return jitted, batch_2d, batch_1d
+
+
+def _local_rows(arr: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order."""
+  if jax.process_count() == 1:
+    return np.asarray(arr)
+  shards = {}
+  for s in arr.addressable_shards:
+    shards.setdefault(s.index[0].start or 0, s)
+  return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+
+
+def _checkpoint_identity(workdir, step) -> dict:
+  """Which saved checkpoint this is: its path and orbax's metadata file (save timestamps),
+  so another run's checkpoint of the same step is not mistaken for it."""
+  path = os.path.join(os.path.abspath(workdir), artifacts.CHECKPOINT_DIR, str(step))
+  meta = os.path.join(path, '_CHECKPOINT_METADATA')
+  return {'path': path, 'metadata_sha256': file_digest(meta) if os.path.isfile(meta) else None}
+
+
+def _request(cfg, workdir, run, step, layout) -> dict:
+  del cfg  # the layout carries what matters of it; the checkpoint carries the model
+  return {
+      'format_version': FORMAT_VERSION,
+      'step': int(step),
+      'checkpoint': _checkpoint_identity(workdir, step),
+      'fgram_fingerprint': run.fgram_set.fingerprint,
+      'tokenizer_fingerprint': run.tokenizer.fingerprint,
+      'layout': layout.to_json(),
+  }
+
+
+def _summary(meta, export_dir, seconds, rows_computed, table_seconds, skipped=False) -> dict:
+  layout = meta['layout']
+  itemsize = np.dtype(jnp.dtype(layout['dtype'])).itemsize
+  nbytes = rows_computed * layout['dim'] * itemsize
+  return {
+      'rows': layout['num_rows'], 'd': layout['dim'], 'dtype': layout['dtype'],
+      'seconds': seconds, 'rows_computed': rows_computed,
+      'rows_per_s': rows_computed / max(table_seconds, 1e-9),
+      'bytes': layout['num_rows'] * layout['dim'] * itemsize,
+      'mb_per_s': nbytes / 1e6 / max(table_seconds, 1e-9),
+      'export_dir': os.path.abspath(export_dir), 'step': meta['step'],
+      'fingerprint': meta['fgram_fingerprint'], 'skipped': skipped,
+  }
+
+
+def export(cfg, workdir: str, run: artifacts.RunArtifacts, export_dir: str, *,
+           chunks_per_shard: Optional[int] = None) -> dict:
+  """Exports the latest good checkpoint of workdir for serving; returns a summary dict.
+
+  Resumable: a re-run with the same checkpoint step, f-gram set, tokenizer and table layout
+  continues an interrupted export (`export_dir.partial`); anything else starts over. An
+  existing complete export of the same request is kept as is.
+  """
+  t_start = time.time()
+  if run.fgram_set is None or not cfg.fgrams.enabled:
+    raise ValueError('this run has no f-grams (fgrams.enabled=False): there is no table to '
+                     'export; use a SCONE config such as experiments/configs/scone.py.')
+  export_dir = os.path.abspath(export_dir)
+  partial_dir = export_dir + PARTIAL_SUFFIX
+  final_meta = os.path.join(export_dir, METADATA_FILE)
+  # A finished export is replaced when it is out of date; anything else is never touched.
+  if (os.path.exists(export_dir) and not os.path.isfile(final_meta)
+      and not (os.path.isdir(export_dir) and not os.listdir(export_dir))):
+    raise ValueError(f'{export_dir} exists and is not an export (no {METADATA_FILE}); choose '
+                     'another --export_dir or remove it.')
+  pid = jax.process_index()
+  trainer = train.load_for_eval(cfg, workdir, run)
+  step = int(trainer.state.step)
+  fgram_set = run.fgram_set
+  if chunks_per_shard is None:
+    chunks_per_shard = int(cfg.export.chunks_per_shard)
+  layout = make_layout(len(fgram_set), cfg.model.d_model, cfg.export.dtype,
+                       cfg.export.rows_per_chunk, chunks_per_shard)
+  request = _request(cfg, workdir, run, step, layout)
+
+  if os.path.isfile(final_meta):
+    try:
+      meta = read_json(final_meta)
+    except (OSError, ValueError):
+      meta = {}
+    if meta.get('request') == request:
+      logging.info('export %s is already complete for step %d (f-gram set %s); keeping it',
+                   export_dir, step, fgram_set.fingerprint[:12])
+      return _summary(meta, export_dir, time.time() - t_start, 0, 1.0, skipped=True)
+
+  table_dir = os.path.join(partial_dir, TABLE_DIR)
+  params_dir = os.path.join(partial_dir, PARAMS_DIR)
+  if pid == 0:
+    request_path = os.path.join(partial_dir, REQUEST_FILE)
+    old = None
+    if os.path.isfile(request_path):
+      try:
+        old = read_json(request_path)
+      except (OSError, ValueError):
+        old = None
+    if os.path.isdir(partial_dir) and old != request:
+      logging.info('discarding the interrupted export %s: it was for %s, now exporting %s',
+                   partial_dir, _describe(old), _describe(request))
+      shutil.rmtree(partial_dir)
+    elif os.path.isdir(partial_dir):
+      logging.info('resuming the interrupted export %s', partial_dir)
+    os.makedirs(partial_dir, exist_ok=True)
+    write_json_atomic(request_path, request)
+    fgram_set.save(os.path.join(partial_dir, FGRAMS_FILE))
+    _copy_file_atomic(run.tokenizer.path, os.path.join(partial_dir, TOKENIZER_FILE))
+    write_json_atomic(os.path.join(partial_dir, MODEL_CONFIG_FILE),
+                      model_config_json(cfg, trainer.model.config))
+    open_table(table_dir, layout, create=True)
+  multihost_utils.sync_global_devices('scone_export_prepared')
+
+  # Orbax writes into a temporary directory and renames it, so a params/ that exists is whole.
+  if not os.path.isdir(params_dir):
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(params_dir, _main_params(trainer.state.params))
+      ckptr.wait_until_finished()
+
+  t_table = time.time()
+  rows_computed = _write_rows(trainer, fgram_set, layout, table_dir, partial_dir, request,
+                              cfg.export.batch_size)
+  table_seconds = time.time() - t_table
+  rows_computed = int(np.sum(multihost_utils.process_allgather(
+      np.array([rows_computed], np.int64))))
+  multihost_utils.sync_global_devices('scone_export_rows_written')
+
+  if pid == 0:
+    meta = _finalise(partial_dir, export_dir, request, layout)
+  multihost_utils.sync_global_devices('scone_export_finalised')
+  if pid != 0:
+    meta = read_json(final_meta)
+  summary = _summary(meta, export_dir, time.time() - t_start, rows_computed, table_seconds)
+  logging.info('exported %d f-gram rows (d=%d, %s) to %s in %.1fs: %s rows/s, %.1f MB/s',
+               summary['rows'], summary['d'], summary['dtype'], export_dir, summary['seconds'],
+               f'{summary["rows_per_s"]:,.0f}', summary['mb_per_s'])
+  return summary
+
+
+def _describe(request) -> str:
+  if not request:
+    return 'an unknown request'
+  return (f'step {request.get("step")}, f-gram set {str(request.get("fgram_fingerprint"))[:12]},'
+          f' layout {request.get("layout")}')
+
+
+def _write_rows(trainer, fgram_set, layout, table_dir, partial_dir, request,
+                batch_size) -> int:
+  """Computes and writes this process's shards not yet done; returns rows computed."""
+  pid, nproc = jax.process_index(), jax.process_count()
+  store = open_table(table_dir)
+  done = _read_done(partial_dir, request)
+  progress = {'request': request,
+              'done': {str(s): e for s, e in done.items()}}
+  lo_shard = pid * layout.num_shards // nproc
+  hi_shard = (pid + 1) * layout.num_shards // nproc
+  todo = [s for s in range(lo_shard, hi_shard) if s not in done]
+  if done:
+    logging.info('export: %d of %d shards already written', len(done), layout.num_shards)
+
+  mesh = trainer.mesh
+  batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  unit = math.lcm(batch_shards, nproc)
+  global_batch = max(unit, -(-int(batch_size) // unit) * unit)
+  local_batch = global_batch // nproc
+  fn, batch_2d, batch_1d = _fgram_pass(trainer, jnp.dtype(layout.dtype))
+  params = {k: trainer.state.params[k] for k in ('token_embed', 'fgram_model')}
+
+  rows_todo = (np.concatenate([np.arange(*layout.shard_range(s)) for s in todo])
+               if todo else np.zeros(0, np.int64))
+  # Every process runs the same number of (collective) steps; short ones pad.
+  counts = multihost_utils.process_allgather(np.array([rows_todo.size], np.int64))
+  num_steps = -(-int(np.max(counts)) // local_batch)
+  tokens_SxK, lengths_S = fgram_set.tokens_padded, fgram_set.lengths
+
+  def dispatch(i):
+    ids = rows_todo[i * local_batch:(i + 1) * local_batch]
+    toks = np.zeros((local_batch, tokens_SxK.shape[1]), np.int32)
+    lens = np.ones(local_batch, np.int32)
+    toks[:ids.size] = tokens_SxK[ids]
+    lens[:ids.size] = lengths_S[ids]
+    with sharding.mesh_context(mesh, trainer.rules):
+      return fn(params, jax.make_array_from_process_local_data(batch_2d, toks),
+                jax.make_array_from_process_local_data(batch_1d, lens))
+
+  np_dtype = np.dtype(jnp.dtype(layout.dtype))
+  shard_iter = iter(todo)
+  cur_shard, cur_buf, cur_fill = None, None, 0
+  pending = []  # (shard, future, digest) of writes in flight, oldest first
+  t0 = t_log = time.time()
+  written = 0
+
+  def settle_oldest():
+    nonlocal written
+    s, fut, digest = pending.pop(0)
+    fut.result()
+    progress['done'][str(s)] = {
+        'sha256': digest, 'bytes': os.path.getsize(layout.shard_file(table_dir, s))}
+    # Recorded only once the shard is on disk: a crash before this redoes the shard.
+    write_json_atomic(_progress_path(partial_dir, pid), progress)
+    lo, hi = layout.shard_range(s)
+    written += hi - lo
+
+  nxt = dispatch(0) if num_steps else None
+  for i in range(num_steps):
+    out = nxt
+    nxt = dispatch(i + 1) if i + 1 < num_steps else None  # keeps the device busy meanwhile
+    rows = _local_rows(out)
+    n_real = max(0, min(local_batch, rows_todo.size - i * local_batch))
+    r = 0
+    while r < n_real:
+      if cur_shard is None:
+        cur_shard = next(shard_iter)
+        lo, hi = layout.shard_range(cur_shard)
+        cur_buf, cur_fill = np.empty((hi - lo, layout.dim), np_dtype), 0
+      take = min(n_real - r, cur_buf.shape[0] - cur_fill)
+      cur_buf[cur_fill:cur_fill + take] = rows[r:r + take]
+      cur_fill += take
+      r += take
+      if cur_fill == cur_buf.shape[0]:
+        lo = layout.shard_range(cur_shard)[0]
+        pending.append((cur_shard, _write_shard(store, lo, cur_buf), rows_digest(cur_buf)))
+        cur_shard = None
+        # At most two shard writes in flight: bounded memory, I/O overlapped with compute.
+        while len(pending) > 1:
+          settle_oldest()
+    while pending and pending[0][1].done():
+      settle_oldest()
+    now = time.time()
+    if now - t_log >= _LOG_EVERY_S:
+      t_log = now
+      computed = min((i + 1) * local_batch, rows_todo.size)
+      rate = computed / max(now - t0, 1e-9)
+      logging.info('export: %d/%d rows of this process (%.1f%%), %s rows/s, %.1f MB/s, '
+                   'ETA %.0fs', computed, rows_todo.size, 100 * computed / max(rows_todo.size, 1),
+                   f'{rate:,.0f}', rate * layout.dim * np_dtype.itemsize / 1e6,
+                   (rows_todo.size - computed) / max(rate, 1e-9))
+  while pending:
+    settle_oldest()
+  if cur_shard is not None:
+    raise RuntimeError(f'export: shard {cur_shard} was left incomplete; this is a bug.')
+  return written
+
+
+def _finalise(partial_dir, export_dir, request, layout) -> dict:
+  """Checks every shard is written and reads back to its digest; writes metadata; renames."""
+  t0 = time.time()
+  done = _read_done(partial_dir, request)
+  missing = [s for s in range(layout.num_shards) if s not in done]
+  if missing:
+    raise RuntimeError(f'export: shards {missing[:5]} of {layout.num_shards} were not written; '
+                       're-run --mode=export to finish them.')
+  table_dir = os.path.join(partial_dir, TABLE_DIR)
+  store = open_table(table_dir)
+  digests = []
+  for s in range(layout.num_shards):
+    lo, hi = layout.shard_range(s)
+    got = rows_digest(store[lo:hi].read().result())
+    if got != done[s]['sha256']:
+      raise RuntimeError(f'export: shard {s} (rows {lo}..{hi}) reads back with sha256 '
+                         f'{got[:12]} but {done[s]["sha256"][:12]} was written; the disk or '
+                         f'filesystem lost data. Delete {partial_dir} and re-run --mode=export.')
+    digests.append(got)
+  params_dir = os.path.join(partial_dir, PARAMS_DIR)
+  meta = dict(request)
+  meta.update({
+      'request': request,
+      'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+      'num_fgrams': layout.num_rows,
+      'd': layout.dim,
+      'dtype': layout.dtype,
+      'table_sha256': table_digest(digests),
+      'shard_sha256': digests,
+      'shard_bytes': [int(done[s]['bytes']) for s in range(layout.num_shards)],
+      'params_sha256': file_tree_digest(params_dir),
+      'model_config_sha256': file_digest(os.path.join(partial_dir, MODEL_CONFIG_FILE)),
+  })
+  write_json_atomic(os.path.join(partial_dir, METADATA_FILE), meta)
+  if os.path.exists(export_dir):
+    # Two renames: in between, export_dir is absent (refused), never half-written.
+    old = f'{export_dir}.old{os.getpid()}'
+    os.replace(export_dir, old)
+    os.replace(partial_dir, export_dir)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(partial_dir, export_dir)
+  # Progress files go only after the rename: a crash before it resumes with nothing to redo.
+  for name in os.listdir(export_dir):
+    if name.startswith('progress.') or name == REQUEST_FILE:
+      os.remove(os.path.join(export_dir, name))
+  logging.info('export: verified %d shards and wrote %s (%.1fs)', layout.num_shards,
+               os.path.join(export_dir, METADATA_FILE), time.time() - t0)
+  return meta

@@ -1,0 +1,767 @@
+"""Serving: the main model with a KV cache; f-gram input vectors come from the exported table.
+
+The f-gram model is gone at this point. For each position the host matches the longest
+f-gram ending there (the f-gram set's compiled incremental matcher over the last K tokens)
+and copies that row of the table (host RAM, a memory-mapped file, or tensorstore reads
+through a bounded cache); the jitted step takes [B, d] rows, the matched ids and the token
+ids, uses `where(matched, row, T[token])` as the input vector and runs one KV-cached step of
+the main model. So decoding costs the main model plus a table lookup.
+
+  gen = serving.load('runs/scone/export')            # table in RAM, checksum verified
+  gen.generate_text(['The nation'], max_new_tokens=32)
+  gen.evaluate(docs)                                 # == train.eval_documents, via the table
+
+`load` refuses an export whose pieces do not belong together (f-gram set, tokenizer, params,
+model config fingerprints), a truncated or corrupt table, a missing piece, and an export
+that never completed; each message says what to do.
+"""
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Optional, Sequence
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numba
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from scone_jax import corpus
+from scone_jax import data
+from scone_jax import export as export_lib
+from scone_jax import fgrams as fgrams_lib
+from scone_jax import model as model_lib
+
+STORAGES = ('ram', 'mmap', 'tensorstore')
+MMAP_FILE = 'table.npy'
+BOS_ID = data.BOS_ID
+_PREFILL_BUCKET = 16
+_CACHE_BUCKET = 64
+_DEFAULT_ROPE_MAX_LEN_FACTOR = 8   # rope: decode up to 8 × the training seq_len by default
+# Columns of the int inputs the step takes: token id, position, f-gram id (-1 = none), valid.
+_TOK, _POS, _FID, _VALID = range(4)
+
+
+# ----------------------------------------------------------------------------- host kernels
+# The f-gram set's own numba probe and hash (private to fgrams.py), so that matching here is
+# exactly FGramSet.match_last_batch (the benchmark checks it), fused with the row gather.
+# pylint: disable=protected-access
+_longest_ending_at = fgrams_lib._longest_ending_at
+_hash_first = fgrams_lib._hash_first
+_hash_step = fgrams_lib._hash_step
+_hash_slot = fgrams_lib._hash_slot
+_prefetch = fgrams_lib._prefetch
+# pylint: enable=protected-access
+
+
+# Not cache=True: numba's on-disk cache would not notice changes to the fgrams.py helpers.
+@numba.njit(nogil=True)
+def _advance_kernel(state_BxC, new_B, flat, width, shift, max_len, rows_SxW, out_BxW, ints_Bx4):
+  """One decode step on the host, for every row: push the new token, match, gather.
+
+  state_BxC: int64 [B, K + 2] = the document's last K tokens (right-aligned), its length so
+  far, and the position the new token takes. ints_Bx4 gets (token, position, f-gram id or
+  -1, valid=1); out_BxW the matched rows (as unsigned ints of the row dtype's size). No
+  matching when max_len == 0; no gather when rows_SxW has no rows. Three passes so that the
+  cache misses of different rows overlap: prefetch the hash slots, match and prefetch the
+  rows, copy the rows.
+  """
+  num_rows, cols = state_BxC.shape
+  k = cols - 2
+  dim = rows_SxW.shape[1]
+  gather = rows_SxW.shape[0] > 0
+  rows_flat = rows_SxW.reshape(-1)
+  line = max(1, 64 // rows_SxW.itemsize)  # elements per cache line
+  for b in range(num_rows):
+    for j in range(k - 1):
+      state_BxC[b, j] = state_BxC[b, j + 1]
+    state_BxC[b, k - 1] = new_B[b]
+    state_BxC[b, k] += 1
+    if max_len > 0:
+      lim = min(max_len, min(state_BxC[b, k], k))
+      h = _hash_first(state_BxC[b, k - 1])
+      for n in range(2, lim + 1):
+        h = _hash_step(h, state_BxC[b, k - n])
+        _prefetch(flat, _hash_slot(h, shift) * width)
+  for b in range(num_rows):
+    fid = -1
+    if max_len > 0:
+      lim = min(max_len, min(state_BxC[b, k], k))
+      fid, _ = _longest_ending_at(state_BxC[b, :k], k - 1, lim, flat, width, shift)
+    ints_Bx4[b, 0] = new_B[b]
+    ints_Bx4[b, 1] = state_BxC[b, k + 1]
+    ints_Bx4[b, 2] = fid
+    ints_Bx4[b, 3] = 1
+    state_BxC[b, k + 1] += 1
+    if gather and fid >= 0:
+      for j in range(0, dim, line):
+        _prefetch(rows_flat, fid * dim + j)
+  if gather:
+    for b in range(num_rows):
+      fid = ints_Bx4[b, 2]
+      if fid >= 0:
+        out_BxW[b, :] = rows_SxW[fid, :]
+
+
+@numba.njit(nogil=True)
+def _gather_kernel(table_SxW, ids_N, out_NxW):
+  for i in range(ids_N.shape[0]):
+    out_NxW[i, :] = table_SxW[ids_N[i], :]
+
+
+def _bits(arr: np.ndarray) -> np.ndarray:
+  """The same memory as unsigned ints of the item size (numba copies them; no bfloat16 there)."""
+  return arr.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[arr.dtype.itemsize])
+
+
+# ----------------------------------------------------------------------------- decode lookups
+
+
+class DecodeLookup:
+  """The host side of one decode step for a batch: match the f-gram ending at each row's new
+  token and gather its table row, into buffers the jitted step reads.
+
+  `reset(docs)` starts from each row's document so far; `advance(tokens_B)` pushes one token
+  per row and returns (rows [B, d] in the table dtype, ints [B, 4] int32 = token, position,
+  f-gram id or -1, valid). Both outputs are the same buffers every step. With table=None
+  (or fgram_set=None) nothing is matched: the baseline's inputs.
+  """
+
+  def __init__(self, table: Optional['Table'], fgram_set: Optional[fgrams_lib.FGramSet],
+               batch: int, dim: int):
+    self.table = table
+    self.fgram_set = fgram_set if table is not None else None
+    self.k = self.fgram_set.max_len if self.fgram_set is not None else 2
+    self.state = np.zeros((batch, self.k + 2), np.int64)
+    self.rows = np.zeros((batch, dim), table.dtype if table is not None else np.float32)
+    self.ints = np.zeros((batch, 4), np.int32)
+    self._in_ram = table is not None and table.array is not None
+    rows_bits = _bits(self.rows)
+    table_bits = _bits(table.array) if self._in_ram else np.zeros((0, dim), rows_bits.dtype)
+    if self.fgram_set is not None:
+      mt = self.fgram_set.table
+      match = (mt.flat, mt.width, mt.shift, self.fgram_set.max_len)
+    else:
+      match = (np.zeros(8, np.int32), 8, np.uint64(61), 0)
+    self._args = match + (table_bits, rows_bits, self.ints)
+    self._read_rows = table is not None and not self._in_ram
+
+  def reset(self, docs: Sequence[np.ndarray], positions: Sequence[int]):
+    """Each row's document tokens so far (BOS excluded) and the position of its next input."""
+    self.state[:] = 0
+    k = self.k
+    for b, (doc, pos) in enumerate(zip(docs, positions)):
+      tail = np.asarray(doc)[-k:]
+      self.state[b, k - tail.size:k] = tail
+      self.state[b, k] = len(doc)
+      self.state[b, k + 1] = pos
+
+  def advance(self, tokens_B: np.ndarray):
+    """Pushes one token per row; returns the (rows, ints) buffers for the next step."""
+    _advance_kernel(self.state, tokens_B, *self._args)
+    if self._read_rows:  # tensorstore: read the matched rows
+      matched = self.ints[:, _FID] >= 0
+      if matched.any():
+        self.rows[matched] = self.table.lookup(self.ints[matched, _FID])
+    return self.rows, self.ints
+
+
+# ----------------------------------------------------------------------------- table
+
+
+class Table:
+  """The exported [S, d] f-gram table: in RAM, memory-mapped, or read through tensorstore."""
+
+  def __init__(self, rows_SxD: Optional[np.ndarray] = None, *, store=None, storage='ram'):
+    if (rows_SxD is None) == (store is None):
+      raise ValueError('pass exactly one of rows_SxD (ram/mmap) or store (tensorstore).')
+    self.storage = storage
+    self._rows = rows_SxD
+    self._store = store
+    if rows_SxD is not None:
+      if rows_SxD.ndim != 2:
+        raise ValueError(f'table rows have shape {rows_SxD.shape}; expected [S, d].')
+      self.num_rows, self.dim = rows_SxD.shape
+      self.dtype = rows_SxD.dtype
+      self._rows_bits = _bits(np.asarray(rows_SxD))
+    else:
+      self.num_rows, self.dim = (int(x) for x in store.shape)
+      self.dtype = np.dtype(store.dtype.numpy_dtype)
+      self._rows_bits = None
+
+  @property
+  def array(self) -> Optional[np.ndarray]:
+    """The rows as a numpy array (RAM or memmap); None for tensorstore storage."""
+    return self._rows
+
+  @property
+  def nbytes(self) -> int:
+    return self.num_rows * self.dim * self.dtype.itemsize
+
+  def lookup(self, ids, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Rows [n, d] of f-gram ids (each in [0, S)); `out` ([n, d], table dtype) is reused."""
+    ids = np.asarray(ids).reshape(-1)
+    if out is None:
+      out = np.empty((ids.size, self.dim), self.dtype)
+    if ids.size == 0:
+      return out
+    if ids.dtype != np.int64 and ids.dtype != np.int32:
+      ids = ids.astype(np.int64)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= self.num_rows:
+      raise IndexError(f'f-gram ids in [{lo}, {hi}] are outside the table of {self.num_rows} '
+                       'rows.')
+    if self._rows is not None:
+      _gather_kernel(self._rows_bits, ids, _bits(out))
+    else:
+      # One read of the distinct rows: tensorstore fetches each chunk once through its cache.
+      uniq, inverse = np.unique(ids, return_inverse=True)
+      rows = self._store[uniq].read().result()
+      np.take(rows, inverse.reshape(-1), axis=0, out=out)
+    return out
+
+
+def _read_shards(store, meta, *, into=None, verify=True, what=''):
+  """Reads the table shard by shard (into `into` if given), checking each shard's sha256."""
+  layout = export_lib.TableLayout(**meta['layout'])
+  for s in range(layout.num_shards):
+    lo, hi = layout.shard_range(s)
+    try:
+      rows = store[lo:hi].read().result()
+    except ValueError as e:  # tensorstore reports crc32c and index damage as ValueError
+      raise ValueError(f'{what}: shard {s} (rows {lo}..{hi}) is corrupt ({str(e)[:200]}); '
+                       're-run --mode=export to rebuild the export.') from e
+    if verify:
+      got = export_lib.rows_digest(rows)
+      want = meta['shard_sha256'][s]
+      if got != want:
+        raise ValueError(f'{what}: shard {s} (rows {lo}..{hi}) has sha256 {got[:12]}… but the '
+                         f'export recorded {want[:12]}…: the table is truncated or corrupt; '
+                         're-run --mode=export to rebuild it.')
+    if into is not None:
+      into[lo:hi] = rows
+
+
+def _verify_array(rows_SxD, meta, what):
+  layout = export_lib.TableLayout(**meta['layout'])
+  for s in range(layout.num_shards):
+    lo, hi = layout.shard_range(s)
+    got = export_lib.rows_digest(rows_SxD[lo:hi])
+    if got != meta['shard_sha256'][s]:
+      raise ValueError(f'{what}: rows {lo}..{hi} have sha256 {got[:12]}… but the export '
+                       f'recorded {meta["shard_sha256"][s][:12]}…: the file is truncated or '
+                       'corrupt; delete it (it is rebuilt from the table) or re-run '
+                       '--mode=export.')
+
+
+def _mmap_table(store, meta, path, verify, table_dir) -> np.ndarray:
+  """A read-only memmap of the table, materialised from the zarr table once and verified."""
+  layout = export_lib.TableLayout(**meta['layout'])
+  dtype = np.dtype(jnp.dtype(layout.dtype))
+  bits_dtype = _bits(np.zeros(1, dtype)).dtype
+  sidecar = path + '.json'
+  fresh = False
+  if os.path.isfile(path) and os.path.isfile(sidecar):
+    try:
+      ok = export_lib.read_json(sidecar).get('table_sha256') == meta['table_sha256']
+    except (OSError, ValueError):
+      ok = False
+    if not ok:
+      logging.info('%s was built from another table; rebuilding it', path)
+  else:
+    ok = False
+  if not ok:
+    t0 = time.time()
+    tmp = f'{path}.tmp{os.getpid()}'
+    # Stored as unsigned ints of the item size: .npy has no bfloat16.
+    out = np.lib.format.open_memmap(tmp, mode='w+', dtype=bits_dtype,
+                                    shape=(layout.num_rows, layout.dim))
+    _read_shards(store, meta, into=out.view(dtype), verify=True, what=table_dir)
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    export_lib.write_json_atomic(sidecar, {'table_sha256': meta['table_sha256'],
+                                           'dtype': layout.dtype})
+    fresh = True
+    logging.info('materialised the table as %s (%.1f MB, %.1fs)', path,
+                 layout.num_rows * layout.dim * dtype.itemsize / 1e6, time.time() - t0)
+  mm = np.load(path, mmap_mode='r')
+  if mm.shape != (layout.num_rows, layout.dim) or mm.dtype != bits_dtype:
+    raise ValueError(f'{path} holds {mm.shape} {mm.dtype}, not the table '
+                     f'[{layout.num_rows}, {layout.dim}] {layout.dtype}; delete it.')
+  rows = np.asarray(mm).view(dtype)
+  if verify and not fresh:
+    _verify_array(rows, meta, path)
+  return rows
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+_PIECES = (
+    (export_lib.TABLE_DIR, 'the f-gram table'),
+    (export_lib.PARAMS_DIR, 'the main model parameters'),
+    (export_lib.FGRAMS_FILE, 'the f-gram set'),
+    (export_lib.TOKENIZER_FILE, 'the tokenizer'),
+    (export_lib.MODEL_CONFIG_FILE, 'the model config'),
+)
+
+
+def read_metadata(export_dir: str) -> dict:
+  """The export's metadata; refuses a missing, incomplete or interrupted export."""
+  export_dir = os.path.abspath(export_dir)
+  partial = export_dir + export_lib.PARTIAL_SUFFIX
+  if not os.path.isdir(export_dir):
+    if os.path.isdir(partial):
+      raise ValueError(f'no export at {export_dir}, only the interrupted one at {partial}: '
+                       're-run --mode=export with the same config and workdir to finish it.')
+    raise FileNotFoundError(f'no export at {export_dir}; create one with --mode=export.')
+  meta_path = os.path.join(export_dir, export_lib.METADATA_FILE)
+  if not os.path.isfile(meta_path):
+    raise ValueError(f'{export_dir} has no {export_lib.METADATA_FILE}: the export did not '
+                     'complete (interrupted, or copied part way); re-run --mode=export.')
+  try:
+    meta = export_lib.read_json(meta_path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{meta_path} is unreadable ({e}); re-run --mode=export.') from e
+  version = meta.get('format_version')
+  if version != export_lib.FORMAT_VERSION:
+    raise ValueError(f'{export_dir} has export format {version}, this scone_jax reads '
+                     f'{export_lib.FORMAT_VERSION}; re-export with this version.')
+  for name, what in _PIECES:
+    if not os.path.exists(os.path.join(export_dir, name)):
+      raise FileNotFoundError(f'{export_dir} lacks {name} ({what}); the export is incomplete '
+                              'or was altered: re-run --mode=export.')
+  return meta
+
+
+def _mismatch(what, path, got, want):
+  return ValueError(f'{path} is {what} {str(got)[:12]}… but the table was exported with '
+                    f'{str(want)[:12]}…: the pieces of this export do not belong together; '
+                    'put back the export\'s own file or re-run --mode=export.')
+
+
+def _abstract_params(model, device):
+  def init():
+    return nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))['params'])
+  shapes = jax.eval_shape(init)
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                      shapes)
+
+
+def restore_params(params_dir: str, model, device=None):
+  """The main model's parameters from an export's param-only checkpoint, on one device."""
+  device = device if device is not None else jax.devices()[0]
+  target = _abstract_params(model, device)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(os.path.abspath(params_dir), target)
+  except Exception as e:  # orbax raises many kinds for a tree or shape mismatch
+    raise ValueError(f'{params_dir} does not hold this model\'s parameters ({type(e).__name__}:'
+                     f' {str(e)[:300]}); re-run --mode=export.') from e
+
+
+def load(export_dir: str, table_storage: str = 'ram', *, cache_rows: int = 1 << 16,
+         verify: Optional[bool] = None, mmap_path: Optional[str] = None,
+         max_len: Optional[int] = None, device=None) -> 'Generator':
+  """A Generator over an export directory written by `export.export`.
+
+  table_storage: 'ram' (whole table in host RAM), 'mmap' (a raw copy of the table next to
+  it, `table.npy`, made once and memory-mapped) or 'tensorstore' (rows read on demand
+  through a cache of about `cache_rows` rows: for tables bigger than RAM).
+  verify: check the table's sha256 (default: yes for ram/mmap; for tensorstore only the
+  shape, dtype and shard file sizes unless verify=True, which reads the whole table).
+  max_len: longest prompt + generation (rope models; learned positions are capped at the
+  training seq_len).
+  """
+  if table_storage not in STORAGES:
+    raise ValueError(f'table_storage={table_storage!r}; use one of {", ".join(STORAGES)}.')
+  t0 = time.time()
+  export_dir = os.path.abspath(export_dir)
+  meta = read_metadata(export_dir)
+
+  def path(name):
+    return os.path.join(export_dir, name)
+
+  tokenizer = corpus.Tokenizer(path(export_lib.TOKENIZER_FILE))
+  if tokenizer.fingerprint != meta['tokenizer_fingerprint']:
+    raise _mismatch('tokenizer', path(export_lib.TOKENIZER_FILE), tokenizer.fingerprint,
+                    meta['tokenizer_fingerprint'])
+  fgram_set = fgrams_lib.FGramSet.load(path(export_lib.FGRAMS_FILE))
+  if fgram_set.fingerprint != meta['fgram_fingerprint']:
+    raise ValueError(f'the table was exported for f-gram set {meta["fgram_fingerprint"][:12]}…'
+                     f' but {path(export_lib.FGRAMS_FILE)} is f-gram set '
+                     f'{fgram_set.fingerprint[:12]}…; put back the export\'s own fgrams.npz or '
+                     're-run --mode=export for this f-gram set.')
+  mc_digest = export_lib.file_digest(path(export_lib.MODEL_CONFIG_FILE))
+  if mc_digest != meta['model_config_sha256']:
+    raise _mismatch('model config', path(export_lib.MODEL_CONFIG_FILE), mc_digest,
+                    meta['model_config_sha256'])
+  params_digest = export_lib.file_tree_digest(path(export_lib.PARAMS_DIR))
+  if params_digest != meta['params_sha256']:
+    raise _mismatch('parameter checkpoint', path(export_lib.PARAMS_DIR), params_digest,
+                    meta['params_sha256'])
+  model_json = export_lib.read_json(path(export_lib.MODEL_CONFIG_FILE))
+  full_config = model_lib.ModelConfig(**model_json['model'])
+
+  table_dir = path(export_lib.TABLE_DIR)
+  layout = export_lib.TableLayout(**meta['layout'])
+  if layout.num_rows != len(fgram_set) or layout.dim != full_config.d_model:
+    raise ValueError(f'{export_dir}: table layout {layout} does not fit {len(fgram_set)} '
+                     f'f-grams of width {full_config.d_model}; re-run --mode=export.')
+  for s in range(layout.num_shards):
+    f = layout.shard_file(table_dir, s)
+    size = os.path.getsize(f) if os.path.isfile(f) else -1
+    if size != meta['shard_bytes'][s]:
+      raise ValueError(f'table shard file {f} has {size if size >= 0 else "no"} bytes, the '
+                       f'export wrote {meta["shard_bytes"][s]}: the table is truncated or '
+                       'incomplete; re-run --mode=export.')
+  itemsize = np.dtype(jnp.dtype(layout.dtype)).itemsize
+  cache_bytes = cache_rows * layout.dim * itemsize if table_storage == 'tensorstore' else 0
+  try:
+    store = export_lib.open_table(table_dir, cache_bytes=cache_bytes)
+  except ValueError as e:
+    raise ValueError(f'cannot open the table {table_dir} ({e}); re-run --mode=export.') from e
+  want_shape = (layout.num_rows, layout.dim)
+  if tuple(store.shape) != want_shape or np.dtype(store.dtype.numpy_dtype) != np.dtype(
+      jnp.dtype(layout.dtype)):
+    raise ValueError(f'table {table_dir} is {tuple(store.shape)} {store.dtype} but the export '
+                     f'recorded {want_shape} {layout.dtype}; re-run --mode=export.')
+  if verify is None:
+    verify = table_storage != 'tensorstore'
+  if table_storage == 'ram':
+    rows = np.empty(want_shape, np.dtype(jnp.dtype(layout.dtype)))
+    _read_shards(store, meta, into=rows, verify=verify, what=table_dir)
+    table = Table(rows, storage='ram')
+  elif table_storage == 'mmap':
+    mmap_path = mmap_path or path(MMAP_FILE)
+    try:
+      rows = _mmap_table(store, meta, mmap_path, verify, table_dir)
+    except OSError as e:
+      raise OSError(f'cannot write the memory-mapped copy of the table at {mmap_path} ({e}); '
+                    'pass load(..., mmap_path=A_WRITABLE_FILE) or use table_storage=ram.') from e
+    table = Table(rows, storage='mmap')
+  else:
+    if verify:
+      _read_shards(store, meta, verify=True, what=table_dir)
+    table = Table(store=store, storage='tensorstore')
+
+  model_config = dataclasses.replace(full_config, fgrams_enabled=False)
+  model = model_lib.SconeLM(model_config)
+  params = restore_params(path(export_lib.PARAMS_DIR), model, device)
+  gen = Generator(model_config, params, table, fgram_set, tokenizer,
+                  seq_len=model_json['seq_len'], batch_size=model_json['batch_size'],
+                  max_len=max_len, device=device)
+  gen.metadata = meta
+  logging.info('loaded export %s (step %d, %d f-grams, d=%d, %s, table in %s) in %.1fs',
+               export_dir, meta['step'], layout.num_rows, layout.dim, layout.dtype,
+               table_storage, time.time() - t0)
+  return gen
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _token_embed(module, ids):
+  return module.token_embed(ids)
+
+
+def _sample(logits_BxV, key, temperature, top_p, *, greedy, top_k, use_top_p):
+  """Greedy, or temperature sampling restricted to the top-k and/or top-p (nucleus) tokens."""
+  if greedy:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV / temperature
+  neg = jnp.finfo(logits_BxV.dtype).min
+  if top_k:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, neg, logits_BxV)
+  if use_top_p:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    kept_BxV = before_BxV < top_p
+    threshold_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < threshold_Bx1, neg, logits_BxV)
+  return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def _bucket(n, size):
+  return max(size, -(-n // size) * size)
+
+
+class Generator:
+  """The main model (no f-gram model) under jit with a KV cache, plus the f-gram table.
+
+  Attributes: config (ModelConfig, fgrams disabled), params (token_embed, decoder, lm_head),
+  table (Table), fgram_set, tokenizer, seq_len, batch_size (eval), max_len, last_stats (timing
+  of the latest generate call).
+  use_table=False turns the lookups off (every position gets T[token]): the baseline cost of
+  the same main model, for benchmarks.
+  """
+
+  def __init__(self, model_config: model_lib.ModelConfig, params, table: Optional[Table],
+               fgram_set: Optional[fgrams_lib.FGramSet], tokenizer=None, *, seq_len: int,
+               batch_size: int = 16, max_len: Optional[int] = None, device=None,
+               use_table: bool = True):
+    if model_config.fgrams_enabled:
+      # Serving never builds (or reads) the f-gram model.
+      model_config = dataclasses.replace(model_config, fgrams_enabled=False)
+    if 'fgram_model' in params:
+      raise ValueError('params include the f-gram model; serving takes the main model only '
+                       '(token_embed, decoder, lm_head), as export writes it.')
+    if use_table:
+      if table is None or fgram_set is None:
+        raise ValueError('use_table=True needs the table and the f-gram set.')
+      if table.num_rows != len(fgram_set) or table.dim != model_config.d_model:
+        raise ValueError(f'table [{table.num_rows}, {table.dim}] does not fit {len(fgram_set)} '
+                         f'f-grams of width {model_config.d_model}.')
+    self.config = model_config
+    self.model = model_lib.SconeLM(model_config)
+    self.device = device if device is not None else jax.devices()[0]
+    self.params = jax.device_put(params, self.device)
+    self.table = table
+    self.fgram_set = fgram_set
+    self.tokenizer = tokenizer
+    self.seq_len = int(seq_len)
+    self.batch_size = int(batch_size)
+    self.use_table = bool(use_table)
+    if model_config.position == 'learned':
+      if max_len is not None and max_len > model_config.max_seq_len:
+        raise ValueError(f'max_len={max_len} exceeds the {model_config.max_seq_len} learned '
+                         'positions of this model.')
+      self.max_len = int(max_len or model_config.max_seq_len)
+    else:
+      self.max_len = int(max_len or _DEFAULT_ROPE_MAX_LEN_FACTOR * self.seq_len)
+    self.metadata = {}
+    self.last_stats = {}
+    self._row_dtype = table.dtype if table is not None else np.dtype(np.float32)
+    self._steps = {}
+    self._caches = {}
+    self._eval_fn = None
+
+  # -- jitted pieces -------------------------------------------------------
+
+  def _input_vectors(self, params, rows_BxLxD, ints_BxLx4):
+    """where(matched, table row, T[token]): SCONE's input embedding, f-gram model-free."""
+    x_BxLxD = self.model.apply({'params': params}, ints_BxLx4[..., _TOK], method=_token_embed)
+    if rows_BxLxD is None:  # the baseline: no table
+      return x_BxLxD
+    matched_BxL = ints_BxLx4[..., _FID] >= 0
+    return jnp.where(matched_BxL[..., None], rows_BxLxD.astype(x_BxLxD.dtype), x_BxLxD)
+
+  def _step_fn(self, greedy: bool, top_k: int, use_top_p: bool):
+    key = (greedy, top_k, use_top_p)
+    if key not in self._steps:
+      def step(params, cache, rows_BxLxD, ints_BxLx4, rng, sampling):
+        x_BxLxD = self._input_vectors(params, rows_BxLxD, ints_BxLx4)
+        logits_BxLxV, state = self.model.apply(
+            {'params': params, 'cache': cache}, x_BxLxD, positions_BxL=ints_BxLx4[..., _POS],
+            valid_BxL=ints_BxLx4[..., _VALID] > 0, decode=True,
+            method=model_lib.SconeLM.backbone, mutable=['cache'])
+        rng, sub = jax.random.split(rng)
+        tokens_B = _sample(logits_BxLxV[:, -1], sub, sampling[0], sampling[1], greedy=greedy,
+                           top_k=top_k, use_top_p=use_top_p)
+        return tokens_B, state['cache'], rng
+      self._steps[key] = jax.jit(step, donate_argnums=(1,))
+    return self._steps[key]
+
+  def _empty_cache(self, batch: int, length: int):
+    key = (batch, length)
+    if key not in self._caches:
+      def init():
+        x = jnp.zeros((batch, length, self.config.d_model), jnp.float32)
+        return self.model.init(jax.random.PRNGKey(0), x, decode=True,
+                               method=model_lib.SconeLM.backbone)['cache']
+      shapes = jax.eval_shape(init)
+      self._caches[key] = jax.jit(
+          lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+          out_shardings=jax.sharding.SingleDeviceSharding(self.device))
+    return self._caches[key]()
+
+  # -- lookups -------------------------------------------------------------
+
+  def lookup(self, ids) -> np.ndarray:
+    """Table rows [n, d] of f-gram ids."""
+    return self.table.lookup(ids)
+
+  def _rows_for(self, fgram_ids: np.ndarray) -> np.ndarray:
+    """[..., d] rows for an id array (-1 = unmatched: zeros, unused by the model)."""
+    rows = np.zeros(fgram_ids.shape + (self.config.d_model,), self._row_dtype)
+    if self.use_table:
+      matched = fgram_ids >= 0
+      if matched.any():
+        rows[matched] = self.table.lookup(fgram_ids[matched])
+    return rows
+
+  # -- generation ----------------------------------------------------------
+
+  def generate(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               stop_tokens: Optional[Sequence[int]] = (corpus.EOS_ID,),
+               add_bos: bool = True) -> list:
+    """Continues each prompt (a batch of token id lists of any lengths).
+
+    Greedy when temperature == 0, else sampling at that temperature from the top_k tokens
+    (0 = all) within the top_p mass (1 = all), reproducible for a seed. A row stops after
+    it emits one of stop_tokens (included in its output) or after max_new_tokens. Each
+    prompt starts a document: BOS first (as in training), f-grams matched within it.
+    """
+    if max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens={max_new_tokens} must be at least 1.')
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+      raise ValueError(f'temperature={temperature} (>= 0), top_k={top_k} (>= 0), '
+                       f'top_p={top_p} (in (0, 1]) out of range.')
+    prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompt_ids]
+    if not prompts:
+      return []
+    vocab = self.config.vocab_size
+    for i, p in enumerate(prompts):
+      if p.size and (p.min() < 0 or p.max() >= vocab):
+        raise ValueError(f'prompt {i} has token ids outside [0, {vocab}).')
+      if p.size + int(add_bos) == 0:
+        raise ValueError(f'prompt {i} is empty and add_bos=False: nothing to condition on.')
+    greedy = temperature == 0.0
+    top_k = min(int(top_k), vocab) if not greedy else 0
+    use_top_p = (not greedy) and top_p < 1.0
+    lens = np.array([p.size + int(add_bos) for p in prompts])
+    # Positions 0 .. needed-1: the last generated token is returned, never fed back.
+    needed = int(lens.max()) + max_new_tokens - 1
+    if needed > self.max_len:
+      what = ('learned positions' if self.config.position == 'learned' else 'max_len')
+      raise ValueError(f'a prompt of {int(lens.max())} tokens (with BOS) + {max_new_tokens} new '
+                       f'tokens needs {needed} positions but this model allows '
+                       f'{self.max_len} ({what}); shorten the prompt or max_new_tokens'
+                       + ('' if self.config.position == 'learned' else
+                          ', or load(..., max_len=N)') + '.')
+
+    t_start = time.perf_counter()
+    batch = len(prompts)
+    width = _bucket(int(lens.max()), _PREFILL_BUCKET)
+    cache_len = _bucket(width + max_new_tokens - 1, _CACHE_BUCKET)
+    ints = self._prefill_inputs(prompts, lens, width, add_bos)
+    rows = self._rows_for(ints[..., _FID]) if self.use_table else None
+    step = self._step_fn(greedy, top_k, use_top_p)
+    sampling = jax.device_put(np.array([max(temperature, 1e-6), top_p], np.float32), self.device)
+    rng = jax.device_put(jax.random.PRNGKey(seed), self.device)
+    cache = self._empty_cache(batch, cache_len)
+    tok, cache, rng = step(self.params, cache, rows, ints, rng, sampling)
+    tok = np.asarray(tok)
+    t_prefill = time.perf_counter() - t_start
+
+    out = np.zeros((batch, max_new_tokens), np.int32)
+    out[:, 0] = tok
+    stop_set = {int(x) for x in (stop_tokens or ())}
+    is_stop = np.zeros(vocab, bool)
+    is_stop[[x for x in stop_set if 0 <= x < vocab]] = True
+    done = is_stop[tok]
+    lookup = DecodeLookup(self.table if self.use_table else None, self.fgram_set, batch,
+                          self.config.d_model)
+    lookup.reset(prompts, lens)
+    rows3 = lookup.rows.reshape(batch, 1, -1) if self.use_table else None
+    ints3 = lookup.ints.reshape(batch, 1, 4)  # the step sees the buffers as [B, 1, ...]
+    t_host, steps = 0.0, 0
+    step_s = np.zeros(max_new_tokens - 1)
+    t_decode = t_prev = time.perf_counter()
+    for t in range(1, max_new_tokens):
+      if done.all():
+        break
+      t0 = time.perf_counter()
+      lookup.advance(tok)
+      t_host += time.perf_counter() - t0
+      tok, cache, rng = step(self.params, cache, rows3, ints3, rng, sampling)
+      tok = np.asarray(tok)
+      out[:, t] = tok
+      done |= is_stop[tok]
+      steps += 1
+      t_now = time.perf_counter()
+      step_s[t - 1], t_prev = t_now - t_prev, t_now
+    self.last_stats = {
+        'batch': batch, 'prefill_s': t_prefill, 'decode_steps': steps,
+        'decode_s': time.perf_counter() - t_decode, 'host_lookup_s': t_host,
+        'tokens': steps * batch, 'step_s': step_s[:steps],
+    }
+    results = []
+    for row in out.tolist():
+      for i, x in enumerate(row):
+        if x in stop_set:
+          row = row[:i + 1]
+          break
+      results.append(row)
+    return results
+
+  def _prefill_inputs(self, prompts, lens, width, add_bos):
+    """Int inputs [B, width, 4] of the prompts, left-padded so that every row's next token
+    takes the same cache slot."""
+    ints = np.zeros((len(prompts), width, 4), np.int32)
+    ints[..., _FID] = -1
+    for b, p in enumerate(prompts):
+      off = width - lens[b]
+      ints[b, off:, _TOK] = np.concatenate([[BOS_ID], p]) if add_bos else p
+      ints[b, off:, _POS] = np.arange(lens[b])
+      ints[b, off:, _VALID] = 1
+      if self.use_table and p.size:
+        ints[b, width - p.size:, _FID] = self.fgram_set.match(p)[0]
+    return ints
+
+  def generate_text(self, prompts: Sequence[str], *, max_new_tokens: int,
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    seed: int = 0) -> list:
+    """Continuations (text) of text prompts; EOS stops a row."""
+    if self.tokenizer is None:
+      raise ValueError('this Generator has no tokenizer; use generate() with token ids.')
+    ids = [self.tokenizer.encode(p) for p in prompts]
+    eos = self.tokenizer.eos_id
+    outs = self.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, seed=seed, stop_tokens=(eos,))
+    return [self.tokenizer.decode([t for t in o if t != eos]) for o in outs]
+
+  # -- evaluation ----------------------------------------------------------
+
+  def _eval_step(self):
+    if self._eval_fn is None:
+      def fn(params, rows_BxLxD, ints_BxLx4, segment_ids_BxL, targets_BxL, loss_mask_BxL):
+        x_BxLxD = self._input_vectors(params, rows_BxLxD, ints_BxLx4)
+        logits_BxLxV = self.model.apply(
+            {'params': params}, x_BxLxD, positions_BxL=ints_BxLx4[..., _POS],
+            segment_ids_BxL=segment_ids_BxL, method=model_lib.SconeLM.backbone)
+        nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+        mask_BxL = loss_mask_BxL.astype(jnp.float32)
+        return jnp.sum(nll_BxL * mask_BxL), jnp.sum(mask_BxL)
+      self._eval_fn = jax.jit(fn)
+    return self._eval_fn
+
+  def evaluate(self, docs, *, max_batches: int = 0) -> dict:
+    """Loss, perplexity and bits per byte of documents, packed as train.eval_documents packs
+    them, with matched positions' input vectors read from the table."""
+    if self.tokenizer is None:
+      raise ValueError('evaluate needs the tokenizer; load the Generator with serving.load.')
+    split = data.prepare_split(docs, self.tokenizer, self.fgram_set if self.use_table else None)
+    loader = data.Loader(split, seq_len=self.seq_len, batch_size=self.batch_size, seed=0,
+                         shuffle=False, eval_mode=True)
+    fn = self._eval_step()
+    nll, tokens, batches, matched = 0.0, 0.0, 0, 0
+    for batch in loader:
+      ids_BxL = batch['fgram_ids']
+      ints = np.stack([batch['inputs'], batch['positions'], ids_BxL,
+                       np.ones_like(ids_BxL)], axis=-1).astype(np.int32)
+      rows = self._rows_for(ids_BxL) if self.use_table else None
+      matched += int(((ids_BxL >= 0) & (batch['loss_mask'] > 0)).sum())
+      l, n = fn(self.params, rows, ints, batch['segment_ids'], batch['targets'],
+                batch['loss_mask'])
+      nll += float(l)
+      tokens += float(n)
+      batches += 1
+      if max_batches and batches >= max_batches:
+        break
+    loss = nll / max(tokens, 1.0)
+    bytes_per_token = loader.num_bytes / max(loader.num_tokens, 1)
+    return {'loss': loss, 'ppl': math.exp(min(loss, 50.0)),
+            'bits_per_byte': loss / math.log(2) / max(bytes_per_token, 1e-9),
+            'tokens': int(tokens), 'batches': batches,
+            'fgram_match_rate': matched / max(tokens, 1.0)}
