@@ -44,10 +44,14 @@ class RunArtifacts:
 
 
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes the resolved config beside the checkpoints (every run does this)."""
-  os.makedirs(workdir, exist_ok=True)
+  """Writes the resolved config beside the checkpoints (every run does this; on several
+  processes sharing the workdir, process 0 does)."""
+  import jax  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + '.tmp'
+  if jax.process_index() != 0:
+    return path
+  os.makedirs(workdir, exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
   with open(tmp, 'w') as f:
     f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
   os.replace(tmp, path)
@@ -151,7 +155,7 @@ def prepare_fgrams(cfg, workdir, tokenizer, train_docs) -> fgrams.FGramSet:
       'extract_seconds': t_ext,
       'extract_tokens_per_s': num_tokens / max(t_ext, 1e-9),
   }
-  tmp = meta_path + '.tmp'
+  tmp = f'{meta_path}.tmp{os.getpid()}'
   with open(tmp, 'w') as f:
     json.dump(meta, f, indent=2)
   os.replace(tmp, meta_path)
