@@ -8,7 +8,8 @@
 set -euo pipefail
 [[ $# -ge 3 && $3 == "--" ]] || { sed -n '2,8p' "$0"; exit 2; }
 N=$1; D=$2; shift 3
-PORT=${PORT:-$((20000 + RANDOM % 20000))}
+# A port the OS says is free now (a random one could collide with a busy port).
+PORT=${PORT:-$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
 pids=()
 for ((i = 0; i < N; i++)); do
   JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$D" \
