@@ -146,9 +146,11 @@ def test_eval_via_export_matches_checkpoint_eval(setup):
   want = train.eval_documents(setup.trainer, setup.run.heldout_docs)
   got = setup.gen.evaluate(setup.run.heldout_docs)
   assert got['tokens'] == want['tokens'] and got['batches'] == want['batches']
-  np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-5)
+  # fp32 table and compute: equal to fp32 rounding (measured 2e-8 relative), not bitwise:
+  # the f-gram model runs at other batch shapes here than inside the training graph.
+  np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-6)
   np.testing.assert_allclose(got['ppl'], want['ppl'], rtol=1e-5)
-  np.testing.assert_allclose(got['bits_per_byte'], want['bits_per_byte'], rtol=1e-5)
+  np.testing.assert_allclose(got['bits_per_byte'], want['bits_per_byte'], rtol=1e-6)
   assert 0.2 < got['fgram_match_rate'] < 1.0  # the table is actually used
   for storage in ('mmap', 'tensorstore'):
     other = serving.load(setup.export_dir, storage).evaluate(setup.run.heldout_docs)
