@@ -17,7 +17,6 @@ that never completed; each message says what to do.
 """
 import dataclasses
 import logging
-import math
 import os
 import time
 from typing import Optional, Sequence
@@ -35,6 +34,7 @@ from scone_jax import data
 from scone_jax import export as export_lib
 from scone_jax import fgrams as fgrams_lib
 from scone_jax import model as model_lib
+from scone_jax import train
 
 STORAGES = ('ram', 'mmap', 'tensorstore')
 MMAP_FILE = 'table.npy'
@@ -759,9 +759,5 @@ class Generator:
       batches += 1
       if max_batches and batches >= max_batches:
         break
-    loss = nll / max(tokens, 1.0)
-    bytes_per_token = loader.num_bytes / max(loader.num_tokens, 1)
-    return {'loss': loss, 'ppl': math.exp(min(loss, 50.0)),
-            'bits_per_byte': loss / math.log(2) / max(bytes_per_token, 1e-9),
-            'tokens': int(tokens), 'batches': batches,
-            'fgram_match_rate': matched / max(tokens, 1.0)}
+    return dict(train.eval_metrics(nll, tokens, batches, loader),
+                fgram_match_rate=matched / max(tokens, 1.0))

@@ -430,8 +430,16 @@ def evaluate(trainer: Trainer, loader, *, max_batches=0) -> dict:
     batches += 1
     if max_batches and batches >= max_batches:
       break
-  loss = nll / max(tokens, 1.0)
-  # Bytes per token of the whole split, so a partial eval still reports bits per byte.
+  return eval_metrics(nll, tokens, batches, loader)
+
+
+def eval_metrics(nll_sum: float, tokens: float, batches: int, loader) -> dict:
+  """The eval JSON from summed negative log-likelihood and token count over a loader's batches.
+
+  Bits per byte use the bytes per token of the loader's whole split, so a partial eval
+  (max_batches) still reports it.
+  """
+  loss = nll_sum / max(tokens, 1.0)
   bytes_per_token = loader.num_bytes / max(loader.num_tokens, 1)
   return {'loss': loss, 'ppl': math.exp(min(loss, 50.0)),
           'bits_per_byte': loss / math.log(2) / max(bytes_per_token, 1e-9),
