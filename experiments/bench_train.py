@@ -24,7 +24,6 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
 
 from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
 from scone_jax import data  # pylint: disable=g-import-not-at-top

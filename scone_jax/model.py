@@ -13,7 +13,7 @@ activations carry `nn.with_logical_constraint`; `sharding.py` maps the names ont
 """
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any
 
 from flax import linen as nn
 import jax

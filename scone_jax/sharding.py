@@ -13,7 +13,6 @@ from typing import Any, Optional, Sequence
 from flax import linen as nn
 import jax
 from jax.experimental import mesh_utils
-import numpy as np
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import flax
 from flax import linen as nn

@@ -1,6 +1,5 @@
 """Joint training: config checks, sharded == unsharded, resume == uninterrupted, loss goes down."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
