@@ -27,11 +27,10 @@ import time
 import numba
 import numpy as np
 
-try:
-  from scone_jax import fgrams
-except ImportError:  # run as a script from a checkout that is not pip-installed
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
+# Run as a script: the checkout's root holds scone_jax and experiments.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import machine  # pylint: disable=g-import-not-at-top
+from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
 
 
 def peak_rss_gb():
@@ -39,15 +38,7 @@ def peak_rss_gb():
 
 
 def machine_info():
-  cpu = platform.processor()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
+  cpu = machine.cpu_name()
   return {'cpu': cpu, 'cpus': os.cpu_count(), 'python': platform.python_version(),
           'numpy': np.__version__, 'numba': numba.__version__,
           'load_avg_1m': os.getloadavg()[0]}

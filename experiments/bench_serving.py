@@ -46,19 +46,12 @@ from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
 from scone_jax import model as model_lib  # pylint: disable=g-import-not-at-top
 from scone_jax import serving  # pylint: disable=g-import-not-at-top
 from scone_jax import train  # pylint: disable=g-import-not-at-top
+from experiments import machine  # pylint: disable=g-import-not-at-top
 from experiments.configs import scone as scone_config  # pylint: disable=g-import-not-at-top
 
 
 def machine_info():
-  cpu = platform.processor()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
+  cpu = machine.cpu_name()
   return {'platform': platform.platform(), 'cpu': cpu, 'cpus': os.cpu_count(),
           'python': platform.python_version(), 'jax': jax.__version__,
           'backend': jax.default_backend(), 'load_avg_1m': os.getloadavg()[0]}
