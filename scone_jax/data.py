@@ -16,8 +16,11 @@ Packing rule (both paths):
      Every token of every document, EOS included, is a target exactly once, and no
      target is predicted across documents.
   4. The pairs of all documents, in order, form one stream cut into rows of seq_len;
-     the last row is padded. A long document continues into the next row, so its
-     f-gram may start before the row does.
+     the last row is padded. A long document continues into the next row.
+  4b. Same visible context as the baseline: the f-gram used at a position may only hold
+     input tokens the main model attends to there (its segment within the row). Near
+     the start of a row that continues a document, a longer match is replaced by the
+     longest f-gram ending there within the row (`limit_to_row`), or by none.
   5. Per row: segment_ids number the documents in the row from 1 (0 = padding),
      positions restart at 0 at each segment start (also at the start of a row that
      continues a document), loss_mask = segment_ids > 0. Padding: inputs/targets 0,
@@ -58,6 +61,8 @@ class PreparedSplit:
   num_bytes: int             # UTF-8 bytes of the documents' text
   tokenizer_fingerprint: str
   fgram_fingerprint: str     # '' without f-grams
+  # The set the split was matched with: rows re-match their first positions against it.
+  fgram_set: Optional[object] = dataclasses.field(default=None, compare=False, repr=False)
 
   @property
   def num_docs(self) -> int:
@@ -154,7 +159,7 @@ def prepare_split(docs, tokenizer, fgram_set=None, *, cache_dir: Optional[str] =
                    len(cached['tokens']), full_path)
       return PreparedSplit(cached['tokens'], cached['offsets'], cached['fgram_ids'],
                            cached['fgram_lengths'], int(cached['num_bytes']),
-                           tokenizer.fingerprint, fgram_fp)
+                           tokenizer.fingerprint, fgram_fp, fgram_set)
   cached = _load_npz(tok_path, tok_meta) if tok_path else None
   if cached is not None:
     tokens, offsets, num_bytes = cached['tokens'], cached['offsets'], int(cached['num_bytes'])
@@ -180,7 +185,7 @@ def prepare_split(docs, tokenizer, fgram_set=None, *, cache_dir: Optional[str] =
               fgram_lengths=fgram_lengths, num_bytes=np.int64(num_bytes),
               meta=np.array(json.dumps(full_meta)))
   return PreparedSplit(tokens, offsets, fgram_ids, fgram_lengths, num_bytes,
-                       tokenizer.fingerprint, fgram_fp)
+                       tokenizer.fingerprint, fgram_fp, fgram_set)
 
 
 # ----------------------------------------------------------------------------- numpy rows
@@ -188,6 +193,35 @@ def prepare_split(docs, tokenizer, fgram_set=None, *, cache_dir: Optional[str] =
 
 def num_rows(split: PreparedSplit, seq_len: int) -> int:
   return -(-split.num_tokens // seq_len)
+
+
+def limit_to_row(rows: dict, fgram_set) -> dict:
+  """Rule 4b: caps each position's f-gram to the input tokens visible there, in place.
+
+  rows: int32 arrays [..., L] with inputs, positions, fgram_ids, fgram_lengths. At a
+  position p of a segment (positions restart at each segment and at the row start) the
+  main model sees the segment's inputs at columns p - positions .. p, so a match longer
+  than positions + 1 is replaced by the longest f-gram within those columns. Only the
+  first max_len - 2 columns of a row that continues a document can change.
+  """
+  lens = rows['fgram_lengths']
+  over = lens > rows['positions'] + 1
+  if fgram_set is None or not over.any():
+    if over.any():
+      raise ValueError('rows hold f-gram matches but no f-gram set was given to cap them to '
+                       'the row; prepare the split with its FGramSet.')
+    return rows
+  inputs = rows['inputs'].reshape(-1, lens.shape[-1])
+  flat = np.flatnonzero(over.reshape(-1))
+  r, c = np.divmod(flat, lens.shape[-1])
+  k = fgram_set.max_len
+  cols_NxK = c[:, None] + np.arange(1 - k, 1)
+  ctx_NxK = np.where(cols_NxK >= 0, inputs[r[:, None], np.maximum(cols_NxK, 0)], 0)
+  visible_N = rows['positions'].reshape(-1)[flat] + 1
+  ids_N, lens_N = fgram_set.match_last_batch(ctx_NxK, visible_N)
+  np.put(rows['fgram_ids'], flat, ids_N)
+  np.put(rows['fgram_lengths'], flat, lens_N)
+  return rows
 
 
 def make_rows(split: PreparedSplit, seq_len: int, row_ids: np.ndarray) -> dict:
@@ -214,7 +248,8 @@ def make_rows(split: PreparedSplit, seq_len: int, row_ids: np.ndarray) -> dict:
       'fgram_ids': np.where(first_BxL, -1, split.fgram_ids[prev_BxL]),
       'fgram_lengths': np.where(first_BxL, 1, split.fgram_lengths[prev_BxL]),
   }
-  return {k: np.where(valid_BxL, v, _PAD_VALUES[k]).astype(np.int32) for k, v in out.items()}
+  out = {k: np.where(valid_BxL, v, _PAD_VALUES[k]).astype(np.int32) for k, v in out.items()}
+  return limit_to_row(out, split.fgram_set)
 
 
 def padding_rows(num: int, seq_len: int) -> dict:
@@ -390,8 +425,9 @@ def _converter_class():
     MODEL_FEATURES = {k: spec(dtype=tf.int32) for k in BATCH_KEYS}
     PACKING_FEATURE_DTYPES = {}
 
-    def __init__(self, apply_length_check: bool = False, **kwargs):
+    def __init__(self, apply_length_check: bool = False, fgram_set=None, **kwargs):
       super().__init__(pack=True, apply_length_check=apply_length_check, **kwargs)
+      self._fgram_set = fgram_set
 
     def _convert_features(self, ds, task_feature_lengths):
       seq_len = task_feature_lengths['targets']
@@ -437,7 +473,27 @@ def _converter_class():
       ds = ds.concatenate(marker)
       ds = ds.scan((tf.constant(0, tf.int64), tf.constant(1, tf.int32)), place)
       ds = ds.map(pairs, num_parallel_calls=tf.data.AUTOTUNE)
-      return ds.rebatch(seq_len, drop_remainder=True)
+      ds = ds.rebatch(seq_len, drop_remainder=True)
+      if self._fgram_set is None:
+        return ds
+      fgram_set = self._fgram_set
+
+      def np_limit(inputs, positions, ids, lens):
+        rows = {'inputs': inputs, 'positions': positions, 'fgram_ids': ids.copy(),
+                'fgram_lengths': lens.copy()}
+        limit_to_row(rows, fgram_set)
+        return rows['fgram_ids'], rows['fgram_lengths']
+
+      def limit(row):
+        ids, lens = tf.numpy_function(
+            np_limit, [row['inputs'], row['positions'], row['fgram_ids'],
+                       row['fgram_lengths']], [tf.int32, tf.int32], stateful=False)
+        ids.set_shape([seq_len])
+        lens.set_shape([seq_len])
+        return dict(row, fgram_ids=ids, fgram_lengths=lens)
+
+      # Rule 4b, by the same function as the numpy Loader (rows are whole here).
+      return ds.map(limit, num_parallel_calls=tf.data.AUTOTUNE)
 
     def get_model_feature_lengths(self, task_feature_lengths):
       return {k: task_feature_lengths['targets'] for k in BATCH_KEYS}
@@ -448,6 +504,14 @@ def _converter_class():
 def feature_converter(**kwargs):
   """A SconeFeatureConverter (a seqio.FeatureConverter emitting BATCH_KEYS)."""
   return _converter_class()(**kwargs)
+
+
+def task_fgram_set(task):
+  """The FGramSet a task's matching preprocessor was registered with (None: no matching)."""
+  for p in task.preprocessors:
+    if getattr(p, 'func', None) is match_fgrams_preprocessor:
+      return p.keywords.get('fgram_set')
+  return None
 
 
 def match_fgrams_preprocessor(dataset, fgram_set):
@@ -544,8 +608,8 @@ def seqio_dataset(task_name: str, *, seq_len: int, split: Optional[str] = None):
   # Documents must not be trimmed to seq_len: rows are cut from the whole stream.
   ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
                         trim_output_features=False)
-  return feature_converter()(ds, {k: seq_len for k in ('targets', 'fgram_ids',
-                                                       'fgram_lengths')})
+  converter = feature_converter(fgram_set=task_fgram_set(task))
+  return converter(ds, {k: seq_len for k in ('targets', 'fgram_ids', 'fgram_lengths')})
 
 
 def seqio_batches(task_name: str, *, seq_len: int, batch_size: int,

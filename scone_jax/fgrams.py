@@ -672,6 +672,17 @@ class FGramSet:
       self._fingerprint = h.hexdigest()
     return self._fingerprint
 
+  def top(self, n: int) -> 'FGramSet':
+    """The first n f-grams (ids 0..n-1): what extraction with num_fgrams=n would return,
+    since ids are ranks. Sweeps over S extract once at the largest S and cut."""
+    n = int(n)
+    if n < 1:
+      raise ValueError(f'top({n}): pass n >= 1.')
+    if n >= len(self):
+      return self
+    return FGramSet(self._tokens_padded[:n], self._lengths[:n], self._counts[:n],
+                    self._max_len)
+
   def ngram(self, i: int) -> tuple:
     """The token tuple of f-gram i."""
     i = int(i)

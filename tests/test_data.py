@@ -12,34 +12,10 @@ import pytest
 
 from scone_jax import corpus
 from scone_jax import data
+from scone_jax import fgrams
 
 SEQ_LEN = 32
 MAX_LEN = 4
-
-
-class _BruteFGramSet:
-  """Stand-in with fgrams.FGramSet's matching API, used when fgrams.py is unavailable."""
-
-  def __init__(self, ngrams, max_len):
-    self.ngrams = [tuple(int(t) for t in g) for g in ngrams]
-    self.max_len = max_len
-    self._index = {g: i for i, g in enumerate(self.ngrams)}
-    self.lengths = np.array([len(g) for g in self.ngrams], np.int32)
-    self.tokens_padded = np.zeros((len(self.ngrams), max_len), np.int32)
-    for i, g in enumerate(self.ngrams):
-      self.tokens_padded[i, :len(g)] = g
-    self.fingerprint = hashlib.sha256(repr(self.ngrams).encode()).hexdigest()
-
-  def __len__(self):
-    return len(self.ngrams)
-
-  def match(self, tokens):
-    return _brute_match(tokens, self._index, self.max_len)
-
-  def match_flat(self, tokens, offsets):
-    parts = [self.match(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-    return (np.concatenate([p[0] for p in parts]).astype(np.int32),
-            np.concatenate([p[1] for p in parts]).astype(np.int32))
 
 
 def _brute_match(tokens, index, max_len):
@@ -56,11 +32,7 @@ def _brute_match(tokens, index, max_len):
 
 
 def _make_fgram_set(ngrams, max_len):
-  try:
-    from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
-    return fgrams.FGramSet.from_ngrams(ngrams, np.arange(len(ngrams), 0, -1), max_len)
-  except (ImportError, AttributeError):
-    return _BruteFGramSet(ngrams, max_len)
+  return fgrams.FGramSet.from_ngrams(ngrams, np.arange(len(ngrams), 0, -1), max_len)
 
 
 def _top_ngrams(docs_tokens, max_len, num):
@@ -114,7 +86,11 @@ def _reference_rows(docs_tokens, eos, ngrams_index, max_len, seq_len):
     seg, pos, prev_doc = 0, 0, None
     for inp, tgt, fid, flen, d in chunk:
       if d != prev_doc:
-        seg, pos, prev_doc = seg + 1, 0, d
+        seg, pos, prev_doc, seen = seg + 1, 0, d, []
+      seen.append(inp)
+      if flen > pos + 1:
+        # Same visible context as the baseline: only this segment's inputs in this row.
+        fid, flen = (int(v[-1]) for v in _brute_match(seen, ngrams_index, max_len))
       for k, v in zip(data.BATCH_KEYS, (inp, tgt, seg, pos, 1, fid, flen)):
         row[k].append(v)
       pos += 1
@@ -329,3 +305,22 @@ def test_sotu_smoke(tmp_path):
   # Targets are the next tokens of the inputs inside each segment.
   same = batch['segment_ids'][:, 1:] == batch['segment_ids'][:, :-1]
   np.testing.assert_array_equal(batch['inputs'][:, 1:][same], batch['targets'][:, :-1][same])
+
+
+def test_rows_use_only_visible_tokens(setup):
+  """Rule 4b: a row continuing a document gets no f-gram reaching back before the row."""
+  docs, tok, fgram_set, docs_tokens, _ = setup
+  split = data.prepare_split(docs, tok, fgram_set)
+  seq_len = 5
+  loader = data.Loader(split, seq_len=seq_len, batch_size=4, shuffle=False, eval_mode=True)
+  got = {k: np.concatenate([b[k] for b in loader]) for k in data.BATCH_KEYS}
+  assert (got['fgram_lengths'] <= got['positions'] + 1).all()
+  # The uncapped stream would have reached back at some row starts: the cap did something.
+  stream_lens = np.concatenate([[1], split.fgram_lengths[:-1]])
+  rows = -(-len(stream_lens) // seq_len)
+  padded = np.ones(rows * seq_len, np.int32)
+  padded[:len(stream_lens)] = stream_lens
+  first_cols = padded.reshape(rows, seq_len)[:, 0]
+  continuing = got['segment_ids'][:rows, 0] == 1
+  assert ((first_cols > 1) & continuing).any()
+  assert (got['fgram_ids'][:rows, 0][got['inputs'][:rows, 0] != data.BOS_ID] == -1).all()

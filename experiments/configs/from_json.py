@@ -1,0 +1,29 @@
+"""A resolved config written by a run (config.json) or a sweep point, as a config file.
+
+  python -m scone_jax.main --mode=train --config=experiments/configs/from_json.py:RUN/config.json
+
+Fields missing from the JSON keep their defaults; unknown ones fail like any override.
+"""
+import json
+
+import ml_collections
+
+from scone_jax import config as config_lib
+
+
+def _update(cfg, values, prefix):
+  for key, value in values.items():
+    if key not in cfg:
+      raise ValueError(f'{prefix}{key} is not a config field (from the JSON config).')
+    if isinstance(cfg[key], ml_collections.ConfigDict):
+      _update(cfg[key], value, f'{prefix}{key}.')
+    else:
+      cfg[key] = value
+
+
+def get_config(path):
+  with open(path, encoding='utf-8') as f:
+    values = json.load(f)
+  cfg = config_lib.default_config()
+  _update(cfg, values, '')
+  return cfg

@@ -1,0 +1,122 @@
+"""The sweep runner: a tiny 3-point sweep finishes; kill + rerun gives the same results.csv;
+a failing point does not lose the others. Every stage runs the real CLI in a subprocess."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import tiny
+
+from experiments import sweep as sweep_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SWEEP_TEMPLATE = '''
+import sys
+sys.path.insert(0, {tests_dir!r})
+import tiny
+
+
+def get_sweep():
+  base = tiny.tiny_config({corpus_dir!r}, steps=6)
+  base.eval_every_steps = 3
+  base.checkpoint_every_steps = 2
+  points = [
+      {{'name': 'baseline', 'fgrams.enabled': False, 'fgrams.num_fgrams': 0}},
+      {{'fgrams.num_fgrams': 40, 'group': 'count'}},
+      {{'fgrams.num_fgrams': 120, 'group': 'count'}},
+  ]{extra}
+  return base, points
+'''
+
+
+def _write_sweep(path, corpus_dir, extra=''):
+  with open(path, 'w') as f:
+    f.write(SWEEP_TEMPLATE.format(tests_dir=os.path.dirname(os.path.abspath(__file__)),
+                                  corpus_dir=corpus_dir, extra=extra))
+  return str(path)
+
+
+def _env():
+  env = dict(os.environ)
+  # One device per stage: the subprocesses do not need the 8 fake devices.
+  env['XLA_FLAGS'] = ''
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  return env
+
+
+def _run(sweep, root, **kw):
+  return subprocess.run([sys.executable, '-m', 'experiments.sweep', f'--sweep={sweep}',
+                         f'--root={root}'], cwd=REPO, env=_env(), capture_output=True,
+                        text=True, **kw)
+
+
+def _csv(root):
+  with open(os.path.join(root, 'results.csv')) as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def corpus_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp('corpus'))
+  tiny.write_corpus(d)
+  return d
+
+
+@pytest.mark.slow
+def test_sweep_runs_resumes_and_survives_a_failing_point(corpus_dir, tmp_path):
+  bad = ",\n      {'name': 'broken', 'model.mlp_activation': 'nonsense'}"
+  sweep = _write_sweep(tmp_path / 'tiny_sweep.py', corpus_dir, extra=f'\n  points += [{bad[2:]}]')
+  straight = tmp_path / 'straight'
+  proc = _run(sweep, straight)
+  assert proc.returncode == 1, proc.stderr[-3000:]   # the broken point failed ...
+  status = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert status['ran'] == 3 and status['failed'] == 1   # ... and the others still ran
+  failed = json.load(open(straight / 'points' / 'broken' / 'failed.json'))
+  assert failed['stage'] == 'train' and 'mlp_activation' in failed['error']
+  rows = _csv(straight)
+  assert [r['name'] for r in rows] == ['baseline', 'num_fgrams=40', 'num_fgrams=120']
+  by = {r['name']: r for r in rows}
+  # Shared extraction: the 40-gram set is the first 40 ids of the 120-gram set.
+  from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
+  small = fgrams.FGramSet.load(straight / 'points' / 'num_fgrams=40' / 'fgrams.npz')
+  large = fgrams.FGramSet.load(straight / 'points' / 'num_fgrams=120' / 'fgrams.npz')
+  assert len(small) == 40 and len(large) == 120
+  assert large.top(40).fingerprint == small.fingerprint
+  assert len(os.listdir(straight / 'shared')) >= 2   # one tokenizer, one extraction
+  for name in ('num_fgrams=40', 'num_fgrams=120'):
+    assert float(by[name]['heldout_match_rate']) > 0.1
+    assert float(by[name]['params_fgram_model']) > 0
+    assert float(by[name]['train_flops_per_token']) > float(by[name]['inference_flops_per_token'])
+  assert by['baseline']['params_fgram_model'] == '0'
+  assert by['baseline']['inference_flops_per_token'] == by['num_fgrams=40'][
+      'inference_flops_per_token']
+  for png in ('count.png', 'ppl_vs_inference_flops.png', 'ppl_vs_training_tokens.png'):
+    assert os.path.getsize(straight / png) > 1000
+  # A rerun skips the finished points (and retries the broken one, which fails again).
+  again = _run(sweep, straight)
+  assert json.loads(again.stdout.strip().splitlines()[-1])['done'] == 3
+
+  # Killed mid-way (inside the second point's training), then rerun: the same results.csv.
+  sweep_ok = _write_sweep(tmp_path / 'ok_sweep.py', corpus_dir)
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen([sys.executable, '-m', 'experiments.sweep', f'--sweep={sweep_ok}',
+                           f'--root={killed}'], cwd=REPO, env=_env(), start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = killed / 'points' / 'num_fgrams=40' / 'run' / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline and not (ckpt.is_dir() and any(
+      n.isdigit() for n in os.listdir(ckpt))):
+    time.sleep(0.2)
+  assert proc.poll() is None, 'the sweep ended before it could be killed'
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (killed / 'points' / 'num_fgrams=40' / 'result.json').exists()
+  proc = _run(sweep_ok, killed)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _csv(killed) == rows
