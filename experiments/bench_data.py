@@ -26,7 +26,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from scone_jax import config  # pylint: disable=g-import-not-at-top
 from scone_jax import corpus  # pylint: disable=g-import-not-at-top
-from scone_jax import data  # pylint: disable=g-import-not-at-top
+from scone_jax import packing  # pylint: disable=g-import-not-at-top
+from scone_jax import seqio_tasks  # pylint: disable=g-import-not-at-top
 from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
 
 
@@ -92,7 +93,7 @@ def _pretokenized_task(name, split, fgram_set):
                                             num_input_examples={'train': len(split.offsets) - 1}),
       output_features={'targets': seqio.Feature(seqio.PassThroughVocabulary(1 << 20),
                                                 add_eos=False, dtype=tf.int32)},
-      preprocessors=[functools.partial(data.match_fgrams_preprocessor, fgram_set=fgram_set)])
+      preprocessors=[functools.partial(seqio_tasks.match_fgrams_preprocessor, fgram_set=fgram_set)])
   return name
 
 
@@ -108,14 +109,14 @@ def _iterate_task(name):
 
 def _iterate_seqio_batches(name, seq_len, batch_size):
   with _Timer() as t:
-    n = sum(int(b['loss_mask'].sum()) for b in data.seqio_batches(
+    n = sum(int(b['loss_mask'].sum()) for b in seqio_tasks.seqio_batches(
         name, seq_len=seq_len, batch_size=batch_size, eval_mode=True))
   return n, t
 
 
 def _seqio_cached_second_epoch(name, seq_len, batch_size, steps_per_epoch):
   """Train-mode seqio batches with the rows cached in memory: the second epoch's rate."""
-  it = data.seqio_batches(name, seq_len=seq_len, batch_size=batch_size, cache=True)
+  it = seqio_tasks.seqio_batches(name, seq_len=seq_len, batch_size=batch_size, cache=True)
   for _ in range(steps_per_epoch + 1):
     next(it)
   with _Timer() as t:
@@ -124,14 +125,14 @@ def _seqio_cached_second_epoch(name, seq_len, batch_size, steps_per_epoch):
 
 
 def _iterate_loader(split, seq_len, batch_size, fgram_set=None, bucket=256):
-  loader = data.Loader(split, seq_len=seq_len, batch_size=batch_size, seed=0)
+  loader = packing.Loader(split, seq_len=seq_len, batch_size=batch_size, seed=0)
   steps = int(loader.steps_per_epoch)
   with _Timer() as t:
     n = 0
     for step in range(steps):
       b = loader.batch_at(step)
       if fgram_set is not None:
-        b = data.dedupe_fgrams(b, fgram_set, bucket=bucket)
+        b = packing.dedupe_fgrams(b, fgram_set, bucket=bucket)
       n += int(b['loss_mask'].sum())
   return n, t
 
@@ -161,7 +162,7 @@ def main():
 
   # numpy path: tokenize once, extract, match once.
   with _Timer() as t_tokenize:
-    base = data.prepare_split(docs, tok, None)
+    base = packing.prepare_split(docs, tok, None)
   docs_tokens = [base.document(i) for i in range(base.num_docs)]
   with _Timer() as t_extract:
     fgram_set = fgrams.extract(docs_tokens, max_len=args.max_len, min_count=args.min_count,
@@ -169,8 +170,8 @@ def main():
   with _Timer() as t_table:  # the matcher's hash table is built lazily, once per set
     fgram_set.match(base.tokens[:8])
   with _Timer() as t_match:
-    ids, _ = data.match_split(base.tokens, base.offsets, fgram_set)
-  matched = data.prepare_split(docs, tok, fgram_set)
+    ids, _ = packing.match_split(base.tokens, base.offsets, fgram_set)
+  matched = packing.prepare_split(docs, tok, fgram_set)
   assert np.array_equal(matched.fgram_ids, ids)
   loader_base = _best(lambda: _iterate_loader(base, args.seq_len, args.batch_size), args.repeats)
   loader_fg = _best(lambda: _iterate_loader(matched, args.seq_len, args.batch_size),
@@ -180,8 +181,8 @@ def main():
 
   # seqio path.
   plain = _plain_task('bench_plain', docs, tok)
-  with_match = data.register_document_task('bench_matched', docs, tok, fgram_set)
-  without_match = data.register_document_task('bench_unmatched', docs, tok, None)
+  with_match = seqio_tasks.register_document_task('bench_matched', docs, tok, fgram_set)
+  without_match = seqio_tasks.register_document_task('bench_unmatched', docs, tok, None)
   pretok_plain = _pretokenized_task('bench_pretok_plain', base, None)
   pretok_match = _pretokenized_task('bench_pretok_matched', base, fgram_set)
   pretok_alone = _best(lambda: _iterate_task(pretok_plain), args.repeats)
@@ -193,7 +194,7 @@ def main():
   full_match = _best(lambda: _iterate_seqio_batches(with_match, args.seq_len,
                                                     args.batch_size), args.repeats)
 
-  steps = int(data.Loader(matched, seq_len=args.seq_len,
+  steps = int(packing.Loader(matched, seq_len=args.seq_len,
                           batch_size=args.batch_size).steps_per_epoch)
   cached_match = _seqio_cached_second_epoch(with_match, args.seq_len, args.batch_size, steps)
 

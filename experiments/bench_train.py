@@ -26,7 +26,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import jax  # pylint: disable=g-import-not-at-top
 
 from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
-from scone_jax import data  # pylint: disable=g-import-not-at-top
+from scone_jax import packing  # pylint: disable=g-import-not-at-top
 from scone_jax import sharding  # pylint: disable=g-import-not-at-top
 from scone_jax import train  # pylint: disable=g-import-not-at-top
 
@@ -91,10 +91,10 @@ def time_pipeline(cfg, run):
   """Host input pipeline tokens/s: tokenize, match, batch (+ dedupe), each timed alone."""
   docs = run.train_docs
   t0 = time.perf_counter()
-  plain = data.prepare_split(docs, run.tokenizer, None)
+  plain = packing.prepare_split(docs, run.tokenizer, None)
   t_tok = time.perf_counter() - t0
   t0 = time.perf_counter()
-  ids, lens = data.match_split(plain.tokens, plain.offsets, run.fgram_set)
+  ids, lens = packing.match_split(plain.tokens, plain.offsets, run.fgram_set)
   t_match = time.perf_counter() - t0
   matched = dataclasses.replace(plain, fgram_ids=ids, fgram_lengths=lens,
                                 fgram_fingerprint=run.fgram_set.fingerprint)
@@ -103,7 +103,7 @@ def time_pipeline(cfg, run):
          'tokenize_tokens_per_s': n_tok / t_tok,
          'match_tokens_per_s': n_tok / t_match}
   for name, split, fs in (('plain', plain, None), ('matched', matched, run.fgram_set)):
-    loader = data.Loader(split, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=0,
+    loader = packing.Loader(split, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=0,
                          shuffle=True)
     n = max(1, min(200, loader.num_batches))
     t0 = time.perf_counter()
@@ -141,9 +141,9 @@ def main():
   pipe = time_pipeline(cfg, run)
   logging.info('pipeline: %s', json.dumps({k: round(v, 3) for k, v in pipe.items()}))
 
-  train_split = data.prepare_split(run.train_docs, run.tokenizer, run.fgram_set,
+  train_split = packing.prepare_split(run.train_docs, run.tokenizer, run.fgram_set,
                                    cache_dir=os.path.join(args.workdir, 'data'), name='train')
-  loader = data.Loader(train_split, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=0,
+  loader = packing.Loader(train_split, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=0,
                        shuffle=True)
   variants = {}
   base_cfg = train.ml_collections.ConfigDict(cfg.to_dict())

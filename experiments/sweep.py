@@ -348,10 +348,9 @@ def eval_point(point_dir, eval_sets) -> None:
 
 def _match_stats(docs, tokenizer, fgram_set, seq_len) -> dict:
   """Match rate and mean matched length at the positions the model reads (rule 4b applied)."""
-  from scone_jax import data  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  split = data.prepare_split(docs, tokenizer, fgram_set)
-  loader = data.Loader(split, seq_len=seq_len, batch_size=64, shuffle=False, eval_mode=True)
+  from scone_jax import packing  # pylint: disable=g-import-not-at-top
+  split = packing.prepare_split(docs, tokenizer, fgram_set)
+  loader = packing.Loader(split, seq_len=seq_len, batch_size=64, shuffle=False, eval_mode=True)
   matched = total = length = 0
   for b in loader:
     mask = b['loss_mask'] > 0

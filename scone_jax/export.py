@@ -1,26 +1,14 @@
 """Export: run A_fgram once over every f-gram into a table, and package what serving needs.
 
-An export directory (built as `EXPORT_DIR.partial`, renamed into place only when complete):
-  table/             tensorstore zarr3 array [S, d] of export.dtype; row i is f-gram i's input
-                     vector. Rows come in read chunks of export.rows_per_chunk rows (one chunk is
-                     the unit of a random-row read), grouped into shard files with the zarr3
-                     `sharding_indexed` codec; every chunk and shard index carries a crc32c.
-  params/            orbax checkpoint of the main model's parameters (token_embed, decoder,
-                     lm_head): no f-gram model, no optimizer state.
-  fgrams.npz         the FGramSet.
-  tokenizer.model    the SentencePiece model.
-  model_config.json  ModelConfig fields, seq_len, the eval batch size and the run config.
-  export.json        metadata binding the pieces (fingerprints, step, shape, checksums); written
-                     last, so a directory without it is not an export.
-  progress*.json     only in `.partial`: the shards written so far and their sha256.
-
-The table checksum is sha256 over the per-shard sha256 digests in order, each taken over
-the shard's rows as stored (little-endian bytes, row-major) while they are written; a
-resumed export keeps the digests of the shards it does not redo. Multi-host: each process
-computes and writes its own contiguous range of shards; process 0 verifies and finalises.
+The directory layout, the table's tensorstore spec and its checksums are the export format
+(`table.py`); this module computes and writes it. It is built as `EXPORT_DIR.partial` and
+renamed into place only when complete; `progress*.json` files in `.partial` record the
+shards written so far and their sha256, so an interrupted export resumes. Only the
+checkpoint's parameters are restored (orbax partial restore): no optimizer state.
+Multi-host: each process computes and writes its own contiguous range of shards; process 0
+verifies and finalises.
 """
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -35,167 +23,33 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 
 from scone_jax import artifacts
+from scone_jax import checkpoints
 from scone_jax import model as model_lib
 from scone_jax import sharding
-from scone_jax import train
+from scone_jax.table import FGRAMS_FILE
+from scone_jax.table import FORMAT_VERSION
+from scone_jax.table import METADATA_FILE
+from scone_jax.table import MODEL_CONFIG_FILE
+from scone_jax.table import PARAMS_DIR
+from scone_jax.table import PARTIAL_SUFFIX
+from scone_jax.table import REQUEST_FILE
+from scone_jax.table import TABLE_DIR
+from scone_jax.table import TOKENIZER_FILE
+from scone_jax.table import file_digest
+from scone_jax.table import file_tree_digest
+from scone_jax.table import make_layout
+from scone_jax.table import open_table
+from scone_jax.table import read_json
+from scone_jax.table import rows_digest
+from scone_jax.table import table_digest
+from scone_jax.table import write_json_atomic
 
-FORMAT_VERSION = 1
-PARTIAL_SUFFIX = '.partial'
-TABLE_DIR = 'table'
-PARAMS_DIR = 'params'
-FGRAMS_FILE = 'fgrams.npz'
-TOKENIZER_FILE = 'tokenizer.model'
-MODEL_CONFIG_FILE = 'model_config.json'
-METADATA_FILE = 'export.json'
-REQUEST_FILE = 'request.json'
-TABLE_DTYPES = ('float32', 'bfloat16', 'float16')
-_TABLE_DIGEST_TAG = b'scone_jax.table.v1'
-_SHARD_TARGET_BYTES = 64 << 20   # default shard file size: few files, cheap random reads
 _LOG_EVERY_S = 5.0
 
 
-# ----------------------------------------------------------------------------- checksums
-
-
-def rows_digest(rows_NxD: np.ndarray) -> str:
-  """sha256 of rows as stored: little-endian bytes, row-major."""
-  rows = np.ascontiguousarray(rows_NxD)
-  if rows.dtype.byteorder == '>':
-    rows = rows.astype(rows.dtype.newbyteorder('<'))
-  return hashlib.sha256(memoryview(rows.reshape(-1).view(np.uint8))).hexdigest()
-
-
-def table_digest(shard_digests) -> str:
-  """The table checksum: sha256 over the shards' sha256 digests, in shard order."""
-  h = hashlib.sha256(_TABLE_DIGEST_TAG)
-  for d in shard_digests:
-    h.update(bytes.fromhex(d))
-  return h.hexdigest()
-
-
-def file_tree_digest(directory: str) -> str:
-  """sha256 over every file under directory (relative path, size, content), sorted by path."""
-  h = hashlib.sha256()
-  paths = []
-  for root, _, files in os.walk(directory):
-    paths.extend(os.path.join(root, f) for f in files)
-  for path in sorted(paths, key=lambda p: os.path.relpath(p, directory)):
-    rel = os.path.relpath(path, directory).replace(os.sep, '/')
-    h.update(rel.encode('utf-8') + b'\0')
-    h.update(str(os.path.getsize(path)).encode() + b'\0')
-    with open(path, 'rb') as f:
-      for block in iter(lambda: f.read(1 << 22), b''):
-        h.update(block)
-  return h.hexdigest()
-
-
-def file_digest(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 22), b''):
-      h.update(block)
-  return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- table layout
-
-
-@dataclasses.dataclass(frozen=True)
-class TableLayout:
-  """How the [S, d] table is cut: read chunks of rows, grouped into shard files."""
-  num_rows: int
-  dim: int
-  dtype: str
-  rows_per_chunk: int
-  chunks_per_shard: int
-
-  @property
-  def shard_rows(self) -> int:
-    return self.rows_per_chunk * self.chunks_per_shard
-
-  @property
-  def num_shards(self) -> int:
-    return -(-self.num_rows // self.shard_rows)
-
-  def shard_range(self, s: int) -> tuple:
-    return s * self.shard_rows, min(self.num_rows, (s + 1) * self.shard_rows)
-
-  def shard_file(self, table_dir: str, s: int) -> str:
-    # zarr3 default chunk key encoding: c/<row block>/<column block>.
-    return os.path.join(table_dir, 'c', str(s), '0')
-
-  def to_json(self) -> dict:
-    return dataclasses.asdict(self)
-
-
-def make_layout(num_rows: int, dim: int, dtype: str, rows_per_chunk: int,
-                chunks_per_shard: int = 0) -> TableLayout:
-  """A layout; chunks_per_shard=0 picks shard files of about 64 MiB."""
-  if dtype not in TABLE_DTYPES:
-    raise ValueError(f'export.dtype={dtype!r}; use one of {", ".join(TABLE_DTYPES)}.')
-  if rows_per_chunk < 1:
-    raise ValueError(f'export.rows_per_chunk={rows_per_chunk} must be positive.')
-  if chunks_per_shard <= 0:
-    chunk_bytes = rows_per_chunk * dim * np.dtype(jnp.dtype(dtype)).itemsize
-    chunks_per_shard = max(1, _SHARD_TARGET_BYTES // max(chunk_bytes, 1))
-    # No point in shards longer than the table.
-    chunks_per_shard = min(chunks_per_shard, max(1, -(-num_rows // rows_per_chunk)))
-  return TableLayout(int(num_rows), int(dim), dtype, int(rows_per_chunk), int(chunks_per_shard))
-
-
-def table_spec(table_dir: str, layout: Optional[TableLayout] = None) -> dict:
-  """tensorstore spec of the table; with a layout, the zarr3 metadata to create it."""
-  spec = {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.abspath(table_dir)}}
-  if layout is not None:
-    little = {'name': 'bytes', 'configuration': {'endian': 'little'}}
-    spec['metadata'] = {
-        'shape': [layout.num_rows, layout.dim],
-        'data_type': layout.dtype,
-        'chunk_grid': {'name': 'regular',
-                       'configuration': {'chunk_shape': [layout.shard_rows, layout.dim]}},
-        'chunk_key_encoding': {'name': 'default'},
-        'fill_value': 0,
-        'codecs': [{
-            'name': 'sharding_indexed',
-            'configuration': {
-                'chunk_shape': [layout.rows_per_chunk, layout.dim],
-                # Uncompressed rows (embeddings do not compress) with a crc32c per chunk, so a
-                # damaged chunk fails its read instead of returning wrong numbers.
-                'codecs': [little, {'name': 'crc32c'}],
-                'index_codecs': [little, {'name': 'crc32c'}],
-                'index_location': 'end',
-            },
-        }],
-    }
-  return spec
-
-
-def open_table(table_dir: str, layout: Optional[TableLayout] = None, *, create=False,
-               cache_bytes: int = 0):
-  """Opens (or with create=True, creates or reopens) the table's tensorstore."""
-  spec = table_spec(table_dir, layout)
-  context = ts.Context({'cache_pool': {'total_bytes_limit': int(cache_bytes)}})
-  if create:
-    return ts.open(spec, create=True, open=True, context=context).result()
-  return ts.open(spec, open=True, context=context).result()
-
-
 # ----------------------------------------------------------------------------- small pieces
-
-
-def write_json_atomic(path: str, obj) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
 
 
 def model_config_json(cfg, model_config: model_lib.ModelConfig) -> dict:
@@ -251,6 +105,39 @@ def _write_shard(store, lo: int, rows_NxD: np.ndarray):
 # ----------------------------------------------------------------------------- export
 
 
+@dataclasses.dataclass
+class _Restored:
+  """What export needs of a run: its mesh and model, and the checkpoint's parameters."""
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model: model_lib.SconeLM
+  params: dict
+  param_shardings: dict
+  step: int
+
+
+def restore_params(cfg, workdir: str, run: artifacts.RunArtifacts) -> _Restored:
+  """The latest good checkpoint's parameters only (no optimizer state), on the run's mesh."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = sharding.logical_axis_rules(cfg)
+  model = model_lib.SconeLM(model_lib.ModelConfig.from_config(cfg, run.tokenizer.vocab_size))
+  abstract, param_shardings = sharding.abstract_params(
+      model, {'inputs_BxL': jnp.zeros((1, 1), jnp.int32)}, mesh, rules)
+  fs = run.fgram_set
+  directory = os.path.join(workdir, artifacts.CHECKPOINT_DIR)
+  found = None
+  if os.path.isdir(directory):
+    found = checkpoints.restore_latest_params(
+        directory, abstract,
+        check_meta=lambda meta, where: checkpoints.check_fingerprints(
+            meta, tokenizer=run.tokenizer.fingerprint,
+            fgrams=fs.fingerprint if fs is not None else None, where=where))
+  if found is None:
+    raise FileNotFoundError(f'no checkpoint in {directory}; run --mode=train first.')
+  params, step = found
+  return _Restored(mesh, rules, model, params, param_shardings, int(step))
+
+
 def _fgram_pass(trainer, out_dtype):
   """Jitted (params, tokens [B, K], lengths [B]) -> rows [B, d] in out_dtype, batch-sharded."""
   mesh, rules = trainer.mesh, trainer.rules
@@ -258,7 +145,7 @@ def _fgram_pass(trainer, out_dtype):
   batch_2d = jax.sharding.NamedSharding(
       mesh, nn.logical_to_mesh_axes(('fgram_batch', None), rules))
   batch_1d = jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(('fgram_batch',), rules))
-  param_shardings = {k: trainer.state_shardings.params[k] for k in ('token_embed', 'fgram_model')}
+  param_shardings = {k: trainer.param_shardings[k] for k in ('token_embed', 'fgram_model')}
 
   def fn(params, toks_BxK, lens_B):
     emb_BxD = model.apply({'params': params}, toks_BxK, lens_B,
@@ -336,8 +223,8 @@ def export(cfg, workdir: str, run: artifacts.RunArtifacts, export_dir: str, *,
     raise ValueError(f'{export_dir} exists and is not an export (no {METADATA_FILE}); choose '
                      'another --export_dir or remove it.')
   pid = jax.process_index()
-  trainer = train.load_for_eval(cfg, workdir, run)
-  step = int(trainer.state.step)
+  trainer = restore_params(cfg, workdir, run)
+  step = trainer.step
   fgram_set = run.fgram_set
   if chunks_per_shard is None:
     chunks_per_shard = int(cfg.export.chunks_per_shard)
@@ -383,7 +270,7 @@ def export(cfg, workdir: str, run: artifacts.RunArtifacts, export_dir: str, *,
   # Orbax writes into a temporary directory and renames it, so a params/ that exists is whole.
   if not os.path.isdir(params_dir):
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(params_dir, _main_params(trainer.state.params))
+      ckptr.save(params_dir, _main_params(trainer.params))
       ckptr.wait_until_finished()
 
   t_table = time.time()
@@ -433,7 +320,7 @@ def _write_rows(trainer, fgram_set, layout, table_dir, partial_dir, request,
   global_batch = max(unit, -(-int(batch_size) // unit) * unit)
   local_batch = global_batch // nproc
   fn, batch_2d, batch_1d = _fgram_pass(trainer, jnp.dtype(layout.dtype))
-  params = {k: trainer.state.params[k] for k in ('token_embed', 'fgram_model')}
+  params = {k: trainer.params[k] for k in ('token_embed', 'fgram_model')}
 
   rows_todo = (np.concatenate([np.arange(*layout.shard_range(s)) for s in todo])
                if todo else np.zeros(0, np.int64))

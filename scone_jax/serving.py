@@ -26,19 +26,19 @@ import jax
 import jax.numpy as jnp
 import numba
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 
 from scone_jax import corpus
-from scone_jax import data
-from scone_jax import export as export_lib
+from scone_jax import packing
 from scone_jax import fgrams as fgrams_lib
 from scone_jax import model as model_lib
-from scone_jax import train
+from scone_jax import metrics
+from scone_jax import table as table_lib
+from scone_jax.table import Table
 
 STORAGES = ('ram', 'mmap', 'tensorstore')
-MMAP_FILE = 'table.npy'
-BOS_ID = data.BOS_ID
+MMAP_FILE = table_lib.MMAP_FILE
+BOS_ID = packing.BOS_ID
 _PREFILL_BUCKET = 16
 _CACHE_BUCKET = 64
 _DEFAULT_ROPE_MAX_LEN_FACTOR = 8   # rope: decode up to 8 × the training seq_len by default
@@ -107,17 +107,6 @@ def _advance_kernel(state_BxC, new_B, flat, width, shift, max_len, rows_SxW, out
         out_BxW[b, :] = rows_SxW[fid, :]
 
 
-@numba.njit(nogil=True)
-def _gather_kernel(table_SxW, ids_N, out_NxW):
-  for i in range(ids_N.shape[0]):
-    out_NxW[i, :] = table_SxW[ids_N[i], :]
-
-
-def _bits(arr: np.ndarray) -> np.ndarray:
-  """The same memory as unsigned ints of the item size (numba copies them; no bfloat16 there)."""
-  return arr.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[arr.dtype.itemsize])
-
-
 # ----------------------------------------------------------------------------- decode lookups
 
 
@@ -140,8 +129,8 @@ class DecodeLookup:
     self.rows = np.zeros((batch, dim), table.dtype if table is not None else np.float32)
     self.ints = np.zeros((batch, 4), np.int32)
     self._in_ram = table is not None and table.array is not None
-    rows_bits = _bits(self.rows)
-    table_bits = _bits(table.array) if self._in_ram else np.zeros((0, dim), rows_bits.dtype)
+    rows_bits = table_lib.as_bits(self.rows)
+    table_bits = table_lib.as_bits(table.array) if self._in_ram else np.zeros((0, dim), rows_bits.dtype)
     if self.fgram_set is not None:
       mt = self.fgram_set.table
       match = (mt.flat, mt.width, mt.shift, self.fgram_set.max_len)
@@ -170,173 +159,7 @@ class DecodeLookup:
     return self.rows, self.ints
 
 
-# ----------------------------------------------------------------------------- table
-
-
-class Table:
-  """The exported [S, d] f-gram table: in RAM, memory-mapped, or read through tensorstore."""
-
-  def __init__(self, rows_SxD: Optional[np.ndarray] = None, *, store=None, storage='ram'):
-    if (rows_SxD is None) == (store is None):
-      raise ValueError('pass exactly one of rows_SxD (ram/mmap) or store (tensorstore).')
-    self.storage = storage
-    self._rows = rows_SxD
-    self._store = store
-    if rows_SxD is not None:
-      if rows_SxD.ndim != 2:
-        raise ValueError(f'table rows have shape {rows_SxD.shape}; expected [S, d].')
-      self.num_rows, self.dim = rows_SxD.shape
-      self.dtype = rows_SxD.dtype
-      self._rows_bits = _bits(np.asarray(rows_SxD))
-    else:
-      self.num_rows, self.dim = (int(x) for x in store.shape)
-      self.dtype = np.dtype(store.dtype.numpy_dtype)
-      self._rows_bits = None
-
-  @property
-  def array(self) -> Optional[np.ndarray]:
-    """The rows as a numpy array (RAM or memmap); None for tensorstore storage."""
-    return self._rows
-
-  @property
-  def nbytes(self) -> int:
-    return self.num_rows * self.dim * self.dtype.itemsize
-
-  def lookup(self, ids, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """Rows [n, d] of f-gram ids (each in [0, S)); `out` ([n, d], table dtype) is reused."""
-    ids = np.asarray(ids).reshape(-1)
-    if out is None:
-      out = np.empty((ids.size, self.dim), self.dtype)
-    if ids.size == 0:
-      return out
-    if ids.dtype != np.int64 and ids.dtype != np.int32:
-      ids = ids.astype(np.int64)
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= self.num_rows:
-      raise IndexError(f'f-gram ids in [{lo}, {hi}] are outside the table of {self.num_rows} '
-                       'rows.')
-    if self._rows is not None:
-      _gather_kernel(self._rows_bits, ids, _bits(out))
-    else:
-      # One read of the distinct rows: tensorstore fetches each chunk once through its cache.
-      uniq, inverse = np.unique(ids, return_inverse=True)
-      rows = self._store[uniq].read().result()
-      np.take(rows, inverse.reshape(-1), axis=0, out=out)
-    return out
-
-
-def _read_shards(store, meta, *, into=None, verify=True, what=''):
-  """Reads the table shard by shard (into `into` if given), checking each shard's sha256."""
-  layout = export_lib.TableLayout(**meta['layout'])
-  for s in range(layout.num_shards):
-    lo, hi = layout.shard_range(s)
-    try:
-      rows = store[lo:hi].read().result()
-    except ValueError as e:  # tensorstore reports crc32c and index damage as ValueError
-      raise ValueError(f'{what}: shard {s} (rows {lo}..{hi}) is corrupt ({str(e)[:200]}); '
-                       're-run --mode=export to rebuild the export.') from e
-    if verify:
-      got = export_lib.rows_digest(rows)
-      want = meta['shard_sha256'][s]
-      if got != want:
-        raise ValueError(f'{what}: shard {s} (rows {lo}..{hi}) has sha256 {got[:12]}… but the '
-                         f'export recorded {want[:12]}…: the table is truncated or corrupt; '
-                         're-run --mode=export to rebuild it.')
-    if into is not None:
-      into[lo:hi] = rows
-
-
-def _verify_array(rows_SxD, meta, what):
-  layout = export_lib.TableLayout(**meta['layout'])
-  for s in range(layout.num_shards):
-    lo, hi = layout.shard_range(s)
-    got = export_lib.rows_digest(rows_SxD[lo:hi])
-    if got != meta['shard_sha256'][s]:
-      raise ValueError(f'{what}: rows {lo}..{hi} have sha256 {got[:12]}… but the export '
-                       f'recorded {meta["shard_sha256"][s][:12]}…: the file is truncated or '
-                       'corrupt; delete it (it is rebuilt from the table) or re-run '
-                       '--mode=export.')
-
-
-def _mmap_table(store, meta, path, verify, table_dir) -> np.ndarray:
-  """A read-only memmap of the table, materialised from the zarr table once and verified."""
-  layout = export_lib.TableLayout(**meta['layout'])
-  dtype = np.dtype(jnp.dtype(layout.dtype))
-  bits_dtype = _bits(np.zeros(1, dtype)).dtype
-  sidecar = path + '.json'
-  fresh = False
-  if os.path.isfile(path) and os.path.isfile(sidecar):
-    try:
-      ok = export_lib.read_json(sidecar).get('table_sha256') == meta['table_sha256']
-    except (OSError, ValueError):
-      ok = False
-    if not ok:
-      logging.info('%s was built from another table; rebuilding it', path)
-  else:
-    ok = False
-  if not ok:
-    t0 = time.time()
-    tmp = f'{path}.tmp{os.getpid()}'
-    # Stored as unsigned ints of the item size: .npy has no bfloat16.
-    out = np.lib.format.open_memmap(tmp, mode='w+', dtype=bits_dtype,
-                                    shape=(layout.num_rows, layout.dim))
-    _read_shards(store, meta, into=out.view(dtype), verify=True, what=table_dir)
-    out.flush()
-    del out
-    os.replace(tmp, path)
-    export_lib.write_json_atomic(sidecar, {'table_sha256': meta['table_sha256'],
-                                           'dtype': layout.dtype})
-    fresh = True
-    logging.info('materialised the table as %s (%.1f MB, %.1fs)', path,
-                 layout.num_rows * layout.dim * dtype.itemsize / 1e6, time.time() - t0)
-  mm = np.load(path, mmap_mode='r')
-  if mm.shape != (layout.num_rows, layout.dim) or mm.dtype != bits_dtype:
-    raise ValueError(f'{path} holds {mm.shape} {mm.dtype}, not the table '
-                     f'[{layout.num_rows}, {layout.dim}] {layout.dtype}; delete it.')
-  rows = np.asarray(mm).view(dtype)
-  if verify and not fresh:
-    _verify_array(rows, meta, path)
-  return rows
-
-
 # ----------------------------------------------------------------------------- loading
-
-
-_PIECES = (
-    (export_lib.TABLE_DIR, 'the f-gram table'),
-    (export_lib.PARAMS_DIR, 'the main model parameters'),
-    (export_lib.FGRAMS_FILE, 'the f-gram set'),
-    (export_lib.TOKENIZER_FILE, 'the tokenizer'),
-    (export_lib.MODEL_CONFIG_FILE, 'the model config'),
-)
-
-
-def read_metadata(export_dir: str) -> dict:
-  """The export's metadata; refuses a missing, incomplete or interrupted export."""
-  export_dir = os.path.abspath(export_dir)
-  partial = export_dir + export_lib.PARTIAL_SUFFIX
-  if not os.path.isdir(export_dir):
-    if os.path.isdir(partial):
-      raise ValueError(f'no export at {export_dir}, only the interrupted one at {partial}: '
-                       're-run --mode=export with the same config and workdir to finish it.')
-    raise FileNotFoundError(f'no export at {export_dir}; create one with --mode=export.')
-  meta_path = os.path.join(export_dir, export_lib.METADATA_FILE)
-  if not os.path.isfile(meta_path):
-    raise ValueError(f'{export_dir} has no {export_lib.METADATA_FILE}: the export did not '
-                     'complete (interrupted, or copied part way); re-run --mode=export.')
-  try:
-    meta = export_lib.read_json(meta_path)
-  except (OSError, ValueError) as e:
-    raise ValueError(f'{meta_path} is unreadable ({e}); re-run --mode=export.') from e
-  version = meta.get('format_version')
-  if version != export_lib.FORMAT_VERSION:
-    raise ValueError(f'{export_dir} has export format {version}, this scone_jax reads '
-                     f'{export_lib.FORMAT_VERSION}; re-export with this version.')
-  for name, what in _PIECES:
-    if not os.path.exists(os.path.join(export_dir, name)):
-      raise FileNotFoundError(f'{export_dir} lacks {name} ({what}); the export is incomplete '
-                              'or was altered: re-run --mode=export.')
-  return meta
 
 
 def _mismatch(what, path, got, want):
@@ -383,34 +206,34 @@ def load(export_dir: str, table_storage: str = 'ram', *, cache_rows: int = 1 << 
     raise ValueError(f'table_storage={table_storage!r}; use one of {", ".join(STORAGES)}.')
   t0 = time.time()
   export_dir = os.path.abspath(export_dir)
-  meta = read_metadata(export_dir)
+  meta = table_lib.read_metadata(export_dir)
 
   def path(name):
     return os.path.join(export_dir, name)
 
-  tokenizer = corpus.Tokenizer(path(export_lib.TOKENIZER_FILE))
+  tokenizer = corpus.Tokenizer(path(table_lib.TOKENIZER_FILE))
   if tokenizer.fingerprint != meta['tokenizer_fingerprint']:
-    raise _mismatch('tokenizer', path(export_lib.TOKENIZER_FILE), tokenizer.fingerprint,
+    raise _mismatch('tokenizer', path(table_lib.TOKENIZER_FILE), tokenizer.fingerprint,
                     meta['tokenizer_fingerprint'])
-  fgram_set = fgrams_lib.FGramSet.load(path(export_lib.FGRAMS_FILE))
+  fgram_set = fgrams_lib.FGramSet.load(path(table_lib.FGRAMS_FILE))
   if fgram_set.fingerprint != meta['fgram_fingerprint']:
     raise ValueError(f'the table was exported for f-gram set {meta["fgram_fingerprint"][:12]}…'
-                     f' but {path(export_lib.FGRAMS_FILE)} is f-gram set '
+                     f' but {path(table_lib.FGRAMS_FILE)} is f-gram set '
                      f'{fgram_set.fingerprint[:12]}…; put back the export\'s own fgrams.npz or '
                      're-run --mode=export for this f-gram set.')
-  mc_digest = export_lib.file_digest(path(export_lib.MODEL_CONFIG_FILE))
+  mc_digest = table_lib.file_digest(path(table_lib.MODEL_CONFIG_FILE))
   if mc_digest != meta['model_config_sha256']:
-    raise _mismatch('model config', path(export_lib.MODEL_CONFIG_FILE), mc_digest,
+    raise _mismatch('model config', path(table_lib.MODEL_CONFIG_FILE), mc_digest,
                     meta['model_config_sha256'])
-  params_digest = export_lib.file_tree_digest(path(export_lib.PARAMS_DIR))
+  params_digest = table_lib.file_tree_digest(path(table_lib.PARAMS_DIR))
   if params_digest != meta['params_sha256']:
-    raise _mismatch('parameter checkpoint', path(export_lib.PARAMS_DIR), params_digest,
+    raise _mismatch('parameter checkpoint', path(table_lib.PARAMS_DIR), params_digest,
                     meta['params_sha256'])
-  model_json = export_lib.read_json(path(export_lib.MODEL_CONFIG_FILE))
+  model_json = table_lib.read_json(path(table_lib.MODEL_CONFIG_FILE))
   full_config = model_lib.ModelConfig(**model_json['model'])
 
-  table_dir = path(export_lib.TABLE_DIR)
-  layout = export_lib.TableLayout(**meta['layout'])
+  table_dir = path(table_lib.TABLE_DIR)
+  layout = table_lib.TableLayout(**meta['layout'])
   if layout.num_rows != len(fgram_set) or layout.dim != full_config.d_model:
     raise ValueError(f'{export_dir}: table layout {layout} does not fit {len(fgram_set)} '
                      f'f-grams of width {full_config.d_model}; re-run --mode=export.')
@@ -424,7 +247,7 @@ def load(export_dir: str, table_storage: str = 'ram', *, cache_rows: int = 1 << 
   itemsize = np.dtype(jnp.dtype(layout.dtype)).itemsize
   cache_bytes = cache_rows * layout.dim * itemsize if table_storage == 'tensorstore' else 0
   try:
-    store = export_lib.open_table(table_dir, cache_bytes=cache_bytes)
+    store = table_lib.open_table(table_dir, cache_bytes=cache_bytes)
   except ValueError as e:
     raise ValueError(f'cannot open the table {table_dir} ({e}); re-run --mode=export.') from e
   want_shape = (layout.num_rows, layout.dim)
@@ -436,24 +259,24 @@ def load(export_dir: str, table_storage: str = 'ram', *, cache_rows: int = 1 << 
     verify = table_storage != 'tensorstore'
   if table_storage == 'ram':
     rows = np.empty(want_shape, np.dtype(jnp.dtype(layout.dtype)))
-    _read_shards(store, meta, into=rows, verify=verify, what=table_dir)
+    table_lib.read_shards(store, meta, into=rows, verify=verify, what=table_dir)
     table = Table(rows, storage='ram')
   elif table_storage == 'mmap':
     mmap_path = mmap_path or path(MMAP_FILE)
     try:
-      rows = _mmap_table(store, meta, mmap_path, verify, table_dir)
+      rows = table_lib.mmap_table(store, meta, mmap_path, verify, table_dir)
     except OSError as e:
       raise OSError(f'cannot write the memory-mapped copy of the table at {mmap_path} ({e}); '
                     'pass load(..., mmap_path=A_WRITABLE_FILE) or use table_storage=ram.') from e
     table = Table(rows, storage='mmap')
   else:
     if verify:
-      _read_shards(store, meta, verify=True, what=table_dir)
+      table_lib.read_shards(store, meta, verify=True, what=table_dir)
     table = Table(store=store, storage='tensorstore')
 
   model_config = dataclasses.replace(full_config, fgrams_enabled=False)
   model = model_lib.SconeLM(model_config)
-  params = restore_params(path(export_lib.PARAMS_DIR), model, device)
+  params = restore_params(path(table_lib.PARAMS_DIR), model, device)
   gen = Generator(model_config, params, table, fgram_set, tokenizer,
                   seq_len=model_json['seq_len'], batch_size=model_json['batch_size'],
                   max_len=max_len, device=device)
@@ -730,7 +553,7 @@ class Generator:
         logits_BxLxV = self.model.apply(
             {'params': params}, x_BxLxD, positions_BxL=ints_BxLx4[..., _POS],
             segment_ids_BxL=segment_ids_BxL, method=model_lib.SconeLM.backbone)
-        nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+        nll_BxL = metrics.token_nll(logits_BxLxV, targets_BxL)
         mask_BxL = loss_mask_BxL.astype(jnp.float32)
         return jnp.sum(nll_BxL * mask_BxL), jnp.sum(mask_BxL)
       self._eval_fn = jax.jit(fn)
@@ -741,8 +564,8 @@ class Generator:
     them, with matched positions' input vectors read from the table."""
     if self.tokenizer is None:
       raise ValueError('evaluate needs the tokenizer; load the Generator with serving.load.')
-    split = data.prepare_split(docs, self.tokenizer, self.fgram_set if self.use_table else None)
-    loader = data.Loader(split, seq_len=self.seq_len, batch_size=self.batch_size, seed=0,
+    split = packing.prepare_split(docs, self.tokenizer, self.fgram_set if self.use_table else None)
+    loader = packing.Loader(split, seq_len=self.seq_len, batch_size=self.batch_size, seed=0,
                          shuffle=False, eval_mode=True)
     fn = self._eval_step()
     nll, tokens, batches, matched = 0.0, 0.0, 0, 0
@@ -759,5 +582,5 @@ class Generator:
       batches += 1
       if max_batches and batches >= max_batches:
         break
-    return dict(train.eval_metrics(nll, tokens, batches, loader),
+    return dict(metrics.eval_metrics(nll, tokens, batches, loader),
                 fgram_match_rate=matched / max(tokens, 1.0))

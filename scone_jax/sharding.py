@@ -126,6 +126,20 @@ def init_sharded(model: nn.Module, rng, example_inputs: dict, mesh: jax.sharding
   return params, param_shardings
 
 
+def abstract_params(model: nn.Module, example_inputs: dict, mesh: jax.sharding.Mesh, rules):
+  """(abstract params, param shardings): ShapeDtypeStructs placed in their shardings, for a
+  restore that lands directly on the mesh without initialising anything."""
+  def init_boxed(rng):
+    return model.init({'params': rng}, **example_inputs)['params']
+
+  with mesh_context(mesh, rules):
+    boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    param_shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(boxed), param_shardings)
+  return abstract, param_shardings
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, rules, ndim: int) -> jax.sharding.NamedSharding:
   """Leading dim over the batch axes, the rest replicated."""
   spec = nn.logical_to_mesh_axes(('batch',) + (None,) * (ndim - 1), rules)

@@ -8,7 +8,6 @@ f-gram set's fingerprint) together, so a resumed run continues exactly where it 
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from typing import Any, Optional
@@ -23,8 +22,11 @@ import optax
 import orbax.checkpoint as ocp
 
 from scone_jax import artifacts
+from scone_jax import checkpoints
 from scone_jax import config as config_lib
-from scone_jax import data
+from scone_jax import metrics
+from scone_jax import packing
+from scone_jax import seqio_tasks
 from scone_jax import model as model_lib
 from scone_jax import sharding
 
@@ -141,7 +143,7 @@ def make_step_batch(batch: dict, fgram_set, cfg) -> dict:
   stats = {'fgram_matched': 0, 'fgram_unique': 0, 'fgram_rows': 0}
   if fgram_set is None:
     return out, stats
-  deduped = [data.dedupe_fgrams(m, fgram_set, bucket=cfg.fgram_model.unique_bucket,
+  deduped = [packing.dedupe_fgrams(m, fgram_set, bucket=cfg.fgram_model.unique_bucket,
                                 dedupe=cfg.fgram_model.dedupe) for m in micro]
   size = max(d['fgram_uniq_tokens'].shape[0] for d in deduped)
   toks, lens, index = [], [], []
@@ -327,12 +329,8 @@ def count_params(tree) -> int:
 
 
 def checkpoint_manager(workdir, cfg) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=cfg.keep_checkpoints, create=True,
-      enable_async_checkpointing=cfg.async_checkpointing)
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), artifacts.CHECKPOINT_DIR), options=options,
-      item_names=('state', 'data', 'meta'))
+  return checkpoints.manager(os.path.join(workdir, artifacts.CHECKPOINT_DIR),
+                             keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
 
 
 def run_metadata(cfg, run: artifacts.RunArtifacts) -> dict:
@@ -348,26 +346,15 @@ def run_metadata(cfg, run: artifacts.RunArtifacts) -> dict:
 
 
 def save_checkpoint(mngr, trainer: Trainer, loader_state: dict, *, force=False):
-  step = int(trainer.state.step)
-  return mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(trainer.state),
-      data=ocp.args.JsonSave(loader_state),
-      meta=ocp.args.JsonSave(run_metadata(trainer.cfg, trainer.run))), force=force)
+  return checkpoints.save(mngr, int(trainer.state.step), trainer.state, loader_state,
+                          run_metadata(trainer.cfg, trainer.run), force=force)
 
 
 def check_metadata(meta: dict, run: artifacts.RunArtifacts, where: str):
   """Refuses a checkpoint trained with another tokenizer or f-gram set."""
   fs = run.fgram_set
-  want = fs.fingerprint if fs is not None else None
-  if meta.get('fgram_fingerprint') != want:
-    raise ValueError(
-        f'checkpoint {where} was trained with f-gram set {str(meta.get("fgram_fingerprint"))[:12]}'
-        f' but this run uses {str(want)[:12]}; use the original f-gram set '
-        '(--config.fgrams.path) or a new --workdir.')
-  if meta.get('tokenizer_fingerprint') != run.tokenizer.fingerprint:
-    raise ValueError(f'checkpoint {where} was trained with another tokenizer '
-                     f'({str(meta.get("tokenizer_fingerprint"))[:12]} vs '
-                     f'{run.tokenizer.fingerprint[:12]}); use a new --workdir.')
+  checkpoints.check_fingerprints(meta, tokenizer=run.tokenizer.fingerprint,
+                                 fgrams=fs.fingerprint if fs is not None else None, where=where)
 
 
 def restore_latest(mngr, trainer: Trainer, *, with_data=True):
@@ -375,42 +362,10 @@ def restore_latest(mngr, trainer: Trainer, *, with_data=True):
 
   Returns (state, loader_state, step) or None when there is no usable checkpoint.
   """
-  abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      trainer.state, trainer.state_shardings)
-  steps = sorted(mngr.all_steps(), reverse=True)
-  for step in steps:
-    where = os.path.join(str(mngr.directory), str(step))
-    try:
-      items = {'state': ocp.args.StandardRestore(abstract), 'meta': ocp.args.JsonRestore()}
-      if with_data:
-        items['data'] = ocp.args.JsonRestore()
-      restored = mngr.restore(step, args=ocp.args.Composite(**items))
-      state = restored['state']
-      _check_finite(state.params, where)
-    except ValueError as e:
-      if 'was trained with' in str(e):
-        raise
-      logging.warning('checkpoint %s is unreadable (%s: %s); trying the previous one', where,
-                      type(e).__name__, str(e)[:300])
-      continue
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning('checkpoint %s is unreadable (%s: %s); trying the previous one', where,
-                      type(e).__name__, str(e)[:300])
-      continue
-    check_metadata(restored['meta'], trainer.run, where)
-    return state, restored.get('data') if with_data else None, step
-  if steps:
-    logging.warning('none of the checkpoints %s could be restored; starting from scratch',
-                    steps)
-  return None
-
-
-def _check_finite(params, where):
-  bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(params)
-         if not bool(jnp.all(jnp.isfinite(x)))]
-  if bad:
-    raise ValueError(f'non-finite values in {where}: {bad[:3]}')
+  return checkpoints.restore_latest(
+      mngr, checkpoints.abstract_like(trainer.state, trainer.state_shardings),
+      check_meta=lambda meta, where: check_metadata(meta, trainer.run, where),
+      with_data=with_data)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -433,17 +388,7 @@ def evaluate(trainer: Trainer, loader, *, max_batches=0) -> dict:
   return eval_metrics(nll, tokens, batches, loader)
 
 
-def eval_metrics(nll_sum: float, tokens: float, batches: int, loader) -> dict:
-  """The eval JSON from summed negative log-likelihood and token count over a loader's batches.
-
-  Bits per byte use the bytes per token of the loader's whole split, so a partial eval
-  (max_batches) still reports it.
-  """
-  loss = nll_sum / max(tokens, 1.0)
-  bytes_per_token = loader.num_bytes / max(loader.num_tokens, 1)
-  return {'loss': loss, 'ppl': math.exp(min(loss, 50.0)),
-          'bits_per_byte': loss / math.log(2) / max(bytes_per_token, 1e-9),
-          'tokens': int(tokens), 'batches': batches}
+eval_metrics = metrics.eval_metrics
 
 
 def _eval_cfg(cfg):
@@ -500,25 +445,25 @@ def _format_eta(seconds):
 
 def make_loaders(cfg, workdir, run: artifacts.RunArtifacts):
   cache = os.path.join(workdir, artifacts.DATA_DIR)
-  train_split = data.prepare_split(run.train_docs, run.tokenizer, run.fgram_set, cache_dir=cache,
+  train_split = packing.prepare_split(run.train_docs, run.tokenizer, run.fgram_set, cache_dir=cache,
                                    name='train')
-  heldout_split = data.prepare_split(run.heldout_docs, run.tokenizer, run.fgram_set,
+  heldout_split = packing.prepare_split(run.heldout_docs, run.tokenizer, run.fgram_set,
                                      cache_dir=cache, name='heldout')
   if cfg.input_pipeline == 'seqio':
-    train_task, _ = data.register_tasks(cfg, run.tokenizer, run.fgram_set,
+    train_task, _ = seqio_tasks.register_tasks(cfg, run.tokenizer, run.fgram_set,
                                         train_docs=run.train_docs,
                                         heldout_docs=run.heldout_docs)
     logging.info('training input: seqio task %s', train_task)
-    train_loader = data.SeqioLoader(train_task, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+    train_loader = seqio_tasks.SeqioLoader(train_task, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                     seed=cfg.seed, shuffle=True,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
   else:
-    train_loader = data.Loader(train_split, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+    train_loader = packing.Loader(train_split, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                seed=cfg.seed, shuffle=True,
                                process_index=jax.process_index(),
                                process_count=jax.process_count())
-  eval_loader = data.Loader(heldout_split, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+  eval_loader = packing.Loader(heldout_split, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                             seed=cfg.seed, shuffle=False, eval_mode=True,
                             process_index=jax.process_index(),
                             process_count=jax.process_count())
@@ -616,7 +561,7 @@ def load_for_eval(cfg, workdir, run: artifacts.RunArtifacts) -> Trainer:
 
 def eval_documents(trainer: Trainer, docs) -> dict:
   """Evaluates on documents (e.g. --eval_text files) with the training-time pipeline."""
-  split = data.prepare_split(docs, trainer.run.tokenizer, trainer.fgram_set)
-  loader = data.Loader(split, seq_len=trainer.cfg.seq_len, batch_size=trainer.cfg.batch_size,
+  split = packing.prepare_split(docs, trainer.run.tokenizer, trainer.fgram_set)
+  loader = packing.Loader(split, seq_len=trainer.cfg.seq_len, batch_size=trainer.cfg.batch_size,
                        seed=0, shuffle=False, eval_mode=True)
   return evaluate(trainer, loader)

@@ -1,17 +1,17 @@
 """Input pipelines: prepared splits, packing, the numpy Loader, the seqio path, dedupe.
 
-References here are written independently of scone_jax/data.py: a per-position dict
-matcher and a token-by-token Python packer that follows the rule in data.py's docstring.
+References here are written independently of scone_jax/packing.py: a per-position dict
+matcher and a token-by-token Python packer that follows the rule in packing.py's docstring.
 """
 import collections
-import hashlib
 import os
 
 import numpy as np
 import pytest
 
 from scone_jax import corpus
-from scone_jax import data
+from scone_jax import packing
+from scone_jax import seqio_tasks
 from scone_jax import fgrams
 
 SEQ_LEN = 32
@@ -68,7 +68,7 @@ def setup(tmp_path_factory):
 
 
 def _reference_rows(docs_tokens, eos, ngrams_index, max_len, seq_len):
-  """Token-by-token packing, straight from the rule in data.py's docstring."""
+  """Token-by-token packing, straight from the rule in packing.py's docstring."""
   stream = []
   for d, toks in enumerate(docs_tokens):
     x = [int(t) for t in toks] + [eos]
@@ -82,7 +82,7 @@ def _reference_rows(docs_tokens, eos, ngrams_index, max_len, seq_len):
   rows = []
   for r in range(0, len(stream), seq_len):
     chunk = stream[r:r + seq_len]
-    row = {k: [] for k in data.BATCH_KEYS}
+    row = {k: [] for k in packing.BATCH_KEYS}
     seg, pos, prev_doc = 0, 0, None
     for inp, tgt, fid, flen, d in chunk:
       if d != prev_doc:
@@ -91,10 +91,10 @@ def _reference_rows(docs_tokens, eos, ngrams_index, max_len, seq_len):
       if flen > pos + 1:
         # Same visible context as the baseline: only this segment's inputs in this row.
         fid, flen = (int(v[-1]) for v in _brute_match(seen, ngrams_index, max_len))
-      for k, v in zip(data.BATCH_KEYS, (inp, tgt, seg, pos, 1, fid, flen)):
+      for k, v in zip(packing.BATCH_KEYS, (inp, tgt, seg, pos, 1, fid, flen)):
         row[k].append(v)
       pos += 1
-    for k, v in zip(data.BATCH_KEYS, (0, 0, 0, 0, 0, -1, 1)):
+    for k, v in zip(packing.BATCH_KEYS, (0, 0, 0, 0, 0, -1, 1)):
       row[k] += [v] * (seq_len - len(chunk))
     rows.append({k: np.array(v, np.int32) for k, v in row.items()})
   return rows
@@ -106,7 +106,7 @@ def _index_of(fgram_set):
 
 
 def _stack(rows):
-  return {k: np.stack([r[k] for r in rows]) for k in data.BATCH_KEYS}
+  return {k: np.stack([r[k] for r in rows]) for k in packing.BATCH_KEYS}
 
 
 def _assert_batches_equal(a, b):
@@ -119,7 +119,7 @@ def _assert_batches_equal(a, b):
 def test_prepare_split_tokens_matches_and_cache(setup):
   docs, tok, fgram_set, docs_tokens, root = setup
   cache = str(root / 'cache')
-  split = data.prepare_split(docs, tok, fgram_set, cache_dir=cache, name='t')
+  split = packing.prepare_split(docs, tok, fgram_set, cache_dir=cache, name='t')
   assert split.num_docs == len(docs)
   assert split.num_bytes == sum(len(d.text.encode()) for d in docs)
   index = _index_of(fgram_set)
@@ -133,14 +133,14 @@ def test_prepare_split_tokens_matches_and_cache(setup):
   assert (split.fgram_ids >= 0).mean() > 0.2  # the test set really matches
   files = sorted(os.listdir(cache))
   assert any('tokens' in f for f in files) and any('matched' in f for f in files)
-  again = data.prepare_split(docs, tok, fgram_set, cache_dir=cache, name='t')
+  again = packing.prepare_split(docs, tok, fgram_set, cache_dir=cache, name='t')
   np.testing.assert_array_equal(again.fgram_ids, split.fgram_ids)
   # A different f-gram set is matched afresh (tokens come from the cache).
   other = _make_fgram_set([tuple(docs_tokens[6][:2])], MAX_LEN)
-  changed = data.prepare_split(docs, tok, other, cache_dir=cache, name='t')
+  changed = packing.prepare_split(docs, tok, other, cache_dir=cache, name='t')
   np.testing.assert_array_equal(changed.tokens, split.tokens)
   assert set(np.unique(changed.fgram_ids)) <= {-1, 0}
-  base = data.prepare_split(docs, tok, None, cache_dir=cache, name='t')
+  base = packing.prepare_split(docs, tok, None, cache_dir=cache, name='t')
   assert (base.fgram_ids == -1).all() and (base.fgram_lengths == 1).all()
 
 
@@ -148,19 +148,19 @@ def test_prepare_split_tokens_matches_and_cache(setup):
 def test_eval_batches_equal_reference_packing(setup, with_fgrams, seq_len):
   docs, tok, fgram_set, docs_tokens, _ = setup
   fs = fgram_set if with_fgrams else None
-  split = data.prepare_split(docs, tok, fs)
+  split = packing.prepare_split(docs, tok, fs)
   ref = _reference_rows(docs_tokens, tok.eos_id, _index_of(fs) if fs else None, MAX_LEN,
                         seq_len)
   if seq_len == 5:
     # The case a packer gets wrong: a document ending exactly at a row's end.
-    assert any(r['inputs'][0] == data.BOS_ID and r['targets'][0] != 0 for r in ref[1:])
-  loader = data.Loader(split, seq_len=seq_len, batch_size=4, shuffle=False, eval_mode=True)
+    assert any(r['inputs'][0] == packing.BOS_ID and r['targets'][0] != 0 for r in ref[1:])
+  loader = packing.Loader(split, seq_len=seq_len, batch_size=4, shuffle=False, eval_mode=True)
   assert loader.num_rows == len(ref) and loader.num_batches == -(-len(ref) // 4)
   batches = list(loader)
   assert len(batches) == len(loader)
-  got = {k: np.concatenate([b[k] for b in batches]) for k in data.BATCH_KEYS}
+  got = {k: np.concatenate([b[k] for b in batches]) for k in packing.BATCH_KEYS}
   want = _stack(ref)
-  for k in data.BATCH_KEYS:
+  for k in packing.BATCH_KEYS:
     np.testing.assert_array_equal(got[k][:len(ref)], want[k], err_msg=k)
   # The tail of the last batch is padding with loss_mask 0.
   assert (got['loss_mask'][len(ref):] == 0).all() and (got['fgram_ids'][len(ref):] == -1).all()
@@ -172,8 +172,8 @@ def test_eval_batches_equal_reference_packing(setup, with_fgrams, seq_len):
 
 def test_loader_shuffle_determinism_and_resume(setup):
   docs, tok, fgram_set, _, _ = setup
-  split = data.prepare_split(docs, tok, fgram_set)
-  make = lambda seed=3: data.Loader(split, seq_len=SEQ_LEN, batch_size=4, seed=seed)
+  split = packing.prepare_split(docs, tok, fgram_set)
+  make = lambda seed=3: packing.Loader(split, seq_len=SEQ_LEN, batch_size=4, seed=seed)
   a, b = make(), make()
   for step in (0, 5, 17):
     _assert_batches_equal(a.batch_at(step), b.batch_at(step))
@@ -204,10 +204,10 @@ def test_loader_shuffle_determinism_and_resume(setup):
 @pytest.mark.parametrize('eval_mode', [False, True])
 def test_process_slices_concatenate_to_global_batch(setup, eval_mode):
   docs, tok, fgram_set, _, _ = setup
-  split = data.prepare_split(docs, tok, fgram_set)
+  split = packing.prepare_split(docs, tok, fgram_set)
   kw = dict(seq_len=SEQ_LEN, batch_size=6, seed=1, shuffle=not eval_mode, eval_mode=eval_mode)
-  one = data.Loader(split, **kw)
-  parts = [data.Loader(split, process_index=p, process_count=2, **kw) for p in range(2)]
+  one = packing.Loader(split, **kw)
+  parts = [packing.Loader(split, process_index=p, process_count=2, **kw) for p in range(2)]
   steps = range(one.num_batches) if eval_mode else range(0, 40, 7)
   for step in steps:
     whole = one.batch_at(step)
@@ -215,25 +215,25 @@ def test_process_slices_concatenate_to_global_batch(setup, eval_mode):
     assert halves[0]['inputs'].shape == (3, SEQ_LEN)
     _assert_batches_equal(whole, {k: np.concatenate([h[k] for h in halves]) for k in whole})
   with pytest.raises(ValueError, match='processes'):
-    data.Loader(split, seq_len=SEQ_LEN, batch_size=5, process_index=0, process_count=2)
+    packing.Loader(split, seq_len=SEQ_LEN, batch_size=5, process_index=0, process_count=2)
 
 
 @pytest.mark.parametrize('with_fgrams,seq_len', [(True, SEQ_LEN), (False, SEQ_LEN), (True, 5)])
 def test_seqio_batches_equal_numpy_batches(setup, with_fgrams, seq_len):
   docs, tok, fgram_set, _, _ = setup
   fs = fgram_set if with_fgrams else None
-  name = data.register_document_task(f'test_scone_{with_fgrams}', docs, tok, fs)
-  split = data.prepare_split(docs, tok, fs)
+  name = seqio_tasks.register_document_task(f'test_scone_{with_fgrams}', docs, tok, fs)
+  split = packing.prepare_split(docs, tok, fs)
   # Training order (shuffle off) across more than two epochs: rows wrap like Loader's.
-  loader = data.Loader(split, seq_len=seq_len, batch_size=5, shuffle=False)
+  loader = packing.Loader(split, seq_len=seq_len, batch_size=5, shuffle=False)
   steps = 2 * loader.num_rows // 5 + 3
-  it = data.seqio_batches(name, seq_len=seq_len, batch_size=5, cache=seq_len == 5)
+  it = seqio_tasks.seqio_batches(name, seq_len=seq_len, batch_size=5, cache=seq_len == 5)
   for step in range(steps):
     _assert_batches_equal(next(it), loader.batch_at(step))
   # Eval: one pass, last batch padded; and a process's slice.
-  ev = data.Loader(split, seq_len=seq_len, batch_size=4, shuffle=False, eval_mode=True,
+  ev = packing.Loader(split, seq_len=seq_len, batch_size=4, shuffle=False, eval_mode=True,
                    process_index=1, process_count=2)
-  got = list(data.seqio_batches(name, seq_len=seq_len, batch_size=4, eval_mode=True,
+  got = list(seqio_tasks.seqio_batches(name, seq_len=seq_len, batch_size=4, eval_mode=True,
                                 process_index=1, process_count=2))
   assert len(got) == len(ev)
   for a, b in zip(got, ev):
@@ -247,12 +247,12 @@ def test_register_tasks_for_a_config(setup, tmp_path):
   cfg = ml_collections.ConfigDict({'corpus': {
       'name': 'text', 'train_files': str(tmp_path / 'train.txt'), 'eval_files': '',
       'heldout_fraction': 0.2, 'max_docs': 0}})
-  train_task, held_task = data.register_tasks(cfg, tok, fgram_set)
+  train_task, held_task = seqio_tasks.register_tasks(cfg, tok, fgram_set)
   assert train_task != held_task
   held_docs = corpus.load_documents(cfg.corpus, 'heldout')
-  ev = data.Loader(data.prepare_split(held_docs, tok, fgram_set), seq_len=SEQ_LEN,
+  ev = packing.Loader(packing.prepare_split(held_docs, tok, fgram_set), seq_len=SEQ_LEN,
                    batch_size=2, shuffle=False, eval_mode=True)
-  got = list(data.seqio_batches(held_task, seq_len=SEQ_LEN, batch_size=2, eval_mode=True))
+  got = list(seqio_tasks.seqio_batches(held_task, seq_len=SEQ_LEN, batch_size=2, eval_mode=True))
   assert len(got) == len(ev)
   for a, b in zip(got, ev):
     _assert_batches_equal(a, b)
@@ -261,13 +261,13 @@ def test_register_tasks_for_a_config(setup, tmp_path):
 @pytest.mark.parametrize('dedupe', [True, False])
 def test_dedupe_fgrams(setup, dedupe):
   docs, tok, fgram_set, _, _ = setup
-  split = data.prepare_split(docs, tok, fgram_set)
-  batch = data.Loader(split, seq_len=SEQ_LEN, batch_size=8, seed=0).batch_at(2)
+  split = packing.prepare_split(docs, tok, fgram_set)
+  batch = packing.Loader(split, seq_len=SEQ_LEN, batch_size=8, seed=0).batch_at(2)
   ids = batch['fgram_ids']
   matched = ids >= 0
   assert matched.any()
-  out = data.dedupe_fgrams(batch, fgram_set, bucket=16, dedupe=dedupe)
-  for k in data.BATCH_KEYS:
+  out = packing.dedupe_fgrams(batch, fgram_set, bucket=16, dedupe=dedupe)
+  for k in packing.BATCH_KEYS:
     np.testing.assert_array_equal(out[k], batch[k])
   toks, lens, index = out['fgram_uniq_tokens'], out['fgram_uniq_lengths'], out['fgram_index']
   assert toks.dtype == lens.dtype == index.dtype == np.int32
@@ -286,7 +286,7 @@ def test_dedupe_fgrams(setup, dedupe):
   unused = np.setdiff1d(np.arange(toks.shape[0]), index[matched])
   assert (lens[unused] == 1).all() and (toks[unused] == 0).all()
   empty = dict(batch, fgram_ids=np.full_like(ids, -1))
-  assert data.dedupe_fgrams(empty, fgram_set, bucket=16)['fgram_uniq_tokens'].shape[0] == 16
+  assert packing.dedupe_fgrams(empty, fgram_set, bucket=16)['fgram_uniq_tokens'].shape[0] == 16
 
 
 def test_sotu_smoke(tmp_path):
@@ -298,8 +298,8 @@ def test_sotu_smoke(tmp_path):
   path = corpus.train_tokenizer([d.text for d in docs], vocab_size=400, model_type='bpe',
                                 model_path=str(tmp_path / 'tok.model'))
   tok = corpus.Tokenizer(path)
-  split = data.prepare_split(docs, tok, None, cache_dir=str(tmp_path / 'cache'))
-  loader = data.Loader(split, seq_len=64, batch_size=4, seed=0)
+  split = packing.prepare_split(docs, tok, None, cache_dir=str(tmp_path / 'cache'))
+  loader = packing.Loader(split, seq_len=64, batch_size=4, seed=0)
   batch = loader.batch_at(0)
   assert batch['inputs'].shape == (4, 64) and batch['loss_mask'].all()
   # Targets are the next tokens of the inputs inside each segment.
@@ -310,10 +310,10 @@ def test_sotu_smoke(tmp_path):
 def test_rows_use_only_visible_tokens(setup):
   """Rule 4b: a row continuing a document gets no f-gram reaching back before the row."""
   docs, tok, fgram_set, docs_tokens, _ = setup
-  split = data.prepare_split(docs, tok, fgram_set)
+  split = packing.prepare_split(docs, tok, fgram_set)
   seq_len = 5
-  loader = data.Loader(split, seq_len=seq_len, batch_size=4, shuffle=False, eval_mode=True)
-  got = {k: np.concatenate([b[k] for b in loader]) for k in data.BATCH_KEYS}
+  loader = packing.Loader(split, seq_len=seq_len, batch_size=4, shuffle=False, eval_mode=True)
+  got = {k: np.concatenate([b[k] for b in loader]) for k in packing.BATCH_KEYS}
   assert (got['fgram_lengths'] <= got['positions'] + 1).all()
   # The uncapped stream would have reached back at some row starts: the cap did something.
   stream_lens = np.concatenate([[1], split.fgram_lengths[:-1]])
@@ -323,4 +323,4 @@ def test_rows_use_only_visible_tokens(setup):
   first_cols = padded.reshape(rows, seq_len)[:, 0]
   continuing = got['segment_ids'][:rows, 0] == 1
   assert ((first_cols > 1) & continuing).any()
-  assert (got['fgram_ids'][:rows, 0][got['inputs'][:rows, 0] != data.BOS_ID] == -1).all()
+  assert (got['fgram_ids'][:rows, 0][got['inputs'][:rows, 0] != packing.BOS_ID] == -1).all()

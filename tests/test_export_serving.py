@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from scone_jax import artifacts
-from scone_jax import data
+from scone_jax import packing
 from scone_jax import export
 from scone_jax import fgrams
 from scone_jax import model as model_lib
@@ -180,14 +180,14 @@ def _prompts(setup):
 def _full_forward_logits(setup, prompt, generated):
   """Logits of the checkpoint's SCONE model (A_fgram, not the table) over the whole sequence."""
   doc = np.asarray(list(prompt) + list(generated[:-1]), np.int32)
-  inputs = np.concatenate([[data.BOS_ID], doc]).astype(np.int32)
+  inputs = np.concatenate([[packing.BOS_ID], doc]).astype(np.int32)
   ids = np.full(inputs.size, -1, np.int32)
   if doc.size:
     ids[1:] = setup.run.fgram_set.match(doc)[0]
   length = 64  # right-padded; one shape for every row
   pad = length - inputs.size
   batch = {'fgram_ids': np.pad(ids, (0, pad), constant_values=-1)[None]}
-  deduped = data.dedupe_fgrams(batch, setup.run.fgram_set, bucket=64)
+  deduped = packing.dedupe_fgrams(batch, setup.run.fgram_set, bucket=64)
   logits = setup.trainer.model.apply(
       {'params': setup.params}, np.pad(inputs, (0, pad))[None],
       positions_BxL=np.arange(length, dtype=np.int32)[None],

@@ -12,7 +12,6 @@ import pytest
 
 import tiny
 
-from experiments import sweep as sweep_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

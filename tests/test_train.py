@@ -11,7 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from scone_jax import artifacts
-from scone_jax import data
+from scone_jax import packing
+from scone_jax import seqio_tasks
 from scone_jax import sharding
 from scone_jax import train
 import tiny
@@ -232,14 +233,14 @@ def test_seqio_pipeline_trains_and_resumes_exactly(tmp_path):
   cfg.input_pipeline = 'seqio'
   workdir = str(tmp_path / 'run')
   run = artifacts.prepare_run(cfg, workdir)
-  task, _ = data.register_tasks(cfg, run.tokenizer, run.fgram_set, train_docs=run.train_docs,
+  task, _ = seqio_tasks.register_tasks(cfg, run.tokenizer, run.fgram_set, train_docs=run.train_docs,
                                 heldout_docs=run.heldout_docs)
-  stream = data.SeqioLoader(task, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=3)
+  stream = seqio_tasks.SeqioLoader(task, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=3)
   straight = [stream.batch_at(s) for s in range(6)]
-  resumed = data.SeqioLoader(task, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=3)
+  resumed = seqio_tasks.SeqioLoader(task, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=3)
   for s in (4, 5):
     got = resumed.batch_at(s)
-    for k in data.BATCH_KEYS:
+    for k in packing.BATCH_KEYS:
       np.testing.assert_array_equal(got[k], straight[s][k])
   assert not np.array_equal(straight[0]['inputs'], straight[1]['inputs'])
   assert (straight[0]['fgram_ids'] >= 0).any()
