@@ -555,18 +555,31 @@ class Generator:
             segment_ids_BxL=segment_ids_BxL, method=model_lib.SconeLM.backbone)
         nll_BxL = metrics.token_nll(logits_BxLxV, targets_BxL)
         mask_BxL = loss_mask_BxL.astype(jnp.float32)
-        return jnp.sum(nll_BxL * mask_BxL), jnp.sum(mask_BxL)
+        return jnp.sum(nll_BxL * mask_BxL), jnp.sum(mask_BxL), nll_BxL * mask_BxL
       self._eval_fn = jax.jit(fn)
     return self._eval_fn
 
-  def evaluate(self, docs, *, max_batches: int = 0) -> dict:
+  def evaluate(self, docs, *, max_batches: int = 0, split_by=None) -> dict:
     """Loss, perplexity and bits per byte of documents, packed as train.eval_documents packs
-    them, with matched positions' input vectors read from the table."""
+    them, with matched positions' input vectors read from the table.
+
+    split_by: an FGramSet; adds `by_match_length` = {n: {loss, tokens}}, the loss at the
+    positions whose longest f-gram of that set (as the model would see it) has length n
+    (1 = no match). Baselines and SCONE runs split by one set compare at the same positions.
+    """
     if self.tokenizer is None:
       raise ValueError('evaluate needs the tokenizer; load the Generator with serving.load.')
-    split = packing.prepare_split(docs, self.tokenizer, self.fgram_set if self.use_table else None)
+    split = packing.prepare_split(docs, self.tokenizer,
+                                  self.fgram_set if self.use_table else None)
     loader = packing.Loader(split, seq_len=self.seq_len, batch_size=self.batch_size, seed=0,
-                         shuffle=False, eval_mode=True)
+                            shuffle=False, eval_mode=True)
+    ref_batches = None
+    if split_by is not None:
+      ref = packing.prepare_split(docs, self.tokenizer, split_by)
+      ref_batches = iter(packing.Loader(ref, seq_len=self.seq_len, batch_size=self.batch_size,
+                                        seed=0, shuffle=False, eval_mode=True))
+      by_len_nll = np.zeros(split_by.max_len + 1)
+      by_len_count = np.zeros(split_by.max_len + 1)
     fn = self._eval_step()
     nll, tokens, batches, matched = 0.0, 0.0, 0, 0
     for batch in loader:
@@ -575,12 +588,23 @@ class Generator:
                        np.ones_like(ids_BxL)], axis=-1).astype(np.int32)
       rows = self._rows_for(ids_BxL) if self.use_table else None
       matched += int(((ids_BxL >= 0) & (batch['loss_mask'] > 0)).sum())
-      l, n = fn(self.params, rows, ints, batch['segment_ids'], batch['targets'],
-                batch['loss_mask'])
+      l, n, nll_BxL = fn(self.params, rows, ints, batch['segment_ids'], batch['targets'],
+                         batch['loss_mask'])
       nll += float(l)
       tokens += float(n)
+      if ref_batches is not None:
+        lengths = next(ref_batches)['fgram_lengths'].reshape(-1)
+        mask = batch['loss_mask'].reshape(-1) > 0
+        by_len_nll += np.bincount(lengths[mask], np.asarray(nll_BxL).reshape(-1)[mask],
+                                  minlength=len(by_len_nll))
+        by_len_count += np.bincount(lengths[mask], minlength=len(by_len_count))
       batches += 1
       if max_batches and batches >= max_batches:
         break
-    return dict(metrics.eval_metrics(nll, tokens, batches, loader),
-                fgram_match_rate=matched / max(tokens, 1.0))
+    out = dict(metrics.eval_metrics(nll, tokens, batches, loader),
+               fgram_match_rate=matched / max(tokens, 1.0))
+    if ref_batches is not None:
+      out['by_match_length'] = {
+          int(k): {'loss': float(by_len_nll[k] / by_len_count[k]), 'tokens': int(by_len_count[k])}
+          for k in range(1, len(by_len_count)) if by_len_count[k]}
+    return out
