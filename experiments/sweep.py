@@ -400,9 +400,44 @@ def write_report(root, points):
     for r in rows:
       w.writerow({k: _fmt(r.get(k)) for k in columns})
   os.replace(tmp, os.path.join(root, CSV_FILE))
+  _write_markdown(root, rows)
   if rows:
     _plots(root, rows, points)
   return rows
+
+
+_MD_COLUMNS = (
+    ('point', 'name', '{}'), ('seed', 'seed', '{}'), ('main d×L', None, None),
+    ('S', 'num_fgrams', '{:,}'), ('K', 'max_len', '{}'), ('f-gram layers', 'fgram_layers', '{}'),
+    ('train tokens', 'train_tokens', '{:,}'), ('main params', 'params_main', '{:,}'),
+    ('f-gram params', 'params_fgram_model', '{:,}'),
+    ('inference MFLOPs/tok', 'inference_flops_per_token', None),
+    ('train MFLOPs/tok', 'train_flops_per_token', None),
+    ('held-out ppl', 'heldout_ppl', '{:.2f}'), ('wiki ppl', 'wiki_ppl', '{:.2f}'),
+    ('shakespeare ppl', 'shakespeare_ppl', '{:.2f}'),
+    ('held-out match rate', 'heldout_match_rate', '{:.3f}'))
+
+
+def _write_markdown(root, rows):
+  """results.md: the table experiments/README.md shows, made from the same rows."""
+  lines = ['| ' + ' | '.join(c[0] for c in _MD_COLUMNS) + ' |',
+           '|' + '---|' * len(_MD_COLUMNS)]
+  for r in rows:
+    cells = []
+    for _, key, fmt in _MD_COLUMNS:
+      if key is None:
+        cells.append(f"{r['d_model']}×{r['num_layers']}")
+      elif key not in r or r[key] in (None, ''):
+        cells.append('')
+      elif fmt is None:
+        cells.append(f'{float(r[key]) / 1e6:.2f}')
+      else:
+        cells.append(fmt.format(r[key]))
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  tmp = os.path.join(root, f'results.md.tmp{os.getpid()}')
+  with open(tmp, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  os.replace(tmp, os.path.join(root, 'results.md'))
 
 
 def _fmt(v):

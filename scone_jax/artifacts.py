@@ -12,9 +12,7 @@ Layout of a workdir:
 """
 import collections
 import dataclasses
-import json
 import logging
-import os
 import time
 from typing import Optional
 
@@ -23,6 +21,7 @@ import numpy as np
 
 from scone_jax import corpus
 from scone_jax import fgrams
+from scone_jax import paths
 
 TOKENIZER_FILE = 'tokenizer.model'
 FGRAMS_FILE = 'fgrams.npz'
@@ -47,14 +46,11 @@ def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes the resolved config beside the checkpoints (every run does this; on several
   processes sharing the workdir, process 0 does)."""
   import jax  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = paths.join(workdir, CONFIG_FILE)
   if jax.process_index() != 0:
     return path
-  os.makedirs(workdir, exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  paths.makedirs(workdir)
+  paths.atomic_write(path, cfg.to_json_best_effort(indent=2, sort_keys=True))
   return path
 
 
@@ -83,7 +79,7 @@ def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
 
 
 def _prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   t0 = time.time()
   train_docs = corpus.load_documents(cfg.corpus, 'train')
   heldout_docs = corpus.load_documents(cfg.corpus, 'heldout')
@@ -114,12 +110,11 @@ def prepare_fgrams(cfg, workdir, tokenizer, train_docs) -> fgrams.FGramSet:
     logging.info('using f-gram set %s (%d f-grams, %s)', cfg.fgrams.path, len(fgram_set),
                  fgram_set.fingerprint[:12])
     return fgram_set
-  path = os.path.join(workdir, FGRAMS_FILE)
-  meta_path = os.path.join(workdir, FGRAMS_META_FILE)
+  path = paths.join(workdir, FGRAMS_FILE)
+  meta_path = paths.join(workdir, FGRAMS_META_FILE)
   request = _fgram_request(cfg, tokenizer)
-  if os.path.exists(path) and os.path.exists(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
+  if paths.exists(path) and paths.exists(meta_path):
+    meta = paths.read_json(meta_path)
     if meta.get('request') == request:
       fgram_set = fgrams.FGramSet.load(path)
       if fgram_set.fingerprint != meta.get('fingerprint'):
@@ -129,7 +124,7 @@ def prepare_fgrams(cfg, workdir, tokenizer, train_docs) -> fgrams.FGramSet:
       logging.info('reusing f-gram set %s (%d f-grams, %s)', path, len(fgram_set),
                    fgram_set.fingerprint[:12])
       return fgram_set
-    if os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    if paths.isdir(paths.join(workdir, CHECKPOINT_DIR)):
       raise ValueError(
           f'{workdir} already has checkpoints trained with a different f-gram set '
           f'({meta.get("request")}); use a new --workdir or restore the original config.')
@@ -155,13 +150,9 @@ def prepare_fgrams(cfg, workdir, tokenizer, train_docs) -> fgrams.FGramSet:
       'extract_seconds': t_ext,
       'extract_tokens_per_s': num_tokens / max(t_ext, 1e-9),
   }
-  tmp = f'{meta_path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(meta, f, indent=2)
-  os.replace(tmp, meta_path)
+  paths.write_json_atomic(meta_path, meta, sort_keys=False)
   summary = fgram_summary(fgram_set, tokenizer, num_tokens=num_tokens, seconds=t_ext)
-  with open(os.path.join(workdir, FGRAMS_SUMMARY_FILE), 'w') as f:
-    f.write(summary)
+  paths.atomic_write(paths.join(workdir, FGRAMS_SUMMARY_FILE), summary)
   return fgram_set
 
 

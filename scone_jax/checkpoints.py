@@ -6,12 +6,13 @@ fingerprints). Functions take abstract trees (`jax.ShapeDtypeStruct` with shardi
 trainer, so train and export share them and a restore lands directly in its shardings.
 """
 import logging
-import os
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from scone_jax import paths
 
 ITEMS = ('state', 'data', 'meta')
 
@@ -19,7 +20,7 @@ ITEMS = ('state', 'data', 'meta')
 def manager(directory: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+  return ocp.CheckpointManager(paths.abspath(directory), options=options, item_names=ITEMS)
 
 
 def save(mngr, step: int, state, data_state: dict, meta: dict, *, force=False):
@@ -62,7 +63,7 @@ def _latest_good(mngr, restore_step, check_meta: Optional[MetaCheck]):
   skipped with a warning. check_meta errors (another run's checkpoint) are raised."""
   steps = sorted(mngr.all_steps(), reverse=True)
   for step in steps:
-    where = os.path.join(str(mngr.directory), str(step))
+    where = paths.join(str(mngr.directory), str(step))
     try:
       restored, tree = restore_step(step)
       check_finite(tree, where)
@@ -105,7 +106,7 @@ def restore_latest_params(directory: str, abstract_params, *,
   # A read-only manager of its own: one that already restored `state` whole has bound a
   # handler that refuses the partial-restore arguments.
   mngr = ocp.CheckpointManager(
-      os.path.abspath(directory), item_names=ITEMS,
+      paths.abspath(directory), item_names=ITEMS,
       options=ocp.CheckpointManagerOptions(create=False, read_only=True))
 
   def restore_step(step):

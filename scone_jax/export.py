@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from typing import Optional
 
@@ -27,6 +26,7 @@ import orbax.checkpoint as ocp
 from scone_jax import artifacts
 from scone_jax import checkpoints
 from scone_jax import model as model_lib
+from scone_jax import paths
 from scone_jax import sharding
 from scone_jax.table import FGRAMS_FILE
 from scone_jax.table import FORMAT_VERSION
@@ -67,27 +67,24 @@ def _main_params(params) -> dict:
   return {k: v for k, v in params.items() if k != 'fgram_model'}
 
 
-def _copy_file_atomic(src, dst):
-  tmp = f'{dst}.tmp{os.getpid()}'
-  shutil.copyfile(src, tmp)
-  os.replace(tmp, dst)
+_copy_file_atomic = paths.copy
 
 
 # ----------------------------------------------------------------------------- progress
 
 
 def _progress_path(partial_dir, process_index):
-  return os.path.join(partial_dir, f'progress.{process_index}.json')
+  return paths.join(partial_dir, f'progress.{process_index}.json')
 
 
 def _read_done(partial_dir, request) -> dict:
   """{shard: {'sha256', 'bytes'}} from every process's progress file of this request."""
   done = {}
-  for name in sorted(os.listdir(partial_dir)) if os.path.isdir(partial_dir) else []:
+  for name in sorted(paths.listdir(partial_dir)) if paths.isdir(partial_dir) else []:
     if not (name.startswith('progress.') and name.endswith('.json')):
       continue
     try:
-      prog = read_json(os.path.join(partial_dir, name))
+      prog = read_json(paths.join(partial_dir, name))
     except (OSError, ValueError):
       continue  # a torn write of a crashed run: its shards are redone
     if prog.get('request') != request:
@@ -124,9 +121,9 @@ def restore_params(cfg, workdir: str, run: artifacts.RunArtifacts) -> _Restored:
   abstract, param_shardings = sharding.abstract_params(
       model, {'inputs_BxL': jnp.zeros((1, 1), jnp.int32)}, mesh, rules)
   fs = run.fgram_set
-  directory = os.path.join(workdir, artifacts.CHECKPOINT_DIR)
+  directory = paths.join(workdir, artifacts.CHECKPOINT_DIR)
   found = None
-  if os.path.isdir(directory):
+  if paths.isdir(directory):
     found = checkpoints.restore_latest_params(
         directory, abstract,
         check_meta=lambda meta, where: checkpoints.check_fingerprints(
@@ -170,9 +167,9 @@ def _local_rows(arr: jax.Array) -> np.ndarray:
 def _checkpoint_identity(workdir, step) -> dict:
   """Which saved checkpoint this is: its path and orbax's metadata file (save timestamps),
   so another run's checkpoint of the same step is not mistaken for it."""
-  path = os.path.join(os.path.abspath(workdir), artifacts.CHECKPOINT_DIR, str(step))
-  meta = os.path.join(path, '_CHECKPOINT_METADATA')
-  return {'path': path, 'metadata_sha256': file_digest(meta) if os.path.isfile(meta) else None}
+  path = paths.join(paths.abspath(workdir), artifacts.CHECKPOINT_DIR, str(step))
+  meta = paths.join(path, '_CHECKPOINT_METADATA')
+  return {'path': path, 'metadata_sha256': file_digest(meta) if paths.isfile(meta) else None}
 
 
 def _request(cfg, workdir, run, step, layout) -> dict:
@@ -197,7 +194,7 @@ def _summary(meta, export_dir, seconds, rows_computed, table_seconds, skipped=Fa
       'rows_per_s': rows_computed / max(table_seconds, 1e-9),
       'bytes': layout['num_rows'] * layout['dim'] * itemsize,
       'mb_per_s': nbytes / 1e6 / max(table_seconds, 1e-9),
-      'export_dir': os.path.abspath(export_dir), 'step': meta['step'],
+      'export_dir': paths.abspath(export_dir), 'step': meta['step'],
       'fingerprint': meta['fgram_fingerprint'], 'skipped': skipped,
   }
 
@@ -214,12 +211,12 @@ def export(cfg, workdir: str, run: artifacts.RunArtifacts, export_dir: str, *,
   if run.fgram_set is None or not cfg.fgrams.enabled:
     raise ValueError('this run has no f-grams (fgrams.enabled=False): there is no table to '
                      'export; use a SCONE config such as experiments/configs/scone.py.')
-  export_dir = os.path.abspath(export_dir)
+  export_dir = paths.abspath(export_dir)
   partial_dir = export_dir + PARTIAL_SUFFIX
-  final_meta = os.path.join(export_dir, METADATA_FILE)
+  final_meta = paths.join(export_dir, METADATA_FILE)
   # A finished export is replaced when it is out of date; anything else is never touched.
-  if (os.path.exists(export_dir) and not os.path.isfile(final_meta)
-      and not (os.path.isdir(export_dir) and not os.listdir(export_dir))):
+  if (paths.exists(export_dir) and not paths.isfile(final_meta)
+      and not (paths.isdir(export_dir) and not paths.listdir(export_dir))):
     raise ValueError(f'{export_dir} exists and is not an export (no {METADATA_FILE}); choose '
                      'another --export_dir or remove it.')
   pid = jax.process_index()
@@ -232,7 +229,7 @@ def export(cfg, workdir: str, run: artifacts.RunArtifacts, export_dir: str, *,
                        cfg.export.rows_per_chunk, chunks_per_shard)
   request = _request(cfg, workdir, run, step, layout)
 
-  if os.path.isfile(final_meta):
+  if paths.isfile(final_meta):
     try:
       meta = read_json(final_meta)
     except (OSError, ValueError):
@@ -242,33 +239,33 @@ def export(cfg, workdir: str, run: artifacts.RunArtifacts, export_dir: str, *,
                    export_dir, step, fgram_set.fingerprint[:12])
       return _summary(meta, export_dir, time.time() - t_start, 0, 1.0, skipped=True)
 
-  table_dir = os.path.join(partial_dir, TABLE_DIR)
-  params_dir = os.path.join(partial_dir, PARAMS_DIR)
+  table_dir = paths.join(partial_dir, TABLE_DIR)
+  params_dir = paths.join(partial_dir, PARAMS_DIR)
   if pid == 0:
-    request_path = os.path.join(partial_dir, REQUEST_FILE)
+    request_path = paths.join(partial_dir, REQUEST_FILE)
     old = None
-    if os.path.isfile(request_path):
+    if paths.isfile(request_path):
       try:
         old = read_json(request_path)
       except (OSError, ValueError):
         old = None
-    if os.path.isdir(partial_dir) and old != request:
+    if paths.isdir(partial_dir) and old != request:
       logging.info('discarding the interrupted export %s: it was for %s, now exporting %s',
                    partial_dir, _describe(old), _describe(request))
-      shutil.rmtree(partial_dir)
-    elif os.path.isdir(partial_dir):
+      paths.rmtree(partial_dir)
+    elif paths.isdir(partial_dir):
       logging.info('resuming the interrupted export %s', partial_dir)
-    os.makedirs(partial_dir, exist_ok=True)
+    paths.makedirs(partial_dir)
     write_json_atomic(request_path, request)
-    fgram_set.save(os.path.join(partial_dir, FGRAMS_FILE))
-    _copy_file_atomic(run.tokenizer.path, os.path.join(partial_dir, TOKENIZER_FILE))
-    write_json_atomic(os.path.join(partial_dir, MODEL_CONFIG_FILE),
+    fgram_set.save(paths.join(partial_dir, FGRAMS_FILE))
+    _copy_file_atomic(run.tokenizer.path, paths.join(partial_dir, TOKENIZER_FILE))
+    write_json_atomic(paths.join(partial_dir, MODEL_CONFIG_FILE),
                       model_config_json(cfg, trainer.model.config))
     open_table(table_dir, layout, create=True)
   multihost_utils.sync_global_devices('scone_export_prepared')
 
   # Orbax writes into a temporary directory and renames it, so a params/ that exists is whole.
-  if not os.path.isdir(params_dir):
+  if not paths.isdir(params_dir):
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(params_dir, _main_params(trainer.params))
       ckptr.wait_until_finished()
@@ -351,7 +348,7 @@ def _write_rows(trainer, fgram_set, layout, table_dir, partial_dir, request,
     s, fut, digest = pending.pop(0)
     fut.result()
     progress['done'][str(s)] = {
-        'sha256': digest, 'bytes': os.path.getsize(layout.shard_file(table_dir, s))}
+        'sha256': digest, 'bytes': paths.getsize(layout.shard_file(table_dir, s))}
     # Recorded only once the shard is on disk: a crash before this redoes the shard.
     write_json_atomic(_progress_path(partial_dir, pid), progress)
     lo, hi = layout.shard_range(s)
@@ -406,7 +403,7 @@ def _finalise(partial_dir, export_dir, request, layout) -> dict:
   if missing:
     raise RuntimeError(f'export: shards {missing[:5]} of {layout.num_shards} were not written; '
                        're-run --mode=export to finish them.')
-  table_dir = os.path.join(partial_dir, TABLE_DIR)
+  table_dir = paths.join(partial_dir, TABLE_DIR)
   store = open_table(table_dir)
   digests = []
   for s in range(layout.num_shards):
@@ -417,7 +414,7 @@ def _finalise(partial_dir, export_dir, request, layout) -> dict:
                          f'{got[:12]} but {done[s]["sha256"][:12]} was written; the disk or '
                          f'filesystem lost data. Delete {partial_dir} and re-run --mode=export.')
     digests.append(got)
-  params_dir = os.path.join(partial_dir, PARAMS_DIR)
+  params_dir = paths.join(partial_dir, PARAMS_DIR)
   meta = dict(request)
   meta.update({
       'request': request,
@@ -429,21 +426,24 @@ def _finalise(partial_dir, export_dir, request, layout) -> dict:
       'shard_sha256': digests,
       'shard_bytes': [int(done[s]['bytes']) for s in range(layout.num_shards)],
       'params_sha256': file_tree_digest(params_dir),
-      'model_config_sha256': file_digest(os.path.join(partial_dir, MODEL_CONFIG_FILE)),
+      'model_config_sha256': file_digest(paths.join(partial_dir, MODEL_CONFIG_FILE)),
   })
-  write_json_atomic(os.path.join(partial_dir, METADATA_FILE), meta)
-  if os.path.exists(export_dir):
+  write_json_atomic(paths.join(partial_dir, METADATA_FILE), meta)
+  if paths.exists(export_dir):
     # Two renames: in between, export_dir is absent (refused), never half-written.
     old = f'{export_dir}.old{os.getpid()}'
-    os.replace(export_dir, old)
-    os.replace(partial_dir, export_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    paths.replace(export_dir, old)
+    paths.replace(partial_dir, export_dir)
+    try:
+      paths.rmtree(old)
+    except OSError as e:
+      logging.warning('could not remove the replaced export %s (%s)', old, e)
   else:
-    os.replace(partial_dir, export_dir)
+    paths.replace(partial_dir, export_dir)
   # Progress files go only after the rename: a crash before it resumes with nothing to redo.
-  for name in os.listdir(export_dir):
+  for name in paths.listdir(export_dir):
     if name.startswith('progress.') or name == REQUEST_FILE:
-      os.remove(os.path.join(export_dir, name))
+      paths.remove(paths.join(export_dir, name))
   logging.info('export: verified %d shards and wrote %s (%.1fs)', layout.num_shards,
-               os.path.join(export_dir, METADATA_FILE), time.time() - t0)
+               paths.join(export_dir, METADATA_FILE), time.time() - t0)
   return meta

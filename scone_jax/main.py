@@ -75,6 +75,13 @@ def main(argv):
   logging.use_absl_handler()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   mode = _MODE.value
+  from scone_jax import paths  # pylint: disable=g-import-not-at-top
+  for flag in (_WORKDIR, _EXPORT_DIR):
+    if flag.value:
+      try:
+        paths.check(flag.value)
+      except ValueError as e:
+        raise app.UsageError(f'--{flag.name}={flag.value}: {e}') from None
 
   if mode == 'generate' or (mode == 'eval' and _EXPORT_DIR.value and not _WORKDIR.value):
     from scone_jax import serving  # pylint: disable=g-import-not-at-top
@@ -108,7 +115,7 @@ def main(argv):
     artifacts.write_config(cfg, workdir)
     run = artifacts.prepare_run(cfg, workdir)
     print(artifacts.fgram_summary(run.fgram_set, run.tokenizer), end='')
-    print(f'wrote {os.path.join(workdir, artifacts.FGRAMS_FILE)}')
+    print(f'wrote {paths.join(workdir, artifacts.FGRAMS_FILE)}')
   elif mode == 'train':
     artifacts.write_config(cfg, workdir)
     run = artifacts.prepare_run(cfg, workdir)
@@ -126,7 +133,7 @@ def main(argv):
   elif mode == 'export':
     from scone_jax import export  # pylint: disable=g-import-not-at-top
     run = artifacts.prepare_run(cfg, workdir)
-    export_dir = _EXPORT_DIR.value or os.path.join(workdir, 'export')
+    export_dir = _EXPORT_DIR.value or paths.join(workdir, 'export')
     summary = export.export(cfg, workdir, run, export_dir)
     print(json.dumps(summary))
 

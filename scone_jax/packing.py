@@ -32,13 +32,15 @@ process p takes rows [p * B/P, (p+1) * B/P) of each global batch.
 """
 import dataclasses
 import hashlib
+import io
 import json
 import logging
-import os
 import time
 from typing import Iterator, Optional
 
 import numpy as np
+
+from scone_jax import paths
 
 BOS_ID = 0
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask', 'fgram_ids',
@@ -90,19 +92,17 @@ def documents_digest(docs) -> str:
 
 
 def _save_npz(path: str, **arrays):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  # A per-process temporary name, then an atomic rename: several hosts may write at once.
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  paths.makedirs(paths.dirname(paths.abspath(path)))
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  paths.atomic_write(path, buf.getvalue())
 
 
 def _load_npz(path: str, meta: dict) -> Optional[dict]:
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     return None
   try:
-    with np.load(path) as z:
+    with np.load(io.BytesIO(paths.read_bytes(path))) as z:
       if json.loads(str(z['meta'])) != meta:
         return None
       return {k: z[k] for k in z.files}
@@ -151,8 +151,8 @@ def prepare_split(docs, tokenizer, fgram_set=None, *, cache_dir: Optional[str] =
   full_key = hashlib.sha256(json.dumps(full_meta, sort_keys=True).encode()).hexdigest()[:16]
   tok_path = full_path = None
   if cache_dir:
-    tok_path = os.path.join(cache_dir, f'{name}-tokens-{tok_key}.npz')
-    full_path = os.path.join(cache_dir, f'{name}-matched-{full_key}.npz')
+    tok_path = paths.join(cache_dir, f'{name}-tokens-{tok_key}.npz')
+    full_path = paths.join(cache_dir, f'{name}-matched-{full_key}.npz')
     cached = _load_npz(full_path, full_meta)
     if cached is not None:
       logging.info('%s: %d documents, %d tokens from cache %s', name, len(docs),

@@ -17,7 +17,6 @@ that never completed; each message says what to do.
 """
 import dataclasses
 import logging
-import os
 import time
 from typing import Optional, Sequence
 
@@ -30,6 +29,7 @@ import orbax.checkpoint as ocp
 
 from scone_jax import corpus
 from scone_jax import packing
+from scone_jax import paths
 from scone_jax import fgrams as fgrams_lib
 from scone_jax import model as model_lib
 from scone_jax import metrics
@@ -183,7 +183,7 @@ def restore_params(params_dir: str, model, device=None):
   target = _abstract_params(model, device)
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(os.path.abspath(params_dir), target)
+      return ckptr.restore(paths.abspath(params_dir), target)
   except Exception as e:  # orbax raises many kinds for a tree or shape mismatch
     raise ValueError(f'{params_dir} does not hold this model\'s parameters ({type(e).__name__}:'
                      f' {str(e)[:300]}); re-run --mode=export.') from e
@@ -205,11 +205,11 @@ def load(export_dir: str, table_storage: str = 'ram', *, cache_rows: int = 1 << 
   if table_storage not in STORAGES:
     raise ValueError(f'table_storage={table_storage!r}; use one of {", ".join(STORAGES)}.')
   t0 = time.time()
-  export_dir = os.path.abspath(export_dir)
+  export_dir = paths.abspath(export_dir)
   meta = table_lib.read_metadata(export_dir)
 
   def path(name):
-    return os.path.join(export_dir, name)
+    return paths.join(export_dir, name)
 
   tokenizer = corpus.Tokenizer(path(table_lib.TOKENIZER_FILE))
   if tokenizer.fingerprint != meta['tokenizer_fingerprint']:
@@ -239,7 +239,7 @@ def load(export_dir: str, table_storage: str = 'ram', *, cache_rows: int = 1 << 
                      f'f-grams of width {full_config.d_model}; re-run --mode=export.')
   for s in range(layout.num_shards):
     f = layout.shard_file(table_dir, s)
-    size = os.path.getsize(f) if os.path.isfile(f) else -1
+    size = paths.getsize(f) if paths.isfile(f) else -1
     if size != meta['shard_bytes'][s]:
       raise ValueError(f'table shard file {f} has {size if size >= 0 else "no"} bytes, the '
                        f'export wrote {meta["shard_bytes"][s]}: the table is truncated or '

@@ -14,7 +14,6 @@ shard's rows as stored (little-endian, row-major).
 """
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import time
@@ -24,6 +23,8 @@ import jax.numpy as jnp
 import numba
 import numpy as np
 import tensorstore as ts
+
+from scone_jax import paths
 
 FORMAT_VERSION = 1
 PARTIAL_SUFFIX = '.partial'
@@ -62,22 +63,20 @@ def table_digest(shard_digests) -> str:
 def file_tree_digest(directory: str) -> str:
   """sha256 over every file under directory (relative path, size, content), sorted by path."""
   h = hashlib.sha256()
-  paths = []
-  for root, _, files in os.walk(directory):
-    paths.extend(os.path.join(root, f) for f in files)
-  for path in sorted(paths, key=lambda p: os.path.relpath(p, directory)):
-    rel = os.path.relpath(path, directory).replace(os.sep, '/')
+  root = paths.as_epath(directory)
+  files = sorted((str(p.relative_to(root)).replace(os.sep, '/'), p)
+                 for p in root.rglob('*') if not p.is_dir())
+  for rel, p in files:
+    data = p.read_bytes()
     h.update(rel.encode('utf-8') + b'\0')
-    h.update(str(os.path.getsize(path)).encode() + b'\0')
-    with open(path, 'rb') as f:
-      for block in iter(lambda: f.read(1 << 22), b''):
-        h.update(block)
+    h.update(str(len(data)).encode() + b'\0')
+    h.update(data)
   return h.hexdigest()
 
 
 def file_digest(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with paths.open(path, 'rb') as f:
     for block in iter(lambda: f.read(1 << 22), b''):
       h.update(block)
   return h.hexdigest()
@@ -108,7 +107,7 @@ class TableLayout:
 
   def shard_file(self, table_dir: str, s: int) -> str:
     # zarr3 default chunk key encoding: c/<row block>/<column block>.
-    return os.path.join(table_dir, 'c', str(s), '0')
+    return paths.join(table_dir, 'c', str(s), '0')
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -131,7 +130,7 @@ def make_layout(num_rows: int, dim: int, dtype: str, rows_per_chunk: int,
 
 def table_spec(table_dir: str, layout: Optional[TableLayout] = None) -> dict:
   """tensorstore spec of the table; with a layout, the zarr3 metadata to create it."""
-  spec = {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.abspath(table_dir)}}
+  spec = {'driver': 'zarr3', 'kvstore': paths.kvstore_spec(table_dir)}
   if layout is not None:
     little = {'name': 'bytes', 'configuration': {'endian': 'little'}}
     spec['metadata'] = {
@@ -166,16 +165,8 @@ def open_table(table_dir: str, layout: Optional[TableLayout] = None, *, create=F
   return ts.open(spec, open=True, context=context).result()
 
 
-def write_json_atomic(path: str, obj) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+write_json_atomic = paths.write_json_atomic
+read_json = paths.read_json
 
 
 
@@ -286,6 +277,9 @@ def mmap_table(store, meta, path, verify, table_dir) -> np.ndarray:
   dtype = np.dtype(jnp.dtype(layout.dtype))
   bits_dtype = as_bits(np.zeros(1, dtype)).dtype
   sidecar = path + '.json'
+  if paths.is_cloud(path):
+    raise ValueError(f'{path}: a memory-mapped table needs a local file; pass '
+                     'mmap_path=LOCAL_FILE or use table_storage=ram or tensorstore.')
   fresh = False
   if os.path.isfile(path) and os.path.isfile(sidecar):
     try:
@@ -306,8 +300,7 @@ def mmap_table(store, meta, path, verify, table_dir) -> np.ndarray:
     out.flush()
     del out
     os.replace(tmp, path)
-    write_json_atomic(sidecar, {'table_sha256': meta['table_sha256'],
-                                           'dtype': layout.dtype})
+    write_json_atomic(sidecar, {'table_sha256': meta['table_sha256'], 'dtype': layout.dtype})
     fresh = True
     logging.info('materialised the table as %s (%.1f MB, %.1fs)', path,
                  layout.num_rows * layout.dim * dtype.itemsize / 1e6, time.time() - t0)
@@ -332,15 +325,15 @@ _PIECES = (
 
 def read_metadata(export_dir: str) -> dict:
   """The export's metadata; refuses a missing, incomplete or interrupted export."""
-  export_dir = os.path.abspath(export_dir)
+  export_dir = paths.abspath(export_dir)
   partial = export_dir + PARTIAL_SUFFIX
-  if not os.path.isdir(export_dir):
-    if os.path.isdir(partial):
+  if not paths.isdir(export_dir):
+    if paths.isdir(partial):
       raise ValueError(f'no export at {export_dir}, only the interrupted one at {partial}: '
                        're-run --mode=export with the same config and workdir to finish it.')
     raise FileNotFoundError(f'no export at {export_dir}; create one with --mode=export.')
-  meta_path = os.path.join(export_dir, METADATA_FILE)
-  if not os.path.isfile(meta_path):
+  meta_path = paths.join(export_dir, METADATA_FILE)
+  if not paths.isfile(meta_path):
     raise ValueError(f'{export_dir} has no {METADATA_FILE}: the export did not '
                      'complete (interrupted, or copied part way); re-run --mode=export.')
   try:
@@ -352,7 +345,7 @@ def read_metadata(export_dir: str) -> dict:
     raise ValueError(f'{export_dir} has export format {version}, this scone_jax reads '
                      f'{FORMAT_VERSION}; re-export with this version.')
   for name, what in _PIECES:
-    if not os.path.exists(os.path.join(export_dir, name)):
+    if not paths.exists(paths.join(export_dir, name)):
       raise FileNotFoundError(f'{export_dir} lacks {name} ({what}); the export is incomplete '
                               'or was altered: re-run --mode=export.')
   return meta

@@ -1,0 +1,211 @@
+"""The one IO layer: every path scone_jax reads or writes, local or `gs://`, goes through here.
+
+Built on `etils.epath` (what orbax uses), so the same calls work on a local disk and on
+Cloud Storage. A path is a string: a local path or `gs://bucket/key`. Any other URL scheme
+(`s3://`, `hdfs://`, a mistyped `gs:/b`) fails with one clear error instead of becoming a
+local directory with a colon in its name. Writes that must never be seen half done go
+through `atomic_write`: a local file is written to a temporary name beside it, fsynced and
+renamed; a Cloud Storage object is uploaded whole, which is atomic by itself.
+tensorstore gets its kvstore spec from `kvstore_spec`, so the table follows the same rule.
+"""
+import builtins
+import contextlib
+import json
+import os
+import posixpath
+import re
+import shutil
+from typing import Iterator, Union
+
+from etils import epath
+
+CLOUD_SCHEMES = ('gs',)
+_URL = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*):(//)?')
+
+PathLike = Union[str, os.PathLike]
+
+
+def check(path: PathLike) -> str:
+  """The path as a string; ValueError for a URL scheme this project cannot read or write."""
+  path = os.fspath(path)
+  m = _URL.match(path)
+  if m and not (len(m.group(1)) == 1 and os.name == 'nt'):  # not a Windows drive letter
+    scheme = m.group(1).lower()
+    if scheme not in CLOUD_SCHEMES or not m.group(2):
+      raise ValueError(f'{path}: unsupported path; use a local path or '
+                       f'{" or ".join(s + "://bucket/..." for s in CLOUD_SCHEMES)}.')
+  return path
+
+
+def is_cloud(path: PathLike) -> bool:
+  return _URL.match(check(path)) is not None
+
+
+def as_epath(path: PathLike) -> epath.Path:
+  return epath.Path(check(path))
+
+
+def join(path: PathLike, *parts: str) -> str:
+  path = check(path)
+  return posixpath.join(path, *parts) if is_cloud(path) else os.path.join(path, *parts)
+
+
+def abspath(path: PathLike) -> str:
+  path = check(path)
+  return path if is_cloud(path) else os.path.abspath(path)
+
+
+def basename(path: PathLike) -> str:
+  return as_epath(path).name
+
+
+def dirname(path: PathLike) -> str:
+  path = check(path)
+  return posixpath.dirname(path) if is_cloud(path) else os.path.dirname(path)
+
+
+def exists(path: PathLike) -> bool:
+  return as_epath(path).exists()
+
+
+def isfile(path: PathLike) -> bool:
+  p = as_epath(path)
+  return p.exists() and not p.is_dir()
+
+
+def isdir(path: PathLike) -> bool:
+  return as_epath(path).is_dir()
+
+
+def makedirs(path: PathLike) -> str:
+  as_epath(path).mkdir(parents=True, exist_ok=True)
+  return check(path)
+
+
+def listdir(path: PathLike) -> list[str]:
+  return sorted(p.name for p in as_epath(path).iterdir())
+
+
+def getsize(path: PathLike) -> int:
+  path = check(path)
+  if not is_cloud(path):
+    return os.path.getsize(path)
+  return as_epath(path).stat().length
+
+
+def remove(path: PathLike) -> None:
+  as_epath(path).unlink()
+
+
+def rmtree(path: PathLike) -> None:
+  path = check(path)
+  if is_cloud(path):
+    as_epath(path).rmtree()
+  else:
+    shutil.rmtree(path)
+
+
+def replace(src: PathLike, dst: PathLike) -> None:
+  """Renames src to dst, replacing dst (atomic on a local filesystem)."""
+  src, dst = check(src), check(dst)
+  if is_cloud(src) or is_cloud(dst):
+    as_epath(src).rename(dst)
+  else:
+    os.replace(src, dst)
+
+
+def copy(src: PathLike, dst: PathLike) -> None:
+  """Copies a file atomically: dst is either absent or whole."""
+  src, dst = check(src), check(dst)
+  if not is_cloud(src) and not is_cloud(dst):
+    tmp = _tmp_name(dst)
+    try:
+      shutil.copyfile(src, tmp)
+      os.replace(tmp, dst)
+    finally:
+      _discard(tmp)
+    return
+  atomic_write(dst, read_bytes(src))
+
+
+def glob(pattern: str) -> list[str]:
+  """Files matching a glob (local or gs://), sorted."""
+  pattern = check(pattern)
+  if not is_cloud(pattern):
+    import glob as glob_lib  # pylint: disable=g-import-not-at-top
+    return sorted(glob_lib.glob(pattern))
+  m = re.match(r'^(gs://[^/*?\[]+)/(.*)$', pattern)
+  if not m:
+    raise ValueError(f'{pattern}: a gs:// glob needs a bucket without wildcards.')
+  return sorted(str(p) for p in epath.Path(m.group(1)).glob(m.group(2)))
+
+
+@contextlib.contextmanager
+def open(path: PathLike, mode: str = 'r', **kwargs) -> Iterator:  # pylint: disable=redefined-builtin
+  """Opens a file for reading or (non-atomic) writing; prefer atomic_write for outputs."""
+  with as_epath(path).open(mode, **kwargs) as f:
+    yield f
+
+
+def read_bytes(path: PathLike) -> bytes:
+  return as_epath(path).read_bytes()
+
+
+def read_text(path: PathLike, encoding: str = 'utf-8') -> str:
+  return as_epath(path).read_text(encoding=encoding)
+
+
+def read_json(path: PathLike):
+  return json.loads(read_text(path))
+
+
+def _tmp_name(path: str) -> str:
+  return f'{path}.tmp{os.getpid()}'
+
+
+def _discard(tmp: str) -> None:
+  try:
+    os.remove(tmp)
+  except FileNotFoundError:
+    pass
+
+
+def atomic_write(path: PathLike, data: Union[bytes, str]) -> str:
+  """Writes data to path so that readers see the old file or the new one, never a part.
+
+  Local: a per-process temporary name in the same directory (several hosts may write the
+  same file), fsync, rename; the temporary file is removed if anything fails (a full disk
+  leaves the previous file intact). gs://: one object upload, atomic by itself.
+  """
+  path = check(path)
+  payload = data.encode('utf-8') if isinstance(data, str) else data
+  if is_cloud(path):
+    as_epath(path).write_bytes(payload)
+    return path
+  tmp = _tmp_name(path)
+  try:
+    with builtins.open(tmp, 'wb') as f:
+      f.write(payload)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    _discard(tmp)
+  return path
+
+
+def write_json_atomic(path: PathLike, obj, **kwargs) -> str:
+  kwargs.setdefault('indent', 2)
+  kwargs.setdefault('sort_keys', True)
+  return atomic_write(path, json.dumps(obj, **kwargs))
+
+
+def kvstore_spec(path: PathLike) -> dict:
+  """tensorstore kvstore for a directory: `file`, or `gcs` for gs://bucket/key."""
+  path = check(path)
+  if is_cloud(path):
+    bucket, _, key = path[len('gs://'):].partition('/')
+    if not bucket:
+      raise ValueError(f'{path}: no bucket name.')
+    return {'driver': 'gcs', 'bucket': bucket, 'path': key.rstrip('/') + '/'}
+  return {'driver': 'file', 'path': os.path.abspath(path)}
