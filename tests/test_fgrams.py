@@ -1,45 +1,14 @@
-"""Tests of scone_jax.fgrams against brute-force references written here."""
-import collections
+"""Tests of scone_jax.fgrams against the brute-force references of tests/reference.py."""
 import os
 import pickle
 
 import numpy as np
 import pytest
+from reference import reference_extract
+from reference import reference_match
 
 from scone_jax import fgrams
 from scone_jax.fgrams import extraction
-
-
-# ---------------------------------------------------------------------------
-# Brute-force references (independent of the code under test).
-
-
-def reference_extract(documents, max_len, min_count, num_fgrams):
-  """[(tuple, count)] ranked by (count desc, tuple asc), first num_fgrams."""
-  counter = collections.Counter()
-  for doc in documents:
-    doc = [int(t) for t in doc]
-    for n in range(2, max_len + 1):
-      for i in range(len(doc) - n + 1):
-        counter[tuple(doc[i:i + n])] += 1
-  ranked = sorted(((g, c) for g, c in counter.items() if c >= min_count),
-                  key=lambda gc: (-gc[1], gc[0]))
-  return ranked[:num_fgrams]
-
-
-def reference_match(tokens, ngram_to_id, max_len):
-  ids, lens = [], []
-  tokens = [int(t) for t in tokens]
-  for i in range(len(tokens)):
-    fid, flen = -1, 1
-    for n in range(min(max_len, i + 1), 1, -1):
-      g = tuple(tokens[i - n + 1:i + 1])
-      if g in ngram_to_id:
-        fid, flen = ngram_to_id[g], n
-        break
-    ids.append(fid)
-    lens.append(flen)
-  return np.array(ids, np.int32), np.array(lens, np.int32)
 
 
 def as_list(s):
