@@ -15,7 +15,6 @@ Measures, in one run (these machines are noisy, so read the ratios):
 The last line printed is one JSON object with every figure.
 """
 import argparse
-import collections
 import json
 import os
 import platform
@@ -27,9 +26,14 @@ import time
 import numba
 import numpy as np
 
-# Run as a script: the checkout's root holds scone_jax and experiments.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script: the checkout's root holds scone_jax and experiments; tests/ holds the
+# brute-force references the tests use.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.join(_ROOT, 'tests'))
 from experiments import machine  # pylint: disable=g-import-not-at-top
+from reference import reference_extract  # pylint: disable=g-import-not-at-top
+from reference import reference_match  # pylint: disable=g-import-not-at-top
 from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
 
 
@@ -71,32 +75,6 @@ def subsample(docs, num_tokens):
   return out, total
 
 
-def bruteforce_extract(docs, max_len, min_count, num_fgrams):
-  counter = collections.Counter()
-  for doc in docs:
-    doc = doc.tolist()
-    for n in range(2, max_len + 1):
-      counter.update(tuple(doc[i:i + n]) for i in range(len(doc) - n + 1))
-  ranked = sorted(((g, c) for g, c in counter.items() if c >= min_count),
-                  key=lambda gc: (-gc[1], gc[0]))
-  return ranked[:num_fgrams]
-
-
-def bruteforce_match(doc, lookup, max_len):
-  doc = doc.tolist()
-  ids, lens = [], []
-  for i in range(len(doc)):
-    fid, flen = -1, 1
-    for n in range(min(max_len, i + 1), 1, -1):
-      g = lookup.get(tuple(doc[i - n + 1:i + 1]))
-      if g is not None:
-        fid, flen = g, n
-        break
-    ids.append(fid)
-    lens.append(flen)
-  return ids, lens
-
-
 def time_best(fn, reps):
   best, out = float('inf'), None
   for _ in range(reps):
@@ -125,9 +103,9 @@ def measure_set(name, fset, docs, num_tokens, args, results, bf_docs=None, bf_to
   if bf_docs is not None:
     lookup = {fset.ngram(i): i for i in range(len(fset))}
     t0 = time.perf_counter()
-    bf = [bruteforce_match(d, lookup, fset.max_len) for d in bf_docs]
+    bf = [reference_match(d, lookup, fset.max_len) for d in bf_docs]
     bf_rate = bf_tokens / (time.perf_counter() - t0)
-    agree = all(bf_ids == got[0].tolist() and bf_lens == got[1].tolist()
+    agree = all(np.array_equal(bf_ids, got[0]) and np.array_equal(bf_lens, got[1])
                 for (bf_ids, bf_lens), got in zip(bf, fset.match_many(bf_docs)))
     print(f'  match [{name}] brute force (dict per token, {bf_tokens} tokens): '
           f'{bf_rate / 1e6:.3f}M tokens/s; speedup {rate / bf_rate:.0f}x; agree={agree}')
@@ -151,7 +129,7 @@ def bench_extract(name, docs, num_tokens, args, results, num_fgrams):
   results[f'extract_s{name and "_" + name}'] = secs
   bf_docs, bf_tokens = subsample(docs, args.bruteforce_tokens)
   t0 = time.perf_counter()
-  want = bruteforce_extract(bf_docs, args.max_len, args.min_count, num_fgrams)
+  want = reference_extract(bf_docs, args.max_len, args.min_count, num_fgrams)
   bf_rate = bf_tokens / (time.perf_counter() - t0)
   got = fgrams.extract(bf_docs, max_len=args.max_len, min_count=args.min_count,
                        num_fgrams=num_fgrams, progress=False)

@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import time
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -99,6 +99,34 @@ def _blank_line_documents(text: str) -> list[str]:
   return [p.strip('\n') for p in parts if p.strip()]
 
 
+def split_text_documents(text: str) -> list[str]:
+  r"""The documents of a plain-text file's contents; every reader of text files uses this.
+
+  Newlines as Python's text mode reads them ('\r\n' and a lone '\r' become '\n'), then
+  blocks separated by one or more blank lines (empty, or only ' \t\r\f\v'); a block loses
+  its leading / trailing '\n' and is dropped if it is only whitespace.
+  """
+  return _blank_line_documents(text.replace('\r\n', '\n').replace('\r', '\n'))
+
+
+def parse_jsonl_record(line: str, where: str) -> Optional[dict]:
+  """One line of a .jsonl file -> its object (with a string "text"), None if blank.
+
+  `where` names the line in error messages, e.g. 'path:lineno'.
+  """
+  if not line.strip():
+    return None
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{where} is not valid JSON ({e}); .jsonl files hold '
+                     'one {"text": ...} object per line.') from None
+  if not isinstance(record, dict) or not isinstance(record.get('text'), str):
+    raise ValueError(f'{where} has no string "text" field; .jsonl files '
+                     'hold one {"text": ...} object per line.')
+  return record
+
+
 def read_text_documents(paths: Iterable[str]) -> list[Document]:
   """Reads documents from files: `.jsonl` ({"text": ...} per line) or blank-line text.
 
@@ -111,22 +139,13 @@ def read_text_documents(paths: Iterable[str]) -> list[Document]:
     if path.endswith('.jsonl'):
       with open(path, encoding='utf-8') as f:
         for lineno, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise ValueError(f'{path}:{lineno} is not valid JSON ({e}); .jsonl files hold '
-                             'one {"text": ...} object per line.') from None
-          if not isinstance(record, dict) or not isinstance(record.get('text'), str):
-            raise ValueError(f'{path}:{lineno} has no string "text" field; .jsonl files '
-                             'hold one {"text": ...} object per line.')
-          if record['text']:
+          record = parse_jsonl_record(line, f'{path}:{lineno}')
+          if record is not None and record['text']:
             docs.append(Document(str(record.get('id', f'{base}#{lineno}')), record['text']))
     else:
       with open(path, encoding='utf-8') as f:
         text = f.read()
-      docs.extend(Document(f'{base}#{i}', t) for i, t in enumerate(_blank_line_documents(text)))
+      docs.extend(Document(f'{base}#{i}', t) for i, t in enumerate(split_text_documents(text)))
   return docs
 
 

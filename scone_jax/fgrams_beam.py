@@ -18,12 +18,12 @@ live in this module.
 Inputs (`input_format`):
   'text'    UTF-8 files, optionally compressed (.gz/.bz2/... by extension), each read
             whole by one worker. Documents are blocks separated by one or more blank
-            lines, the rule of `corpus.read_text_documents`: '\\r\\n', '\\r' -> '\\n'; a blank
-            line is empty or only ' \\t\\r\\f\\v'; a block loses leading/trailing '\\n'
-            and is dropped when only whitespace; inner lines are kept as they are.
-            Documents never span files. `split_blank_line_documents` is the rule.
+            lines, split by `corpus.split_text_documents` (the in-process reader's rule):
+            '\\r\\n', '\\r' -> '\\n'; a blank line is empty or only ' \\t\\r\\f\\v'; a block
+            loses leading/trailing '\\n' and is dropped when only whitespace; inner lines
+            are kept as they are. Documents never span files.
   'jsonl'   one JSON object per line; its "text" field is one document; blank lines
-            are skipped.
+            are skipped (`corpus.parse_jsonl_record`).
   'tokens'  `.npz` shards holding `tokens` (int32, all documents concatenated) and
             `offsets` (int64, num_docs + 1); `write_token_shards` writes them.
 Text is tokenized by SentencePiece (`encode(text)`, ids as encoded, nothing appended),
@@ -98,6 +98,7 @@ from apache_beam.runners.runner import PipelineState
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from scone_jax import corpus
 from scone_jax import fgrams
 
 INPUT_FORMATS = ('text', 'jsonl', 'tokens')
@@ -111,34 +112,20 @@ _LOCAL_RUNNERS = ('direct', 'switchingdirect', 'bundlebaseddirect', 'prism', 'fn
 # ----------------------------------------------------------------------------- inputs
 
 
-# Same rule as corpus.read_text_documents (the in-process reader), so in-process and Beam
-# extraction see the same documents; tests/test_fgrams_beam.py checks the two agree.
-_BLANK_LINES_RE = re.compile(r'\n[ \t\r\f\v]*\n(?:[ \t\r\f\v]*\n)*')
-
-
-def split_blank_line_documents(text: str) -> list[str]:
-  r"""The documents of one file's text: blocks separated by one or more blank lines.
-
-  '\r\n' becomes '\n'; a blank line is empty or holds only ' \t\r\f\v'; each block
-  loses its leading / trailing '\n' and is dropped if it is only whitespace.
-  """
-  parts = _BLANK_LINES_RE.split(text.replace('\r\n', '\n'))
-  return [part.strip('\n') for part in parts if part.strip()]
-
-
-def _read_utf8(f, path: str) -> str:
+def _text_documents(f, path: str) -> list[str]:
+  # corpus's rule, so in-process and Beam extraction see the same documents
+  # (tests/test_fgrams_beam.py checks that the two readers agree).
   try:
     text = f.read().decode('utf-8')
   except UnicodeDecodeError as e:
     raise ValueError(f'{path} is not valid UTF-8 ({e}); text inputs must be UTF-8') from e
-  # Python's text mode (universal newlines), as the in-process reader opens files.
-  return text.replace('\r\n', '\n').replace('\r', '\n')
+  return corpus.split_text_documents(text)
 
 
 def read_text_documents(path: str) -> list[str]:
   """The documents of one text file (any Beam filesystem), as the 'text' pipeline reads them."""
   with FileSystems.open(path, mime_type='application/octet-stream') as f:
-    return split_blank_line_documents(_read_utf8(f, path))
+    return _text_documents(f, path)
 
 
 def _read_text_file(readable_file) -> list[str]:
@@ -146,21 +133,14 @@ def _read_text_file(readable_file) -> list[str]:
   # size a worker holds comfortably; many files parallelize, one file does not).
   path = readable_file.metadata.path
   with readable_file.open(mime_type='application/octet-stream') as f:
-    return split_blank_line_documents(_read_utf8(f, path))
+    return _text_documents(f, path)
 
 
 def _parse_jsonl_line(path_and_line) -> Iterator[str]:
   path, line = path_and_line
-  if not line.strip():
-    return
-  try:
-    obj = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path}: a line is not JSON ({e}): {line[:200]!r}') from e
-  if not isinstance(obj, dict) or not isinstance(obj.get('text'), str):
-    raise ValueError(f'{path}: every jsonl line must be an object with a string "text" '
-                     f'field; got {line[:200]!r}')
-  yield obj['text']
+  record = corpus.parse_jsonl_record(line, path)
+  if record is not None:
+    yield record['text']
 
 
 def _load_token_shard(data: bytes, path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -511,7 +491,7 @@ class _WriteShardFn(beam.DoFn):
     shard, (keys_M, counts_M) = shard_and_batch
     ngrams_MxK = np.full((keys_M.size, self._max_len), -1, np.int32)
     ngrams_MxK[:, :self._n] = _key_rows(keys_M, self._n)
-    order_M = rank_order(ngrams_MxK, counts_M)[:self._keep]
+    order_M = fgrams.rank_order(ngrams_MxK, counts_M)[:self._keep]
     buf = io.BytesIO()
     np.savez(buf, ngrams=ngrams_MxK[order_M], counts=counts_M[order_M])
     # A deterministic name: a retried bundle overwrites the file with the same rows.
@@ -520,12 +500,6 @@ class _WriteShardFn(beam.DoFn):
                             compression_type=CompressionTypes.UNCOMPRESSED) as f:
       f.write(buf.getvalue())
     yield path
-
-
-def rank_order(ngrams_MxK: np.ndarray, counts_M: np.ndarray) -> np.ndarray:
-  """Indices sorting rows by (count desc, token tuple asc); -1 padding sorts first."""
-  cols = tuple(ngrams_MxK[:, j] for j in reversed(range(ngrams_MxK.shape[1])))
-  return np.lexsort(cols + (-counts_M,))
 
 
 class CountFrequentNGrams(beam.PTransform):

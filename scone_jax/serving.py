@@ -23,7 +23,6 @@ from typing import Optional, Sequence
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
-import numba
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -47,64 +46,6 @@ _TOK, _POS, _FID, _VALID = range(4)
 
 
 # ----------------------------------------------------------------------------- host kernels
-# The f-gram set's own numba probe and hash (private to fgrams.py), so that matching here is
-# exactly FGramSet.match_last_batch (the benchmark checks it), fused with the row gather.
-# pylint: disable=protected-access
-_longest_ending_at = fgrams_lib._longest_ending_at
-_hash_first = fgrams_lib._hash_first
-_hash_step = fgrams_lib._hash_step
-_hash_slot = fgrams_lib._hash_slot
-_prefetch = fgrams_lib._prefetch
-# pylint: enable=protected-access
-
-
-# Not cache=True: numba's on-disk cache would not notice changes to the fgrams.py helpers.
-@numba.njit(nogil=True)
-def _advance_kernel(state_BxC, new_B, flat, width, shift, max_len, rows_SxW, out_BxW, ints_Bx4):
-  """One decode step on the host, for every row: push the new token, match, gather.
-
-  state_BxC: int64 [B, K + 2] = the document's last K tokens (right-aligned), its length so
-  far, and the position the new token takes. ints_Bx4 gets (token, position, f-gram id or
-  -1, valid=1); out_BxW the matched rows (as unsigned ints of the row dtype's size). No
-  matching when max_len == 0; no gather when rows_SxW has no rows. Three passes so that the
-  cache misses of different rows overlap: prefetch the hash slots, match and prefetch the
-  rows, copy the rows.
-  """
-  num_rows, cols = state_BxC.shape
-  k = cols - 2
-  dim = rows_SxW.shape[1]
-  gather = rows_SxW.shape[0] > 0
-  rows_flat = rows_SxW.reshape(-1)
-  line = max(1, 64 // rows_SxW.itemsize)  # elements per cache line
-  for b in range(num_rows):
-    for j in range(k - 1):
-      state_BxC[b, j] = state_BxC[b, j + 1]
-    state_BxC[b, k - 1] = new_B[b]
-    state_BxC[b, k] += 1
-    if max_len > 0:
-      lim = min(max_len, min(state_BxC[b, k], k))
-      h = _hash_first(state_BxC[b, k - 1])
-      for n in range(2, lim + 1):
-        h = _hash_step(h, state_BxC[b, k - n])
-        _prefetch(flat, _hash_slot(h, shift) * width)
-  for b in range(num_rows):
-    fid = -1
-    if max_len > 0:
-      lim = min(max_len, min(state_BxC[b, k], k))
-      fid, _ = _longest_ending_at(state_BxC[b, :k], k - 1, lim, flat, width, shift)
-    ints_Bx4[b, 0] = new_B[b]
-    ints_Bx4[b, 1] = state_BxC[b, k + 1]
-    ints_Bx4[b, 2] = fid
-    ints_Bx4[b, 3] = 1
-    state_BxC[b, k + 1] += 1
-    if gather and fid >= 0:
-      for j in range(0, dim, line):
-        _prefetch(rows_flat, fid * dim + j)
-  if gather:
-    for b in range(num_rows):
-      fid = ints_Bx4[b, 2]
-      if fid >= 0:
-        out_BxW[b, :] = rows_SxW[fid, :]
 
 
 # ----------------------------------------------------------------------------- decode lookups
@@ -151,7 +92,7 @@ class DecodeLookup:
 
   def advance(self, tokens_B: np.ndarray):
     """Pushes one token per row; returns the (rows, ints) buffers for the next step."""
-    _advance_kernel(self.state, tokens_B, *self._args)
+    fgrams_lib.advance_matches(self.state, tokens_B, *self._args)
     if self._read_rows:  # tensorstore: read the matched rows
       matched = self.ints[:, _FID] >= 0
       if matched.any():

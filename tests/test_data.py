@@ -1,13 +1,15 @@
 """Input pipelines: prepared splits, packing, the numpy Loader, the seqio path, dedupe.
 
 References here are written independently of scone_jax/packing.py: a per-position dict
-matcher and a token-by-token Python packer that follows the rule in packing.py's docstring.
+matcher (tests/reference.py) and a token-by-token Python packer that follows the rule in
+packing.py's docstring.
 """
-import collections
 import os
 
 import numpy as np
 import pytest
+from reference import reference_extract
+from reference import reference_match
 
 from scone_jax import corpus
 from scone_jax import packing
@@ -18,32 +20,8 @@ SEQ_LEN = 32
 MAX_LEN = 4
 
 
-def _brute_match(tokens, index, max_len):
-  tokens = [int(t) for t in tokens]
-  ids = np.full(len(tokens), -1, np.int32)
-  lengths = np.ones(len(tokens), np.int32)
-  for i in range(len(tokens)):
-    for n in range(min(max_len, i + 1), 1, -1):
-      g = tuple(tokens[i - n + 1:i + 1])
-      if g in index:
-        ids[i], lengths[i] = index[g], n
-        break
-  return ids, lengths
-
-
 def _make_fgram_set(ngrams, max_len):
   return fgrams.FGramSet.from_ngrams(ngrams, np.arange(len(ngrams), 0, -1), max_len)
-
-
-def _top_ngrams(docs_tokens, max_len, num):
-  counts = collections.Counter()
-  for toks in docs_tokens:
-    toks = [int(t) for t in toks]
-    for n in range(2, max_len + 1):
-      for i in range(len(toks) - n + 1):
-        counts[tuple(toks[i:i + n])] += 1
-  ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-  return [g for g, c in ranked[:num] if c >= 2]
 
 
 @pytest.fixture(scope='module')
@@ -63,7 +41,8 @@ def setup(tmp_path_factory):
                          model_path=path)
   tok = corpus.Tokenizer(path)
   docs_tokens = [tok.encode(d.text) for d in docs]
-  fgram_set = _make_fgram_set(_top_ngrams(docs_tokens, MAX_LEN, 60), MAX_LEN)
+  top = reference_extract(docs_tokens, MAX_LEN, min_count=2, num_fgrams=60)
+  fgram_set = _make_fgram_set([g for g, _ in top], MAX_LEN)
   return docs, tok, fgram_set, docs_tokens, root
 
 
@@ -72,7 +51,7 @@ def _reference_rows(docs_tokens, eos, ngrams_index, max_len, seq_len):
   stream = []
   for d, toks in enumerate(docs_tokens):
     x = [int(t) for t in toks] + [eos]
-    ids, lens = (_brute_match(x, ngrams_index, max_len) if ngrams_index is not None
+    ids, lens = (reference_match(x, ngrams_index, max_len) if ngrams_index is not None
                  else (np.full(len(x), -1), np.ones(len(x))))
     for j in range(len(x)):
       if j == 0:
@@ -90,7 +69,7 @@ def _reference_rows(docs_tokens, eos, ngrams_index, max_len, seq_len):
       seen.append(inp)
       if flen > pos + 1:
         # Same visible context as the baseline: only this segment's inputs in this row.
-        fid, flen = (int(v[-1]) for v in _brute_match(seen, ngrams_index, max_len))
+        fid, flen = (int(v[-1]) for v in reference_match(seen, ngrams_index, max_len))
       for k, v in zip(packing.BATCH_KEYS, (inp, tgt, seg, pos, 1, fid, flen)):
         row[k].append(v)
       pos += 1
@@ -126,7 +105,7 @@ def test_prepare_split_tokens_matches_and_cache(setup):
   for i, toks in enumerate(docs_tokens):
     np.testing.assert_array_equal(split.document(i), toks)
     assert split.document(i, with_eos=True)[-1] == tok.eos_id
-    ids, lens = _brute_match(split.document(i, with_eos=True), index, MAX_LEN)
+    ids, lens = reference_match(split.document(i, with_eos=True), index, MAX_LEN)
     a, b = split.offsets[i], split.offsets[i + 1]
     np.testing.assert_array_equal(split.fgram_ids[a:b], ids)
     np.testing.assert_array_equal(split.fgram_lengths[a:b], lens)

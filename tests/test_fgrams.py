@@ -1,44 +1,14 @@
-"""Tests of scone_jax.fgrams against brute-force references written here."""
-import collections
+"""Tests of scone_jax.fgrams against the brute-force references of tests/reference.py."""
 import os
 import pickle
 
 import numpy as np
 import pytest
+from reference import reference_extract
+from reference import reference_match
 
 from scone_jax import fgrams
-
-
-# ---------------------------------------------------------------------------
-# Brute-force references (independent of the code under test).
-
-
-def reference_extract(documents, max_len, min_count, num_fgrams):
-  """[(tuple, count)] ranked by (count desc, tuple asc), first num_fgrams."""
-  counter = collections.Counter()
-  for doc in documents:
-    doc = [int(t) for t in doc]
-    for n in range(2, max_len + 1):
-      for i in range(len(doc) - n + 1):
-        counter[tuple(doc[i:i + n])] += 1
-  ranked = sorted(((g, c) for g, c in counter.items() if c >= min_count),
-                  key=lambda gc: (-gc[1], gc[0]))
-  return ranked[:num_fgrams]
-
-
-def reference_match(tokens, ngram_to_id, max_len):
-  ids, lens = [], []
-  tokens = [int(t) for t in tokens]
-  for i in range(len(tokens)):
-    fid, flen = -1, 1
-    for n in range(min(max_len, i + 1), 1, -1):
-      g = tuple(tokens[i - n + 1:i + 1])
-      if g in ngram_to_id:
-        fid, flen = ngram_to_id[g], n
-        break
-    ids.append(fid)
-    lens.append(flen)
-  return np.array(ids, np.int32), np.array(lens, np.int32)
+from scone_jax.fgrams import extraction
 
 
 def as_list(s):
@@ -113,7 +83,7 @@ def test_extract_many_random_corpora():
 
 
 def test_extract_wide_key_fallback(monkeypatch):
-  monkeypatch.setattr(fgrams, '_WIDE_KEY_LIMIT', 10)
+  monkeypatch.setattr(extraction, '_WIDE_KEY_LIMIT', 10)
   rng = np.random.default_rng(7)
   docs = random_corpus(rng, 30, 80, 5, repetitive=True)
   got = fgrams.extract(docs, max_len=6, min_count=2, num_fgrams=500, progress=False)
@@ -121,7 +91,7 @@ def test_extract_wide_key_fallback(monkeypatch):
 
 
 def test_extract_small_chunks_and_generator(monkeypatch):
-  monkeypatch.setattr(fgrams, '_CHUNK_TOKENS', 7)
+  monkeypatch.setattr(extraction, '_CHUNK_TOKENS', 7)
   rng = np.random.default_rng(8)
   docs = random_corpus(rng, 40, 30, 4, repetitive=True)
   got = fgrams.extract((d for d in docs), max_len=4, min_count=2, num_fgrams=100,
@@ -281,6 +251,71 @@ def test_match_last_and_batch_agree_with_match():
   assert s.match_last_batch(ctx, np.array([1]))[0][0] == -1
   assert s.match_last_batch(ctx, np.array([0])) == (np.array([-1]), np.array([1]))
   assert s.match_last(np.array([], np.int32)) == (-1, 1)
+
+
+def _decode_ids(s, docs, num_rows, max_len, seed):
+  """The f-gram ids `fgrams.advance_matches` gives when rows decode `docs` one token per step.
+
+  Row b decodes documents b, b + num_rows, ... one after the other; a document starts by
+  setting the row's length and position to 0, leaving the previous document's tokens in the
+  row (they must not be used). Also checks the token / position / valid columns and the
+  gather: matched rows get their f-gram's row, the others keep what they held.
+  """
+  rng = np.random.default_rng(seed)
+  k = s.max_len
+  t = s.table
+  rows_SxW = rng.integers(0, 2**32, (len(s), 3), dtype=np.uint32)
+  queues = [[(d, i) for d in range(b, len(docs), num_rows) for i in range(len(docs[d]))]
+            for b in range(num_rows)]
+  state_BxC = np.zeros((num_rows, k + 2), np.int64)
+  ints_Bx4 = np.zeros((num_rows, 4), np.int32)
+  got = [np.full(len(doc), -2, np.int64) for doc in docs]
+  for step in range(max([len(q) for q in queues] + [0])):
+    new_B = rng.integers(0, 100, num_rows)  # idle rows decode noise, never read
+    for b, q in enumerate(queues):
+      if step < len(q):
+        d, i = q[step]
+        new_B[b] = docs[d][i]
+        if i == 0:
+          state_BxC[b, k:] = 0
+    before_BxW = rng.integers(0, 2**32, (num_rows, 3), dtype=np.uint32)
+    out_BxW = before_BxW.copy()
+    fgrams.advance_matches(state_BxC, new_B, t.flat, t.width, t.shift, max_len, rows_SxW,
+                           out_BxW, ints_Bx4)
+    np.testing.assert_array_equal(ints_Bx4[:, 0], new_B)
+    np.testing.assert_array_equal(ints_Bx4[:, 3], 1)
+    fid_B = ints_Bx4[:, 2]
+    np.testing.assert_array_equal(out_BxW[fid_B < 0], before_BxW[fid_B < 0])
+    np.testing.assert_array_equal(out_BxW[fid_B >= 0], rows_SxW[fid_B[fid_B >= 0]])
+    for b, q in enumerate(queues):
+      if step < len(q):
+        d, i = q[step]
+        assert ints_Bx4[b, 1] == i
+        got[d][i] = fid_B[b]
+  return np.concatenate(got + [np.zeros(0, np.int64)])
+
+
+@pytest.mark.parametrize('seed,max_len,num_rows', [(0, 2, 1), (1, 3, 3), (2, 5, 4),
+                                                   (3, 8, 2), (4, 5, 7)])
+def test_advance_matches_equals_batch_matching(seed, max_len, num_rows):
+  rng = np.random.default_rng(seed)
+  docs = random_corpus(rng, 25, 60, 4, repetitive=True, big_ids=seed % 2 == 1)
+  big = fgrams.MAX_TOKEN
+  docs += [np.array([big, big, 0, big, big, 0, big], np.int64)] * 2  # ids up to the max
+  s = fgrams.extract(docs, max_len=max_len, min_count=2, num_fgrams=200, progress=False)
+  assert any(big in s.ngram(i) for i in range(len(s)))
+  offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+  want, _ = s.match_flat(np.concatenate(docs), offsets)
+  assert (want >= 0).any() and (want < 0).any()
+  np.testing.assert_array_equal(_decode_ids(s, docs, num_rows, max_len, seed), want)
+  # Streams with no match: tokens in no f-gram, and max_len 0 (no matching).
+  stream = [rng.integers(big - 5, big, int(rng.integers(0, 30))) for _ in range(6)]
+  assert not np.isin(s.tokens_padded, np.arange(big - 5, big)).any()
+  offsets = np.concatenate([[0], np.cumsum([len(d) for d in stream])])
+  want, _ = s.match_flat(np.concatenate(stream), offsets)
+  assert (want == -1).all()
+  np.testing.assert_array_equal(_decode_ids(s, stream, num_rows, max_len, seed), want)
+  np.testing.assert_array_equal(_decode_ids(s, docs, num_rows, 0, seed), -1)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,25 @@
+"""F-grams: exact extraction of frequent n-grams, the `FGramSet`, and a compiled matcher.
+
+An f-gram is a token n-gram, 2 <= n <= `max_len`, that occurs at least `min_count` times
+inside the documents of a corpus; all lengths are ranked together by (count desc, token
+tuple asc), the first `num_fgrams` are kept and an f-gram's id is its rank. Matching finds,
+for each position, the longest f-gram ending there (causal, within the document).
+
+  kernels.py     numba kernels: hashing, the match table, matching (batch and decode-time
+                 `advance_matches`), radix sort and run scans for counting
+  fgram_set.py   `FGramSet` (persistence, fingerprint, matching) and ranking:
+                 `rank_order`, `select_top`
+  extraction.py  `extract`: exact in-process extraction with the K-1 pruned passes
+
+Use the names below; the modules' underscore names are private to this package.
+"""
+from scone_jax.fgrams.extraction import extract
+from scone_jax.fgrams.fgram_set import FGramSet
+from scone_jax.fgrams.fgram_set import FORMAT_VERSION
+from scone_jax.fgrams.fgram_set import MAX_TOKEN
+from scone_jax.fgrams.fgram_set import rank_order
+from scone_jax.fgrams.fgram_set import select_top
+from scone_jax.fgrams.kernels import advance_matches
+
+__all__ = ['FGramSet', 'FORMAT_VERSION', 'MAX_TOKEN', 'advance_matches', 'extract',
+           'rank_order', 'select_top']
