@@ -1,7 +1,8 @@
 """The run directory: what each stage writes there and how the next stage finds it.
 
 Layout of a workdir:
-  config.json            resolved config of the latest run (every run rewrites it)
+  config.json            resolved config of the run; a resume may change only schedule fields
+  run.lock               held by the one training process writing here (host, pid, start)
   tokenizer.model        SentencePiece model trained on the training split
   fgrams.npz             the FGramSet (absent for the baseline)
   fgrams.json            how the set was made: tokenizer fingerprint, sizes, timing
@@ -28,6 +29,7 @@ FGRAMS_FILE = 'fgrams.npz'
 FGRAMS_META_FILE = 'fgrams.json'
 FGRAMS_SUMMARY_FILE = 'fgrams_summary.txt'
 CONFIG_FILE = 'config.json'
+LOCK_FILE = 'run.lock'
 CHECKPOINT_DIR = 'checkpoints'
 DATA_DIR = 'data'
 METRICS_FILE = 'metrics.jsonl'
@@ -40,6 +42,132 @@ class RunArtifacts:
   fgram_set: Optional[fgrams.FGramSet]
   train_docs: list
   heldout_docs: list
+
+
+# Fields a resumed run may change: they set the schedule of the run, not what its
+# checkpoints mean. Any other difference (model, f-gram model, tokenizer, f-grams, corpus,
+# seq_len, batch, dtypes, optimizer, seed) is refused.
+SCHEDULE_FIELDS = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'eval_batches',
+                   'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing')
+SCHEDULE_GROUPS = ('mesh', 'export')   # a checkpoint restores onto any mesh; export settings
+
+
+def _flatten(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list, list]:
+  """(refused, allowed): the differing fields as 'field: old -> new' lines."""
+  a, b = _flatten(old), _flatten(new)
+  refused, allowed = [], []
+  for key in sorted(set(a) | set(b)):
+    if a.get(key) == b.get(key):
+      continue
+    line = f'{key}: {a.get(key, "(absent)")!r} -> {b.get(key, "(absent)")!r}'
+    schedule = key in SCHEDULE_FIELDS or key.split('.')[0] in SCHEDULE_GROUPS
+    (allowed if schedule else refused).append(line)
+  return refused, allowed
+
+
+def check_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a run whose checkpoints were made under a different config.
+
+  Schedule fields may change (logged); any other change is refused with one message
+  listing each field, old -> new, and what to do.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  path = paths.join(workdir, CONFIG_FILE)
+  if not (paths.isfile(path) and paths.isdir(paths.join(workdir, CHECKPOINT_DIR))):
+    return
+  old = paths.read_json(path)
+  refused, allowed = config_changes(old, json.loads(cfg.to_json_best_effort()))
+  if refused:
+    raise ValueError(
+        f'{workdir} holds checkpoints of a run with another config: '
+        + '; '.join(refused) + '. Use a new --workdir, or restore the old value(s) to resume.')
+  for line in allowed:
+    logging.info('resuming with a changed schedule: %s', line)
+
+
+class RunLock:
+  """One writer per run directory: `run.lock` names the holder (host, pid, start time).
+
+  A second trainer on the same workdir is refused; a lock left by a process that is gone
+  (same host, pid not running) is taken over. On several processes, process 0 holds it.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = paths.join(workdir, LOCK_FILE)
+    self._held = False
+
+  def acquire(self) -> 'RunLock':
+    import json  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    import socket  # pylint: disable=g-import-not-at-top
+    me = {'host': socket.gethostname(), 'pid': os.getpid(),
+          'start': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
+    if paths.is_cloud(self.path):
+      # No exclusive create on object storage: the holder is recorded, not enforced.
+      paths.write_json_atomic(self.path, me)
+      self._held = True
+      return self
+    for _ in range(3):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        try:
+          holder = paths.read_json(self.path)
+        except (OSError, ValueError):
+          holder = {}
+        if holder.get('host') == me['host'] and not _pid_alive(holder.get('pid')):
+          logging.warning('taking over the stale lock %s of process %s (no longer running)',
+                          self.path, holder.get('pid'))
+          try:
+            os.remove(self.path)
+          except FileNotFoundError:
+            pass
+          continue
+        raise RuntimeError(
+            f'{self.path}: another training process (host {holder.get("host")}, pid '
+            f'{holder.get("pid")}, started {holder.get("start")}) is writing this run; wait '
+            'for it or stop it, or use another --workdir. If it is dead on another host, '
+            'delete the lock file.') from None
+      with os.fdopen(fd, 'w') as f:
+        json.dump(me, f)
+      self._held = True
+      return self
+    raise RuntimeError(f'{self.path}: could not take the run lock; try again.')
+
+  def release(self):
+    if self._held:
+      try:
+        paths.remove(self.path)
+      except (FileNotFoundError, OSError):
+        pass
+      self._held = False
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _pid_alive(pid) -> bool:
+  import os  # pylint: disable=g-import-not-at-top
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, TypeError, ValueError):
+    return True
+  return True
 
 
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:

@@ -22,6 +22,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.corpus.eval_files = ''
   c.corpus.heldout_fraction = 0.05  # of documents, chosen by a hash of their id
   c.corpus.max_docs = 0            # 0 = all; small values for smoke tests
+  c.corpus.decode_errors = 'strict'  # invalid UTF-8: 'strict' (fail naming file and byte) or
+                                     # 'replace' (U+FFFD, counted in the log)
 
   # Tokenizer: SentencePiece trained on the training split, saved in the workdir.
   c.tokenizer = ml_collections.ConfigDict()

@@ -31,6 +31,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from scone_jax import paths as paths_lib
+
 Document = collections.namedtuple('Document', ['id', 'text'])
 
 PAD_ID = 0
@@ -84,8 +86,11 @@ def _expand_globs(patterns: str, field: str) -> list[str]:
   for pattern in (p.strip() for p in patterns.split(',')):
     if not pattern:
       continue
-    matched = sorted(glob.glob(os.path.expanduser(pattern)))
-    matched = [p for p in matched if os.path.isfile(p)]
+    if paths_lib.is_cloud(pattern):
+      matched = paths_lib.glob(pattern)
+    else:
+      matched = sorted(glob.glob(os.path.expanduser(pattern)))
+      matched = [p for p in matched if os.path.isfile(p)]
     if not matched:
       raise FileNotFoundError(f'{field}: {pattern!r} matches no file; check the path.')
     paths.extend(matched)
@@ -127,25 +132,54 @@ def parse_jsonl_record(line: str, where: str) -> Optional[dict]:
   return record
 
 
-def read_text_documents(paths: Iterable[str]) -> list[Document]:
+DECODE_ERRORS = ('strict', 'replace')
+
+
+def read_utf8(path: str, decode_errors: str = 'strict') -> str:
+  """A file's text; bytes that are not UTF-8 fail naming the file and the byte offset
+  (decode_errors='strict'), or become U+FFFD and are counted in a warning ('replace')."""
+  if decode_errors not in DECODE_ERRORS:
+    raise ValueError(f'corpus.decode_errors={decode_errors!r}; use one of {DECODE_ERRORS}.')
+  data = paths_lib.read_bytes(path)
+  try:
+    return data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    if decode_errors == 'strict':
+      raise ValueError(
+          f'{path}: byte {e.start} (0x{data[e.start]:02x}) is not valid UTF-8 ({e.reason}); '
+          'fix or re-encode the file, or set --config.corpus.decode_errors=replace to replace '
+          'such bytes and count them.') from None
+  text = data.decode('utf-8', errors='replace')
+  bad = text.count('\ufffd') - data.count('\ufffd'.encode('utf-8'))
+  logging.warning('%s: replaced %d invalid UTF-8 sequence(s) with U+FFFD', path, bad)
+  return text
+
+
+def read_text_documents(paths: Iterable[str], decode_errors: str = 'strict') -> list[Document]:
   """Reads documents from files: `.jsonl` ({"text": ...} per line) or blank-line text.
 
   Ids are '<basename>#<n>' (or a JSONL record's "id"), so the hash split does not change
-  when the files move.
+  when the files move. Empty documents (a JSONL record with empty "text") are skipped and
+  counted in the log; invalid UTF-8 is handled as `read_utf8` says.
   """
   docs = []
+  skipped = 0
   for path in paths:
-    base = os.path.basename(path)
+    base = paths_lib.basename(path)
+    text = read_utf8(path, decode_errors)
     if path.endswith('.jsonl'):
-      with open(path, encoding='utf-8') as f:
-        for lineno, line in enumerate(f, 1):
-          record = parse_jsonl_record(line, f'{path}:{lineno}')
-          if record is not None and record['text']:
-            docs.append(Document(str(record.get('id', f'{base}#{lineno}')), record['text']))
+      for lineno, line in enumerate(text.split('\n'), 1):
+        record = parse_jsonl_record(line, f'{path}:{lineno}')
+        if record is None:
+          continue
+        if not record['text'].strip():
+          skipped += 1
+          continue
+        docs.append(Document(str(record.get('id', f'{base}#{lineno}')), record['text']))
     else:
-      with open(path, encoding='utf-8') as f:
-        text = f.read()
       docs.extend(Document(f'{base}#{i}', t) for i, t in enumerate(split_text_documents(text)))
+  if skipped:
+    logging.info('skipped %d empty document(s) in %s', skipped, ', '.join(paths))
   return docs
 
 
@@ -170,11 +204,13 @@ def load_documents(corpus_cfg, split: str) -> list[Document]:
   elif name == 'text':
     if not corpus_cfg.train_files:
       raise ValueError('corpus.name=text needs --config.corpus.train_files=GLOB[,GLOB...].')
-    train = read_text_documents(_expand_globs(corpus_cfg.train_files, 'corpus.train_files'))
+    train = read_text_documents(_expand_globs(corpus_cfg.train_files, 'corpus.train_files'),
+                                corpus_cfg.decode_errors)
     if not train:
       raise ValueError(f'corpus.train_files={corpus_cfg.train_files!r} holds no documents.')
     if corpus_cfg.eval_files:
-      heldout = read_text_documents(_expand_globs(corpus_cfg.eval_files, 'corpus.eval_files'))
+      heldout = read_text_documents(_expand_globs(corpus_cfg.eval_files, 'corpus.eval_files'),
+                                    corpus_cfg.decode_errors)
       if not heldout:
         raise ValueError(f'corpus.eval_files={corpus_cfg.eval_files!r} holds no documents.')
     else:

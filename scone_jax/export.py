@@ -205,8 +205,20 @@ def export(cfg, workdir: str, run: artifacts.RunArtifacts, export_dir: str, *,
 
   Resumable: a re-run with the same checkpoint step, f-gram set, tokenizer and table layout
   continues an interrupted export (`export_dir.partial`); anything else starts over. An
-  existing complete export of the same request is kept as is.
+  existing complete export of the same request is kept as is, and an existing export is
+  replaced only once the new one is complete: a full disk leaves it loadable.
   """
+  try:
+    return _export(cfg, workdir, run, export_dir, chunks_per_shard=chunks_per_shard)
+  except Exception as e:  # pylint: disable=broad-except
+    if paths.is_disk_full(e):
+      raise paths.disk_full_error('the export', paths.abspath(export_dir) + PARTIAL_SUFFIX,
+                                  e) from e
+    raise
+
+
+def _export(cfg, workdir: str, run: artifacts.RunArtifacts, export_dir: str, *,
+            chunks_per_shard: Optional[int] = None) -> dict:
   t_start = time.time()
   if run.fgram_set is None or not cfg.fgrams.enabled:
     raise ValueError('this run has no f-grams (fgrams.enabled=False): there is no table to '

@@ -12,6 +12,7 @@ import json
 import logging as py_logging
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -36,6 +37,7 @@ _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).')
 _TABLE_STORAGE = flags.DEFINE_enum('table_storage', 'ram', ('ram', 'mmap', 'tensorstore'),
                                    'Where serving keeps the f-gram table.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed for --mode=generate.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of a user error too.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() (multi-host; automatic on TPU pods '
     'and with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set).')
@@ -112,14 +114,26 @@ def main(argv):
   if mode == 'extract':
     if not cfg.fgrams.enabled:
       raise app.UsageError('this config has fgrams.enabled=False; use a SCONE config.')
+    artifacts.check_config(cfg, workdir)
     artifacts.write_config(cfg, workdir)
     run = artifacts.prepare_run(cfg, workdir)
     print(artifacts.fgram_summary(run.fgram_set, run.tokenizer), end='')
     print(f'wrote {paths.join(workdir, artifacts.FGRAMS_FILE)}')
   elif mode == 'train':
-    artifacts.write_config(cfg, workdir)
-    run = artifacts.prepare_run(cfg, workdir)
-    last = train.train(cfg, workdir, run)
+    import jax  # pylint: disable=g-import-not-at-top
+    # One writer per run directory (process 0 holds the lock for a multi-host run).
+    lock = artifacts.RunLock(workdir) if jax.process_index() == 0 else None
+    if lock is not None:
+      paths.makedirs(workdir)
+      lock.acquire()
+    try:
+      artifacts.check_config(cfg, workdir)
+      artifacts.write_config(cfg, workdir)
+      run = artifacts.prepare_run(cfg, workdir)
+      last = train.train(cfg, workdir, run)
+    finally:
+      if lock is not None:
+        lock.release()
     print(json.dumps(last))
   elif mode == 'eval':
     run = artifacts.prepare_run(cfg, workdir)
@@ -138,8 +152,52 @@ def main(argv):
     print(json.dumps(summary))
 
 
+# Errors that are the user's to fix (bad input, missing file, full disk, a locked run):
+# one line `error: ...`, exit 1 (2 for usage). Anything else is a bug: full traceback.
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                NotADirectoryError, PermissionError, FloatingPointError, RuntimeError)
+
+
+def _is_user_error(e: BaseException) -> bool:
+  import errno  # pylint: disable=g-import-not-at-top
+  if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+    return True
+  return isinstance(e, _USER_ERRORS) and not isinstance(e, (NotImplementedError,
+                                                             RecursionError))
+
+
+def _main_with_errors(argv):
+  try:
+    main(argv)
+  except app.UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    if not _is_user_error(e):
+      raise
+    if _VERBOSE.value:
+      traceback.print_exc()
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections reports an unknown or ill-typed --config.FIELD=VALUE this way.
+    bad = [a for a in argv[1:] if a.startswith('--config.')]
+    print(f'error: a --config override is not a config field or has the wrong type ({e}); '
+          f'overrides given: {" ".join(bad) or "none"}; see scone_jax/config.py.',
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
-  app.run(main)
+  app.run(_main_with_errors, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

@@ -86,6 +86,28 @@ def listdir(path: PathLike) -> list[str]:
   return sorted(p.name for p in as_epath(path).iterdir())
 
 
+def walk_files(directory: PathLike) -> list[tuple[str, str]]:
+  """(relative '/'-separated path, path) of every file under directory, sorted."""
+  directory = check(directory)
+  out = []
+  if not is_cloud(directory):
+    for root, _, files in os.walk(directory):
+      for f in files:
+        full = os.path.join(root, f)
+        out.append((os.path.relpath(full, directory).replace(os.sep, '/'), full))
+    return sorted(out)
+  stack = [(as_epath(directory), '')]
+  while stack:
+    node, prefix = stack.pop()
+    for child in node.iterdir():
+      rel = prefix + child.name
+      if child.is_dir():
+        stack.append((child, rel + '/'))
+      else:
+        out.append((rel, str(child)))
+  return sorted(out)
+
+
 def getsize(path: PathLike) -> int:
   path = check(path)
   if not is_cloud(path):
@@ -198,6 +220,33 @@ def write_json_atomic(path: PathLike, obj, **kwargs) -> str:
   kwargs.setdefault('indent', 2)
   kwargs.setdefault('sort_keys', True)
   return atomic_write(path, json.dumps(obj, **kwargs))
+
+
+def is_disk_full(e: BaseException) -> bool:
+  """Whether an error (or one it was raised from) is a full disk or exhausted quota.
+
+  orbax and tensorstore report a full disk in their own exception types; the errno or the
+  C library's message survives in the error or its cause.
+  """
+  import errno  # pylint: disable=g-import-not-at-top
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    text = str(e)
+    if 'No space left on device' in text or 'Disk quota exceeded' in text:
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def disk_full_error(what: str, where: str, e: BaseException) -> OSError:
+  """The one-line error for a full disk: what ran out, where, and what is still intact."""
+  import errno  # pylint: disable=g-import-not-at-top
+  return OSError(errno.ENOSPC, f'out of disk space writing {what} under {where} '
+                 f'({type(e).__name__}); the previous one is intact: free space and re-run '
+                 'to resume')
 
 
 def kvstore_spec(path: PathLike) -> dict:

@@ -63,11 +63,8 @@ def table_digest(shard_digests) -> str:
 def file_tree_digest(directory: str) -> str:
   """sha256 over every file under directory (relative path, size, content), sorted by path."""
   h = hashlib.sha256()
-  root = paths.as_epath(directory)
-  files = sorted((str(p.relative_to(root)).replace(os.sep, '/'), p)
-                 for p in root.rglob('*') if not p.is_dir())
-  for rel, p in files:
-    data = p.read_bytes()
+  for rel, p in paths.walk_files(directory):
+    data = paths.read_bytes(p)
     h.update(rel.encode('utf-8') + b'\0')
     h.update(str(len(data)).encode() + b'\0')
     h.update(data)

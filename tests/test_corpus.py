@@ -17,7 +17,8 @@ _TRICKY = (' Leading space,  two  spaces\tand a tab.\n\n\nThree newlines; caf\u0
 
 def _corpus_cfg(**overrides):
   c = ml_collections.ConfigDict({'name': 'sotu', 'train_files': '', 'eval_files': '',
-                                 'heldout_fraction': 0.05, 'max_docs': 0})
+                                 'heldout_fraction': 0.05, 'max_docs': 0,
+                                 'decode_errors': 'strict'})
   c.update(overrides)
   return c
 

@@ -223,9 +223,10 @@ def test_register_tasks_for_a_config(setup, tmp_path):
   import ml_collections  # pylint: disable=g-import-not-at-top
   docs, tok, fgram_set, _, _ = setup
   (tmp_path / 'train.txt').write_text('\n\n'.join(d.text for d in docs if d.text))
-  cfg = ml_collections.ConfigDict({'corpus': {
-      'name': 'text', 'train_files': str(tmp_path / 'train.txt'), 'eval_files': '',
-      'heldout_fraction': 0.2, 'max_docs': 0}})
+  from scone_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict({'corpus': config_lib.default_config().corpus.to_dict()})
+  cfg.corpus.update({'name': 'text', 'train_files': str(tmp_path / 'train.txt'),
+                     'eval_files': '', 'heldout_fraction': 0.2, 'max_docs': 0})
   train_task, held_task = seqio_tasks.register_tasks(cfg, tok, fgram_set)
   assert train_task != held_task
   held_docs = corpus.load_documents(cfg.corpus, 'heldout')
@@ -271,7 +272,8 @@ def test_dedupe_fgrams(setup, dedupe):
 def test_sotu_smoke(tmp_path):
   import ml_collections  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict({'name': 'sotu', 'train_files': '', 'eval_files': '',
-                                   'heldout_fraction': 0.05, 'max_docs': 2})
+                                   'heldout_fraction': 0.05, 'max_docs': 2,
+                                   'decode_errors': 'strict'})
   docs = corpus.load_documents(cfg, 'train')
   assert len(docs) == 2
   path = corpus.train_tokenizer([d.text for d in docs], vocab_size=400, model_type='bpe',

@@ -1,0 +1,145 @@
+"""Soak: train while SIGKILLing the trainer at random moments, resume each time, compare.
+
+  python experiments/soak_resume.py [--kills=12] [--steps=40] [--seed=0] [--workdir=DIR]
+
+A tiny SCONE config (tests/tiny.py) is trained once without interruption, then again in a
+second run directory where the process is killed with SIGKILL at least --kills times —
+some at random moments, some the instant an orbax checkpoint write is in flight — and
+relaunched after each kill (the stale run lock is taken over). At the end both runs'
+final parameters are compared bitwise and both are evaluated on the held-out split.
+The last line printed is one JSON object: the kill times, what was being written, and the
+result.
+"""
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'tests'))
+import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _env():
+  return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS='',
+              TF_CPP_MIN_LOG_LEVEL='2')
+
+
+def _train(config, workdir, extra=()):
+  return subprocess.Popen(
+      [sys.executable, '-m', 'scone_jax.main', '--mode=train', f'--config={config}',
+       f'--workdir={workdir}', *extra], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _ckpt_state(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(d):
+    return [], False
+  names = os.listdir(d)
+  steps = sorted(int(n) for n in names if n.isdigit())
+  writing = any('tmp' in n for n in names)
+  return steps, writing
+
+
+def _final_params(config_path, workdir):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
+  from scone_jax import train  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('soak_cfg', config_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  run = artifacts.prepare_run(cfg, workdir)
+  trainer = train.load_for_eval(cfg, workdir, run)
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves = [np.asarray(x) for x in jax.tree.leaves(trainer.state.params)]
+  loss = train.eval_documents(trainer, run.heldout_docs)['loss']
+  return leaves, int(trainer.state.step), loss
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--kills', type=int, default=12)
+  parser.add_argument('--steps', type=int, default=40)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--workdir', default='')
+  args = parser.parse_args()
+  rng = random.Random(args.seed)
+  root = args.workdir or tempfile.mkdtemp(prefix='scone_soak_')
+  corpus_dir = os.path.join(root, 'corpus')
+  tiny.write_corpus(corpus_dir)
+  config = tiny.write_config_file(os.path.join(root, 'cfg.py'), corpus_dir, steps=args.steps)
+  extra = ['--config.checkpoint_every_steps=2', '--config.keep_checkpoints=2',
+           '--config.log_every_steps=2']
+
+  t0 = time.time()
+  straight = os.path.join(root, 'straight')
+  proc = _train(config, straight, extra)
+  _, err = proc.communicate()
+  if proc.returncode:
+    raise SystemExit(f'uninterrupted run failed:\n{err[-3000:]}')
+  straight_s = time.time() - t0
+  print(f'uninterrupted run: {straight_s:.1f}s', flush=True)
+
+  # The same tokenizer file for both runs (training it twice need not give the same bytes).
+  config_soak = tiny.write_config_file(os.path.join(root, 'cfg_soak.py'), corpus_dir,
+                                       steps=args.steps,
+                                       tokenizer=os.path.join(straight, 'tokenizer.model'))
+  soaked = os.path.join(root, 'soaked')
+  kills, launches = [], 0
+  while True:
+    proc = _train(config_soak, soaked, extra)
+    launches += 1
+    started = time.time()
+    if len(kills) < args.kills:
+      during_write = len(kills) % 3 == 2   # every third kill waits for a write in flight
+      deadline = started + rng.uniform(4.0, max(6.0, 0.8 * straight_s))
+      killed = None
+      while proc.poll() is None:
+        steps, writing = _ckpt_state(soaked)
+        now = time.time()
+        if (during_write and writing) or (not during_write and now >= deadline) or (
+            during_write and now >= deadline + 20):
+          os.killpg(proc.pid, signal.SIGKILL)
+          proc.wait()
+          killed = {'after_s': round(now - started, 2), 'wanted': 'during_write' if
+                    during_write else 'random', 'checkpoint_write_in_flight': writing,
+                    'checkpoints_before': steps}
+          break
+        time.sleep(0.01)
+      if killed is not None:
+        kills.append(killed)
+        print(f'kill {len(kills)}: {json.dumps(killed)}', flush=True)
+        continue
+    _, err = proc.communicate()
+    if proc.returncode:
+      raise SystemExit(f'resumed run failed (exit {proc.returncode}):\n{err[-3000:]}')
+    if len(kills) >= args.kills:
+      break
+
+  a, step_a, loss_a = _final_params(config, straight)
+  b, step_b, loss_b = _final_params(config_soak, soaked)
+  equal = len(a) == len(b) and all(x.dtype == y.dtype and x.shape == y.shape and
+                                   (x == y).all() for x, y in zip(a, b))
+  result = {
+      'benchmark': 'soak_resume', 'kills': len(kills), 'launches': launches,
+      'kills_during_checkpoint_write': sum(k['checkpoint_write_in_flight'] for k in kills),
+      'kill_times_s': [k['after_s'] for k in kills], 'kill_log': kills,
+      'steps': args.steps, 'final_step_uninterrupted': step_a, 'final_step_soaked': step_b,
+      'params_bitwise_equal': bool(equal), 'eval_loss_uninterrupted': loss_a,
+      'eval_loss_soaked': loss_b, 'eval_loss_equal': loss_a == loss_b,
+      'seconds': round(time.time() - t0, 1), 'root': root,
+  }
+  print(json.dumps(result))
+  return 0 if equal and loss_a == loss_b and step_a == step_b else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
