@@ -124,7 +124,7 @@ def time_pipeline(cfg, run):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default=os.path.join(os.path.dirname(__file__), 'configs',
-                                                       'scone.py'))
+                                                       'scone_d256.py'))
   parser.add_argument('--workdir', default='/tmp/scone_bench_train',
                       help='tokenizer + f-grams are made here once and reused')
   parser.add_argument('--steps', type=int, default=10, help='timed steps per variant')

@@ -92,3 +92,26 @@ def default_config() -> ml_collections.ConfigDict:
   c.export.rows_per_chunk = 4096   # rows per zarr3 read chunk (the unit of a random-row read)
   c.export.chunks_per_shard = 0    # read chunks per shard file (the unit of a write); 0: ~64 MiB files
   return c
+
+
+def cpu_default(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The README's CPU run, chosen by the scaling study (experiments/sweeps/cpu_study.py):
+  the smallest main model there (d=128, 2 layers) with a 4,096-piece tokenizer, float32
+  compute (no faster in bf16 on a CPU), 600 steps of 16x128 tokens. With 16k f-grams and a
+  2-layer f-gram model SCONE beat this baseline on held-out text in both seeds."""
+  c.tokenizer.vocab_size = 4096
+  c.model.num_layers = 2
+  c.model.d_model = 128
+  c.model.num_heads = 4
+  c.model.head_dim = 32
+  c.model.mlp_dim = 512
+  c.model.dtype = 'float32'
+  c.fgram_model.num_layers = 2
+  c.fgram_model.num_heads = 4
+  c.fgram_model.head_dim = 32
+  c.fgram_model.mlp_dim = 512
+  c.num_train_steps = 600
+  c.log_every_steps = 20
+  c.eval_every_steps = 200
+  c.checkpoint_every_steps = 200
+  return c
