@@ -97,7 +97,8 @@ def time_pipeline(cfg, run):
   ids, lens = data.match_split(plain.tokens, plain.offsets, run.fgram_set)
   t_match = time.perf_counter() - t0
   matched = dataclasses.replace(plain, fgram_ids=ids, fgram_lengths=lens,
-                                fgram_fingerprint=run.fgram_set.fingerprint)
+                                fgram_fingerprint=run.fgram_set.fingerprint,
+                                fgram_set=run.fgram_set)
   n_tok = plain.num_tokens
   out = {'pipeline_tokens': int(n_tok),
          'tokenize_tokens_per_s': n_tok / t_tok,
