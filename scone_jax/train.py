@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import flax
 from flax import linen as nn
@@ -38,65 +38,8 @@ class TrainState:
 
 # ----------------------------------------------------------------------------- config
 
-
-def validate_config(cfg: ml_collections.ConfigDict, num_devices: Optional[int] = None):
-  """Fails before any compile with a message that names the bad field."""
-  _check_known_keys(cfg, config_lib.default_config(), 'config')
-  positive = ['seq_len', 'batch_size', 'num_train_steps', 'grad_accum_steps', 'log_every_steps',
-              'checkpoint_every_steps', 'eval_every_steps', 'keep_checkpoints',
-              'model.num_layers', 'model.d_model', 'model.num_heads', 'model.head_dim',
-              'model.mlp_dim', 'tokenizer.vocab_size']
-  for name in positive:
-    value = _get(cfg, name)
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f'config.{name} must be a positive integer, got {value!r}.')
-  if cfg.batch_size % cfg.grad_accum_steps:
-    raise ValueError(f'config.batch_size={cfg.batch_size} is not divisible by '
-                     f'config.grad_accum_steps={cfg.grad_accum_steps}.')
-  if cfg.fgrams.enabled:
-    if cfg.fgrams.num_fgrams < 1:
-      raise ValueError('config.fgrams.enabled is True but config.fgrams.num_fgrams < 1; '
-                       'set --config.fgrams.num_fgrams=N or use baseline.py.')
-    if cfg.fgrams.max_len < 2:
-      raise ValueError(f'config.fgrams.max_len={cfg.fgrams.max_len}: f-grams have at least '
-                       '2 tokens; set it to 2 or more.')
-    if cfg.seq_len < cfg.fgrams.max_len:
-      raise ValueError(f'config.seq_len={cfg.seq_len} is shorter than config.fgrams.max_len='
-                       f'{cfg.fgrams.max_len}; raise seq_len or lower max_len.')
-    if cfg.fgram_model.num_layers < 1:
-      raise ValueError('config.fgram_model.num_layers must be >= 1 when f-grams are enabled.')
-  if cfg.input_pipeline not in ('numpy', 'seqio'):
-    raise ValueError(f'config.input_pipeline={cfg.input_pipeline!r}; use numpy or seqio.')
-  for dt in (cfg.model.dtype, cfg.model.param_dtype, cfg.export.dtype):
-    if dt not in ('float32', 'bfloat16', 'float16'):
-      raise ValueError(f'unknown dtype {dt!r}; use float32, bfloat16 or float16.')
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  sizes = sharding.resolve_mesh_shape(cfg.mesh, num_devices)
-  batch_shards = sizes['data'] * sizes['fsdp']
-  micro = cfg.batch_size // cfg.grad_accum_steps
-  if micro % batch_shards:
-    raise ValueError(f'the micro-batch of {micro} rows (batch_size / grad_accum_steps) must be '
-                     f'divisible by mesh data × fsdp = {batch_shards}.')
-  if cfg.fgrams.enabled and cfg.fgram_model.unique_bucket % batch_shards:
-    raise ValueError(f'config.fgram_model.unique_bucket={cfg.fgram_model.unique_bucket} must '
-                     f'be a multiple of mesh data × fsdp = {batch_shards}.')
-
-
-def _get(cfg, dotted):
-  for part in dotted.split('.'):
-    cfg = cfg[part]
-  return cfg
-
-
-def _check_known_keys(cfg, reference, prefix):
-  for key in cfg.keys():
-    if key not in reference:
-      raise ValueError(f'unknown config field {prefix}.{key}; known fields: '
-                       f'{", ".join(sorted(reference.keys()))}.')
-    if isinstance(cfg[key], ml_collections.ConfigDict):
-      if not isinstance(reference[key], ml_collections.ConfigDict):
-        raise ValueError(f'config field {prefix}.{key} should be a value, not a group.')
-      _check_known_keys(cfg[key], reference[key], f'{prefix}.{key}')
+# The schema, its defaults and its checks live in config.py; this name stays for callers.
+validate_config = config_lib.validate
 
 
 # ----------------------------------------------------------------------------- optimizer
