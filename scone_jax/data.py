@@ -360,49 +360,6 @@ class Loader:
       yield batch
 
 
-# ----------------------------------------------------------------------------- f-gram dedupe
-
-
-def dedupe_fgrams(batch: dict, fgram_set, *, bucket: int, dedupe: bool = True) -> dict:
-  """Adds the f-gram windows the f-gram model must run on, and where each position reads.
-
-  Adds fgram_uniq_tokens [U, K] (windows left-aligned, 0-padded), fgram_uniq_lengths [U],
-  fgram_index [B, L] (row of the windows for each position, -1 when unmatched) and
-  fgram_num_unique (0-d: distinct matched ids; host-side, not for the device).
-  dedupe: one window per distinct id, U rounded up to a multiple of bucket (at least
-  one bucket) so the step compiles for few shapes; padding windows have length 1.
-  Without dedupe: U = B * L, one window per position, as a naive implementation would.
-  """
-  ids_BxL = np.asarray(batch['fgram_ids'])
-  matched_BxL = ids_BxL >= 0
-  tokens_SxK = np.asarray(fgram_set.tokens_padded)
-  lengths_S = np.asarray(fgram_set.lengths)
-  width = tokens_SxK.shape[1]
-  uniq, inverse = np.unique(ids_BxL[matched_BxL], return_inverse=True)
-  if dedupe:
-    size = max(1, -(-len(uniq) // bucket)) * bucket
-    window_ids = uniq
-    index_BxL = np.full(ids_BxL.shape, -1, np.int32)
-    index_BxL[matched_BxL] = inverse.reshape(-1)
-    rows = np.arange(len(uniq))
-  else:
-    size = ids_BxL.size
-    flat = np.flatnonzero(matched_BxL)
-    window_ids = ids_BxL.reshape(-1)[flat]
-    index_BxL = np.where(matched_BxL, np.arange(size).reshape(ids_BxL.shape), -1)
-    rows = flat
-  toks_UxK = np.zeros((size, width), np.int32)
-  lens_U = np.ones(size, np.int32)
-  toks_UxK[rows] = tokens_SxK[window_ids]
-  lens_U[rows] = lengths_S[window_ids]
-  out = dict(batch)
-  out['fgram_uniq_tokens'] = toks_UxK
-  out['fgram_uniq_lengths'] = lens_U
-  out['fgram_index'] = index_BxL.astype(np.int32)
-  out['fgram_num_unique'] = np.asarray(len(uniq), np.int32)
-  return out
-
-
 # ----------------------------------------------------------------------------- seqio path
 # TensorFlow and seqio are imported inside these functions: the module stays TF-free.
 
