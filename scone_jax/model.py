@@ -75,8 +75,7 @@ class ModelConfig:
         dropout_rate=float(m.dropout_rate), dtype=m.dtype, param_dtype=m.param_dtype,
         fgrams_enabled=bool(cfg.fgrams.enabled), fgram_max_len=cfg.fgrams.max_len,
         fgram_num_layers=f.num_layers, fgram_num_heads=f.num_heads, fgram_head_dim=f.head_dim,
-        fgram_mlp_dim=f.mlp_dim, remat=bool(m.get('remat', False)),
-        scan_layers=bool(m.get('scan_layers', False)))
+        fgram_mlp_dim=f.mlp_dim, remat=bool(m.remat), scan_layers=bool(m.scan_layers))
 
 
 @dataclasses.dataclass(frozen=True)

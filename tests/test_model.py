@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scone_jax import packing
 from scone_jax import fgrams
 from scone_jax import model as model_lib
+from scone_jax import step_batch
 
 VOCAB = 50
 K = 4
@@ -36,7 +36,7 @@ def _batch(fgram_set, rng, batch=3, length=24, dedupe=True):
   tokens_BxL = rng.integers(1, 5, size=(batch, length)).astype(np.int32)
   ids, lens = zip(*(fgram_set.match(row) for row in tokens_BxL))
   b = {'inputs': tokens_BxL, 'fgram_ids': np.stack(ids), 'fgram_lengths': np.stack(lens)}
-  return packing.dedupe_fgrams(b, fgram_set, bucket=16, dedupe=dedupe)
+  return step_batch.dedupe_fgrams(b, fgram_set, bucket=16, dedupe=dedupe)
 
 
 def _scone_kwargs(b):
@@ -115,7 +115,7 @@ def test_dedupe_does_not_change_logits(setup):
   raw = {'inputs': tokens, 'fgram_ids': np.stack(ids), 'fgram_lengths': np.stack(lens)}
   outs = []
   for dedupe in (True, False):
-    b = packing.dedupe_fgrams(raw, fs, bucket=16, dedupe=dedupe)
+    b = step_batch.dedupe_fgrams(raw, fs, bucket=16, dedupe=dedupe)
     outs.append(np.asarray(model.apply({'params': params}, jnp.asarray(tokens),
                                        **_scone_kwargs(b))))
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
