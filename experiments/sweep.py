@@ -44,6 +44,8 @@ import time
 
 import ml_collections
 
+from scone_jax import artifacts
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FROM_JSON = os.path.join(REPO, 'experiments', 'configs', 'from_json.py')
 RESULT_FILE = 'result.json'
@@ -223,14 +225,7 @@ def prepare_point(base, point, root, fgram_sizes) -> str:
   return point_dir
 
 
-def _flatten(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
+_flatten = artifacts.flatten
 
 
 def run_point(point_dir, evals) -> dict:
