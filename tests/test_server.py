@@ -4,6 +4,7 @@ Greedy outputs are compared token for token with `serving.load(export).generate`
 request alone and for requests that join a running batch at different times; bad requests
 get a 4xx and leave the server healthy; a vanished client frees its slot; SIGTERM drains.
 """
+# pylint: disable=protected-access
 import concurrent.futures
 import json
 import os
@@ -120,9 +121,8 @@ def test_row_sampler_keeps_the_right_tokens():
   probs = np.array([0.5, 0.3, 0.15, 0.05])
   logits = np.log(np.tile(probs, (4000, 1))).astype(np.float32)
   n = logits.shape[0]
-  keys = server._row_keys(np.arange(n, dtype=np.int32), np.zeros(n, np.int32))  # pylint: disable=protected-access
-
-  sample_rows = jax.jit(server._sample_rows, static_argnames='sampling')  # pylint: disable=protected-access
+  keys = server._row_keys(np.arange(n, dtype=np.int32), np.zeros(n, np.int32))
+  sample_rows = jax.jit(server._sample_rows, static_argnames='sampling')
 
   def sample(temperature, top_p, top_k):
     return np.asarray(sample_rows(logits, np.full(n, temperature, np.float32),
@@ -167,6 +167,7 @@ def test_parse_completion_says_what_is_wrong():
          (dict(ok, stop=['']), 400, 'stop'), (dict(ok, n=2), 400, '"n"'),
          (dict(ok, prompt=[]), 400, 'prompt'), (dict(ok, prompt=[[1], 'a']), 400, 'prompt'),
          (dict(ok, prompt=[100]), 400, 'token ids'), (dict(ok, max_tokens=True), 400, 'max_t'),
+         (dict(ok, ignore_eos='yes'), 400, 'ignore_eos'),
          ([1], 400, 'JSON object')]
   for body, status, words in bad:
     with pytest.raises(server.ApiError) as e:
@@ -177,7 +178,7 @@ def test_parse_completion_says_what_is_wrong():
 def test_stop_strings_cut_and_hold_back():
   params = server.parse_completion({'model': 'm', 'prompt': '', 'stop': ['cd', 'zzz']}, ['m'],
                                    _FakeTokenizer(), 32)
-  choice = server._Choice(0, '', [], params, _FakeTokenizer(), eos_id=99)  # pylint: disable=protected-access
+  choice = server._Choice(0, '', [], params, _FakeTokenizer(), eos_id=99)
   # Token ids 0.. decode to 'a'...: 'ab' is safe, 'c' might start 'cd', 'z' might start 'zzz'.
   texts = [choice.on_event('token', t, None)[0] for t in (0, 1, 2)]
   assert texts == ['a', 'b', ''] and not choice.done
@@ -234,8 +235,7 @@ def test_requests_joining_a_running_batch_match_generate_alone(live):
   for i, prompt in enumerate(prompts):
     want = _expected(live, prompt, lengths[i])
     ids = live.tok.encode(prompt).tolist()
-    pieces = [server._token_text(live.tok, ids + want[:j], t)  # pylint: disable=protected-access
-              for j, t in enumerate(want)]
+    pieces = [server._token_text(live.tok, ids + want[:j], t) for j, t in enumerate(want)]
     assert got[i] == pieces, prompt
   assert _health(live)['shared_steps'] > before + 10
 
@@ -273,10 +273,8 @@ def test_logprobs_and_echo_score_a_prompt(live):
   assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == ids.size
   assert ''.join(lp.tokens) == live.tok.decode(ids)
   gen = live.gen
-  # pylint: disable=protected-access
   ints = gen._prefill_inputs([ids], np.array([ids.size + 1]), ids.size + 1, True)
   x = gen._input_vectors(gen.params, gen._rows_for(ints[..., 2]), ints)
-  # pylint: enable=protected-access
   logits = gen.model.apply({'params': gen.params}, x, positions_BxL=ints[..., 1],
                            method=model_lib.SconeLM.backbone)
   logp = np.asarray(jax.nn.log_softmax(logits[0, :-1]))
