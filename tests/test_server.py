@@ -17,6 +17,7 @@ import types
 import urllib.error
 import urllib.request
 
+from flax import linen as nn
 import jax
 import numpy as np
 import openai
@@ -141,6 +142,30 @@ def test_row_sampler_keeps_the_right_tokens():
                                  np.ones(3, np.float32), np.array([0, 1, 0], np.int32),
                                  keys[:3], sampling=True))
   assert mixed.tolist() == [0, 0, 0]
+
+
+@pytest.mark.slow
+def test_engine_reuses_slots_and_matches_generate():
+  """More requests than slots: slots are freed and refilled mid-run; with scanned layers the
+  cache's batch axis is the second one. Each request still gets generate()'s tokens."""
+  mc = model_lib.ModelConfig(vocab_size=60, num_layers=2, d_model=16, num_heads=2, head_dim=8,
+                             mlp_dim=32, dtype='float32', scan_layers=True)
+  model = model_lib.SconeLM(mc)
+  params = jax.jit(lambda: nn.unbox(model.init(jax.random.PRNGKey(1), np.zeros(
+      (1, 1), np.int32))['params']))()
+  gen = serving.Generator(mc, params, None, None, use_table=False, seq_len=16, max_len=64)
+  engine = server.Engine(gen, 2)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(2, 60, n) for n in (5, 12, 3, 9)]  # one prefill width: few compiles
+  outs = {i: [] for i in range(len(prompts))}
+  for i, p in enumerate(prompts):
+    engine.submit(server.Request(p, 6 + 3 * i, lambda kind, *a, i=i: kind == 'token' and
+                                 outs[i].append(a[0]), ignore_eos=True))
+  while engine.load()['pending'] or engine.load()['active']:
+    engine._iterate()
+  for i, p in enumerate(prompts):
+    assert outs[i] == gen.generate([p], max_new_tokens=6 + 3 * i, stop_tokens=())[0], i
+  assert engine.stats['requests'] == 4 and engine.stats['shared_steps'] > 0
 
 
 class _FakeTokenizer:
