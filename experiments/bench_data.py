@@ -29,6 +29,7 @@ from scone_jax import corpus  # pylint: disable=g-import-not-at-top
 from scone_jax import packing  # pylint: disable=g-import-not-at-top
 from scone_jax import seqio_tasks  # pylint: disable=g-import-not-at-top
 from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
+from scone_jax import step_batch  # pylint: disable=g-import-not-at-top
 
 
 class _Timer:
@@ -132,7 +133,7 @@ def _iterate_loader(split, seq_len, batch_size, fgram_set=None, bucket=256):
     for step in range(steps):
       b = loader.batch_at(step)
       if fgram_set is not None:
-        b = packing.dedupe_fgrams(b, fgram_set, bucket=bucket)
+        b = step_batch.dedupe_fgrams(b, fgram_set, bucket=bucket)
       n += int(b['loss_mask'].sum())
   return n, t
 

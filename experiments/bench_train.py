@@ -27,7 +27,8 @@ import jax  # pylint: disable=g-import-not-at-top
 
 from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
 from scone_jax import packing  # pylint: disable=g-import-not-at-top
-from scone_jax import sharding  # pylint: disable=g-import-not-at-top
+from scone_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from scone_jax import step_batch  # pylint: disable=g-import-not-at-top
 from scone_jax import train  # pylint: disable=g-import-not-at-top
 
 
@@ -53,20 +54,16 @@ def time_steps(cfg, run, train_loader, steps, label):
   if not cfg.fgrams.enabled:
     run = dataclasses.replace(run, fgram_set=None)
   trainer = train.create_trainer(cfg, '/tmp', run)
-  step_fn = jax.jit(train.make_train_step(trainer.model, trainer.tx, trainer.schedule, cfg),
-                    donate_argnums=(0,))
-  rng = jax.random.PRNGKey(0)
+  rng = jax.device_put(jax.random.PRNGKey(0), trainer.state_shardings.step)
   fgram_set = run.fgram_set if cfg.fgrams.enabled else None
   host_s, device_s, rows, unique, matched, losses = 0.0, 0.0, 0, 0, 0, []
   state = trainer.state
   for i in range(steps + 2):
     t0 = time.perf_counter()
-    step_batch, stats = train.make_step_batch(train_loader.batch_at(i), fgram_set, cfg)
-    shardings = train.batch_shardings(step_batch, trainer.mesh, trainer.rules)
-    batch = train.device_put_batch(step_batch, shardings)
+    sb, stats = step_batch.make_step_batch(train_loader.batch_at(i), fgram_set, cfg)
+    batch = step_batch.device_put_batch(sb, trainer.batch_shardings)
     t1 = time.perf_counter()
-    with sharding.mesh_context(trainer.mesh, trainer.rules):
-      state, metrics = step_fn(state, batch, rng)
+    state, metrics = trainer.train_step(state, batch, rng)
     jax.block_until_ready(metrics)
     t2 = time.perf_counter()
     if i >= 2:  # the first steps compile (one shape per unique-id bucket)
@@ -97,7 +94,8 @@ def time_pipeline(cfg, run):
   ids, lens = packing.match_split(plain.tokens, plain.offsets, run.fgram_set)
   t_match = time.perf_counter() - t0
   matched = dataclasses.replace(plain, fgram_ids=ids, fgram_lengths=lens,
-                                fgram_fingerprint=run.fgram_set.fingerprint)
+                                fgram_fingerprint=run.fgram_set.fingerprint,
+                                fgram_set=run.fgram_set)
   n_tok = plain.num_tokens
   out = {'pipeline_tokens': int(n_tok),
          'tokenize_tokens_per_s': n_tok / t_tok,
@@ -108,7 +106,7 @@ def time_pipeline(cfg, run):
     n = max(1, min(200, loader.num_batches))
     t0 = time.perf_counter()
     for i in range(n):
-      train.make_step_batch(loader.batch_at(i), fs, cfg)
+      step_batch.make_step_batch(loader.batch_at(i), fs, cfg)
     dt = time.perf_counter() - t0
     out[f'batches_{name}_tokens_per_s'] = n * cfg.batch_size * cfg.seq_len / dt
   # End to end: tokenize + (match) + one pass of batches, per token.
@@ -136,7 +134,7 @@ def main():
 
   cfg = _load_config(args.config, args.set)
   cfg.fgrams.enabled = True
-  train.validate_config(cfg)
+  config_lib.validate(cfg)
   run = artifacts.prepare_run(cfg, args.workdir)
   pipe = time_pipeline(cfg, run)
   logging.info('pipeline: %s', json.dumps({k: round(v, 3) for k, v in pipe.items()}))

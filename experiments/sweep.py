@@ -44,6 +44,8 @@ import time
 
 import ml_collections
 
+from scone_jax import artifacts
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FROM_JSON = os.path.join(REPO, 'experiments', 'configs', 'from_json.py')
 RESULT_FILE = 'result.json'
@@ -210,8 +212,12 @@ def prepare_point(base, point, root, fgram_sizes) -> str:
   # Paths of the shared pieces may move with the checkout; every other field must agree.
   moved = ('tokenizer.path', 'fgrams.path')
   old = _read_json(path) if os.path.isfile(path) else resolved
-  diff = sorted(k for k in set(_flatten(old)) | set(_flatten(resolved))
-                if k not in moved and _flatten(old).get(k) != _flatten(resolved).get(k))
+  # A field the schema gained after the point was written counts as its default there.
+  from scone_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  defaults = _flatten(json.loads(config_lib.default_config().to_json_best_effort()))
+  old_flat, new_flat = {**defaults, **_flatten(old)}, _flatten(resolved)
+  diff = sorted(k for k in set(old_flat) | set(new_flat)
+                if k not in moved and old_flat.get(k) != new_flat.get(k))
   if diff:
     raise PointFailed('config', f'point {point["name"]} was started with another config '
                       f'(fields {diff}); rename the point or delete {point_dir}.')
@@ -219,14 +225,7 @@ def prepare_point(base, point, root, fgram_sizes) -> str:
   return point_dir
 
 
-def _flatten(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
+_flatten = artifacts.flatten
 
 
 def run_point(point_dir, evals) -> dict:

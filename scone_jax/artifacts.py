@@ -52,11 +52,12 @@ SCHEDULE_FIELDS = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'ev
 SCHEDULE_GROUPS = ('mesh', 'export')   # a checkpoint restores onto any mesh; export settings
 
 
-def _flatten(d, prefix=''):
+def flatten(d, prefix=''):
+  """{'a': {'b': 1}} -> {'a.b': 1}: config JSON as dotted fields."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
+      out.update(flatten(v, f'{prefix}{k}.'))
     else:
       out[f'{prefix}{k}'] = v
   return out
@@ -64,7 +65,7 @@ def _flatten(d, prefix=''):
 
 def config_changes(old: dict, new: dict) -> tuple[list, list]:
   """(refused, allowed): the differing fields as 'field: old -> new' lines."""
-  a, b = _flatten(old), _flatten(new)
+  a, b = flatten(old), flatten(new)
   refused, allowed = [], []
   for key in sorted(set(a) | set(b)):
     if a.get(key) == b.get(key):
@@ -85,8 +86,11 @@ def check_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   path = paths.join(workdir, CONFIG_FILE)
   if not (paths.isfile(path) and paths.isdir(paths.join(workdir, CHECKPOINT_DIR))):
     return
-  old = paths.read_json(path)
-  refused, allowed = config_changes(old, json.loads(cfg.to_json_best_effort()))
+  from scone_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  # A field added to the schema after the run started counts as its default there.
+  defaults = flatten(json.loads(config_lib.default_config().to_json_best_effort()))
+  old = {**defaults, **flatten(paths.read_json(path))}
+  refused, allowed = config_changes(old, flatten(json.loads(cfg.to_json_best_effort())))
   if refused:
     raise ValueError(
         f'{workdir} holds checkpoints of a run with another config: '

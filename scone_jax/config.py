@@ -1,9 +1,37 @@
-"""The run configuration schema: every field a user may set, with CPU-sized defaults.
+"""The run configuration schema: every field a user may set, its default, and its checks.
 
 Experiment files under experiments/configs/ start from `default_config()` and change
-fields; `validate()` in train.py rejects fields that are not here, so a typo fails fast.
+fields; `validate()` rejects fields that are not here, so a typo fails fast, and every
+field code reads is declared here (nothing is read with a fallback default elsewhere).
 """
+import math
+from typing import Optional
+
 import ml_collections
+
+# The mesh: `data` (pure data parallelism, also across slices), `fsdp` (data parallelism
+# with parameters and optimizer state split over it), `tensor` (heads, mlp, vocab).
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# The logical axis names the model and the step batch use.
+LOGICAL_AXES = ('batch', 'fgram_batch', 'embed', 'mlp', 'heads', 'vocab', 'kv', 'length',
+                'fgram_len', 'layers')
+
+# FSDP, config.logical_axis_rules' default. Order matters: an activation [batch, length,
+# embed] gets (data, fsdp) for batch first, so embed (fsdp) is left unsharded there while
+# parameters shard embed over fsdp.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('fgram_batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('kv', None),
+    ('length', None),
+    ('fgram_len', None),
+    ('layers', None),
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -51,6 +79,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.0
   c.model.dtype = 'bfloat16'       # compute dtype
   c.model.param_dtype = 'float32'
+  # Both apply to the main model's and the f-gram model's blocks.
+  c.model.remat = False            # recompute each block's activations in the backward pass
+  c.model.scan_layers = False      # nn.scan over blocks: params get a leading 'layers' axis
 
   # F-gram model: decoder blocks of width model.d_model over at most fgrams.max_len tokens.
   c.fgram_model = ml_collections.ConfigDict()
@@ -85,6 +116,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
   c.mesh.dcn_data = 1              # data parallelism across slices (multi-slice)
 
+  # Logical axis -> mesh axes: (logical name, None | mesh axis | tuple of mesh axes) pairs,
+  # first match wins. The default is FSDP; an empty tuple also means the default.
+  c.logical_axis_rules = DEFAULT_RULES
+
   # Export / serving.
   c.export = ml_collections.ConfigDict()
   c.export.dtype = 'float32'       # 'float32', 'bfloat16' or 'float16'
@@ -115,3 +150,134 @@ def cpu_default(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval_every_steps = 200
   c.checkpoint_every_steps = 200
   return c
+
+
+# ----------------------------------------------------------------------------- validation
+
+_POSITIVE = ('seq_len', 'batch_size', 'num_train_steps', 'grad_accum_steps', 'log_every_steps',
+             'checkpoint_every_steps', 'eval_every_steps', 'keep_checkpoints',
+             'model.num_layers', 'model.d_model', 'model.num_heads', 'model.head_dim',
+             'model.mlp_dim', 'tokenizer.vocab_size')
+_BOOLS = ('model.remat', 'model.scan_layers', 'fgrams.enabled', 'fgram_model.dedupe',
+          'async_checkpointing')
+_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: Optional[int] = None):
+  """Fails before any compile with a message that names the bad field.
+
+  num_devices: the devices the mesh must cover (default: jax.device_count()).
+  """
+  _check_known_keys(cfg, default_config(), 'config')
+  for name in _POSITIVE:
+    value = _get(cfg, name)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f'config.{name} must be a positive integer, got {value!r}.')
+  for name in _BOOLS:
+    value = _get(cfg, name)
+    if not isinstance(value, bool):
+      raise ValueError(f'config.{name} must be True or False, got {value!r}.')
+  if cfg.batch_size % cfg.grad_accum_steps:
+    raise ValueError(f'config.batch_size={cfg.batch_size} is not divisible by '
+                     f'config.grad_accum_steps={cfg.grad_accum_steps}.')
+  if cfg.fgrams.enabled:
+    if cfg.fgrams.num_fgrams < 1:
+      raise ValueError('config.fgrams.enabled is True but config.fgrams.num_fgrams < 1; '
+                       'set --config.fgrams.num_fgrams=N or use baseline.py.')
+    if cfg.fgrams.max_len < 2:
+      raise ValueError(f'config.fgrams.max_len={cfg.fgrams.max_len}: f-grams have at least '
+                       '2 tokens; set it to 2 or more.')
+    if cfg.seq_len < cfg.fgrams.max_len:
+      raise ValueError(f'config.seq_len={cfg.seq_len} is shorter than config.fgrams.max_len='
+                       f'{cfg.fgrams.max_len}; raise seq_len or lower max_len.')
+    if cfg.fgram_model.num_layers < 1:
+      raise ValueError('config.fgram_model.num_layers must be >= 1 when f-grams are enabled.')
+  if cfg.input_pipeline not in ('numpy', 'seqio'):
+    raise ValueError(f'config.input_pipeline={cfg.input_pipeline!r}; use numpy or seqio.')
+  for name in ('model.dtype', 'model.param_dtype', 'export.dtype'):
+    if _get(cfg, name) not in _DTYPES:
+      raise ValueError(f'config.{name}={_get(cfg, name)!r}: unknown dtype; use float32, '
+                       'bfloat16 or float16.')
+  _check_rules(cfg.logical_axis_rules)
+  if num_devices is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    num_devices = jax.device_count()
+  sizes = resolve_mesh_shape(cfg.mesh, num_devices)
+  batch_shards = sizes['data'] * sizes['fsdp']
+  micro = cfg.batch_size // cfg.grad_accum_steps
+  if micro % batch_shards:
+    raise ValueError(f'the micro-batch of {micro} rows (batch_size / grad_accum_steps) must be '
+                     f'divisible by mesh data × fsdp = {batch_shards}.')
+  if cfg.fgrams.enabled and cfg.fgram_model.unique_bucket % batch_shards:
+    raise ValueError(f'config.fgram_model.unique_bucket={cfg.fgram_model.unique_bucket} must '
+                     f'be a multiple of mesh data × fsdp = {batch_shards}.')
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict:
+  """Global axis sizes {'data', 'fsdp', 'tensor'} with the one -1 filled in.
+
+  `mesh_cfg.data/fsdp/tensor` are the sizes within a slice; `mesh_cfg.dcn_data` (default 1)
+  multiplies the data axis across slices, so the returned `data` is data × dcn_data.
+  """
+  dcn_data = int(_field(mesh_cfg, 'dcn_data', 1))
+  if dcn_data < 1:
+    raise ValueError(f'mesh dcn_data={dcn_data} must be >= 1.')
+  if num_devices % dcn_data:
+    raise ValueError(f'mesh dcn_data={dcn_data} does not divide {num_devices} devices.')
+  per_slice = num_devices // dcn_data
+  sizes = {a: int(_field(mesh_cfg, a, 1)) for a in MESH_AXES}
+  bad = [f'{a}={v}' for a, v in sizes.items() if v == 0 or v < -1]
+  if bad:
+    raise ValueError(f'mesh {", ".join(bad)}: axis sizes must be positive or -1 (autofill).')
+  auto = [a for a, v in sizes.items() if v == -1]
+  described = ' × '.join(f'{a}={v}' for a, v in sizes.items())
+  where = f'{per_slice} devices' + (f' per slice ({dcn_data} slices)' if dcn_data > 1 else '')
+  if len(auto) > 1:
+    raise ValueError(f'mesh {described}: only one axis may be -1, got {", ".join(auto)}.')
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if auto:
+    if per_slice % fixed:
+      raise ValueError(f'mesh {described}: the fixed axes (product {fixed}) do not divide '
+                       f'{where}; change them so their product divides {per_slice}.')
+    sizes[auto[0]] = per_slice // fixed
+  elif fixed != per_slice:
+    raise ValueError(f'mesh {described} = {fixed} does not match {where}; set one axis to -1.')
+  sizes['data'] *= dcn_data
+  return sizes
+
+
+def _field(cfg, name, default):
+  if hasattr(cfg, 'get'):
+    return cfg.get(name, default)
+  return getattr(cfg, name, default)
+
+
+def _check_rules(rules):
+  for i, rule in enumerate(rules):
+    if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or rule[0] not in LOGICAL_AXES):
+      raise ValueError(f'config.logical_axis_rules[{i}]={rule!r}: each rule is a pair '
+                       f'(logical axis, mesh axes) with a logical axis among '
+                       f'{", ".join(LOGICAL_AXES)}.')
+    axes = rule[1]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    unknown = [a for a in axes if a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f'config.logical_axis_rules[{i}]={rule!r}: unknown mesh axis '
+                       f'{unknown[0]!r}; use None or some of {", ".join(MESH_AXES)}.')
+
+
+def _get(cfg, dotted):
+  for part in dotted.split('.'):
+    cfg = cfg[part]
+  return cfg
+
+
+def _check_known_keys(cfg, reference, prefix):
+  for key in cfg.keys():
+    if key not in reference:
+      raise ValueError(f'unknown config field {prefix}.{key}; known fields: '
+                       f'{", ".join(sorted(reference.keys()))}.')
+    if isinstance(cfg[key], ml_collections.ConfigDict):
+      if not isinstance(reference[key], ml_collections.ConfigDict):
+        raise ValueError(f'config field {prefix}.{key} should be a value, not a group.')
+      _check_known_keys(cfg[key], reference[key], f'{prefix}.{key}')

@@ -1,10 +1,11 @@
-"""scone_jax command line: extract → train → eval → export → generate.
+"""scone_jax command line: extract → train → eval → export → generate / serve.
 
   python -m scone_jax.main --mode=extract --config=experiments/configs/scone.py --workdir=DIR
   python -m scone_jax.main --mode=train   --config=experiments/configs/scone.py --workdir=DIR
   python -m scone_jax.main --mode=eval    --config=... --workdir=DIR --eval_text=a.txt,b.txt
   python -m scone_jax.main --mode=export  --config=... --workdir=DIR [--export_dir=OUT]
   python -m scone_jax.main --mode=generate --export_dir=OUT --prompt="..."
+  python -m scone_jax.main --mode=serve --export_dir=OUT [--port=8000] [--max_batch=8]
 
 This file wires stages together; the work happens in the modules it calls.
 """
@@ -19,7 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ('extract', 'train', 'eval', 'export', 'generate')
+MODES = ('extract', 'train', 'eval', 'export', 'generate', 'serve')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Run config file (a get_config() .py), e.g. experiments/configs/scone.py.',
@@ -38,6 +39,10 @@ _TABLE_STORAGE = flags.DEFINE_enum('table_storage', 'ram', ('ram', 'mmap', 'tens
                                    'Where serving keeps the f-gram table.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed for --mode=generate.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of a user error too.')
+_HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address --mode=serve listens on.')
+_PORT = flags.DEFINE_integer('port', 8000, 'Port --mode=serve listens on (0 = any free port).')
+_MAX_BATCH = flags.DEFINE_integer('max_batch', 8, 'Decode slots of --mode=serve: requests '
+                                  'decoded together (continuous batching).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() (multi-host; automatic on TPU pods '
     'and with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set).')
@@ -84,6 +89,12 @@ def main(argv):
         paths.check(flag.value)
       except ValueError as e:
         raise app.UsageError(f'--{flag.name}={flag.value}: {e}') from None
+
+  if mode == 'serve':
+    from scone_jax import server  # pylint: disable=g-import-not-at-top
+    server.run(_require(_EXPORT_DIR.value, 'export_dir'), host=_HOST.value, port=_PORT.value,
+               table_storage=_TABLE_STORAGE.value, max_batch=_MAX_BATCH.value)
+    return
 
   if mode == 'generate' or (mode == 'eval' and _EXPORT_DIR.value and not _WORKDIR.value):
     from scone_jax import serving  # pylint: disable=g-import-not-at-top

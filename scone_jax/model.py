@@ -75,8 +75,7 @@ class ModelConfig:
         dropout_rate=float(m.dropout_rate), dtype=m.dtype, param_dtype=m.param_dtype,
         fgrams_enabled=bool(cfg.fgrams.enabled), fgram_max_len=cfg.fgrams.max_len,
         fgram_num_layers=f.num_layers, fgram_num_heads=f.num_heads, fgram_head_dim=f.head_dim,
-        fgram_mlp_dim=f.mlp_dim, remat=bool(m.get('remat', False)),
-        scan_layers=bool(m.get('scan_layers', False)))
+        fgram_mlp_dim=f.mlp_dim, remat=bool(m.remat), scan_layers=bool(m.scan_layers))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,26 +172,29 @@ class Attention(nn.Module):
                                    v_BxLxHxK.dtype)
       cached_valid = self.variable('cache', 'cached_valid', jnp.zeros, valid_BxL.shape,
                                    jnp.bool_)
-      cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+      # One index per row: rows of a batch may join a decode at different times (a server's
+      # slots), each with its own fill level.
+      cache_index = self.variable('cache', 'cache_index', jnp.zeros, valid_BxL.shape[:1],
+                                  jnp.int32)
       if initialized:
-        # Write the T new entries at the shared index, then attend to every valid cached
+        # Write each row's T new entries at its own index, then attend to every valid cached
         # entry at or before each query's slot.
         num_slots, num_new = cached_key.value.shape[1], x_BxLxD.shape[1]
         if num_new > num_slots:
           raise ValueError(f'decoding {num_new} tokens at once but the cache holds '
                            f'{num_slots}; init the cache with a longer input.')
-        index = cache_index.value
-        k_BxSxHxK = jax.lax.dynamic_update_slice(cached_key.value, k_BxLxHxK.astype(
-            cached_key.value.dtype), (0, index, 0, 0))
-        v_BxSxHxK = jax.lax.dynamic_update_slice(cached_value.value, v_BxLxHxK.astype(
-            cached_value.value.dtype), (0, index, 0, 0))
-        valid_BxS = jax.lax.dynamic_update_slice(cached_valid.value, valid_BxL, (0, index))
+        index_B = cache_index.value
+        write = jax.vmap(lambda cache, new, i: jax.lax.dynamic_update_slice_in_dim(
+            cache, new.astype(cache.dtype), i, axis=0))
+        k_BxSxHxK = write(cached_key.value, k_BxLxHxK, index_B)
+        v_BxSxHxK = write(cached_value.value, v_BxLxHxK, index_B)
+        valid_BxS = write(cached_valid.value, valid_BxL, index_B)
         cached_key.value, cached_value.value = k_BxSxHxK, v_BxSxHxK
         cached_valid.value = valid_BxS
-        cache_index.value = index + num_new
-        query_slot_L = index + jnp.arange(num_new)
-        causal_LxS = jnp.arange(num_slots)[None, :] <= query_slot_L[:, None]
-        mask = causal_LxS[None, None] & valid_BxS[:, None, None, :]
+        cache_index.value = index_B + num_new
+        query_slot_BxL = index_B[:, None] + jnp.arange(num_new)
+        causal_BxLxS = jnp.arange(num_slots)[None, None, :] <= query_slot_BxL[:, :, None]
+        mask = causal_BxLxS[:, None] & valid_BxS[:, None, None, :]
         k_BxLxHxK, v_BxLxHxK = k_BxSxHxK, v_BxSxHxK
 
     q_BxLxHxK = q_BxLxHxK * jnp.asarray(c.head_dim ** -0.5, q_BxLxHxK.dtype)
@@ -406,9 +408,10 @@ class SconeLM(nn.Module):
     """Input vectors [B, L, d] → float32 logits; the whole inference-time model.
 
     decode=True uses the 'cache' collection (init it with `init(..., decode=True)` on a
-    [B, max_decode_len] input; apply with mutable=['cache']): the L new entries are written
-    at the shared cache index, `valid_BxL` is stored with them, and each query attends to
-    the valid cached entries at or before its slot. positions_BxL are then required.
+    [B, max_decode_len] input; apply with mutable=['cache']): each row's L new entries are
+    written at that row's cache index (`cache_index` [B]; rows may be reset one at a time),
+    `valid_BxL` is stored with them, and each query attends to the valid cached entries at
+    or before its slot. positions_BxL are then required.
     """
     batch, length = x_BxLxD.shape[:2]
     if positions_BxL is None:

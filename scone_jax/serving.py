@@ -82,13 +82,17 @@ class DecodeLookup:
 
   def reset(self, docs: Sequence[np.ndarray], positions: Sequence[int]):
     """Each row's document tokens so far (BOS excluded) and the position of its next input."""
-    self.state[:] = 0
-    k = self.k
     for b, (doc, pos) in enumerate(zip(docs, positions)):
-      tail = np.asarray(doc)[-k:]
-      self.state[b, k - tail.size:k] = tail
-      self.state[b, k] = len(doc)
-      self.state[b, k + 1] = pos
+      self.reset_row(b, doc, pos)
+
+  def reset_row(self, b: int, doc: np.ndarray, position: int):
+    """Row b alone starts over (a server slot taking a new request); the others keep going."""
+    k = self.k
+    self.state[b] = 0
+    tail = np.asarray(doc)[-k:]
+    self.state[b, k - tail.size:k] = tail
+    self.state[b, k] = len(doc)
+    self.state[b, k + 1] = position
 
   def advance(self, tokens_B: np.ndarray):
     """Pushes one token per row; returns the (rows, ints) buffers for the next step."""

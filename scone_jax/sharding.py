@@ -7,62 +7,20 @@ parallelism of heads, mlp and vocab). Modules name their axes logically (`batch`
 """
 import contextlib
 import logging
-import math
 from typing import Any, Optional, Sequence
 
 from flax import linen as nn
 import jax
 from jax.experimental import mesh_utils
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+from scone_jax import config as config_lib
 
-# FSDP by default. Order matters: an activation [batch, length, embed] gets (data, fsdp) for
-# batch first, so embed (fsdp) is left unsharded there while parameters shard embed over fsdp.
-_DEFAULT_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('fgram_batch', ('data', 'fsdp')),
-    ('embed', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('vocab', 'tensor'),
-    ('kv', None),
-    ('length', None),
-    ('fgram_len', None),
-    ('layers', None),
-)
-
-
-def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict:
-  """Global axis sizes {'data', 'fsdp', 'tensor'} with the one -1 filled in.
-
-  `mesh_cfg.data/fsdp/tensor` are the sizes within a slice; `mesh_cfg.dcn_data` (default 1)
-  multiplies the data axis across slices, so the returned `data` is data × dcn_data.
-  """
-  dcn_data = int(_field(mesh_cfg, 'dcn_data', 1))
-  if dcn_data < 1:
-    raise ValueError(f'mesh dcn_data={dcn_data} must be >= 1.')
-  if num_devices % dcn_data:
-    raise ValueError(f'mesh dcn_data={dcn_data} does not divide {num_devices} devices.')
-  per_slice = num_devices // dcn_data
-  sizes = {a: int(_field(mesh_cfg, a, 1)) for a in MESH_AXES}
-  bad = [f'{a}={v}' for a, v in sizes.items() if v == 0 or v < -1]
-  if bad:
-    raise ValueError(f'mesh {", ".join(bad)}: axis sizes must be positive or -1 (autofill).')
-  auto = [a for a, v in sizes.items() if v == -1]
-  described = ' × '.join(f'{a}={v}' for a, v in sizes.items())
-  where = f'{per_slice} devices' + (f' per slice ({dcn_data} slices)' if dcn_data > 1 else '')
-  if len(auto) > 1:
-    raise ValueError(f'mesh {described}: only one axis may be -1, got {", ".join(auto)}.')
-  fixed = math.prod(v for v in sizes.values() if v != -1)
-  if auto:
-    if per_slice % fixed:
-      raise ValueError(f'mesh {described}: the fixed axes (product {fixed}) do not divide '
-                       f'{where}; change them so their product divides {per_slice}.')
-    sizes[auto[0]] = per_slice // fixed
-  elif fixed != per_slice:
-    raise ValueError(f'mesh {described} = {fixed} does not match {where}; set one axis to -1.')
-  sizes['data'] *= dcn_data
-  return sizes
+# The mesh axes, the logical axis names, the default rules and the mesh-shape arithmetic are
+# part of the config schema (config.py); these names stay here for callers.
+MESH_AXES = config_lib.MESH_AXES
+LOGICAL_AXES = config_lib.LOGICAL_AXES
+DEFAULT_RULES = config_lib.DEFAULT_RULES
+resolve_mesh_shape = config_lib.resolve_mesh_shape
 
 
 def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
@@ -90,11 +48,11 @@ def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> jax.sharding
 
 
 def logical_axis_rules(cfg=None) -> tuple:
-  """Logical → mesh axis rules; `cfg.logical_axis_rules` (pairs), if set, replaces them."""
-  custom = _field(cfg, 'logical_axis_rules', None) if cfg is not None else None
+  """Logical → mesh axis rules: `cfg.logical_axis_rules` (pairs), DEFAULT_RULES if empty/None."""
+  custom = cfg.logical_axis_rules if cfg is not None else None
   if custom:
     return tuple((str(name), _mesh_axes(axes)) for name, axes in custom)
-  return _DEFAULT_RULES
+  return DEFAULT_RULES
 
 
 def logical_to_sharding(logical_spec_tree, mesh: jax.sharding.Mesh, rules):

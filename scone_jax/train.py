@@ -1,19 +1,20 @@
 """Joint training of the main LM and the f-gram model: state, step, eval, checkpoints.
 
-One loop, one state dataclass. The step is `jax.jit` with NamedSharding in/out shardings
-(what pjit became); parameters are born sharded (`sharding.init_sharded`). Orbax keeps
-params, optimizer state, step, the data-iterator state and run metadata (config and the
-f-gram set's fingerprint) together, so a resumed run continues exactly where it stopped.
+One loop, one state dataclass. The train and eval steps are jitted once per Trainer with
+NamedSharding in/out shardings (what pjit became) and the state donated; parameters are
+born sharded (`sharding.init_sharded`). Orbax keeps params, optimizer state, step, the
+data-iterator state and run metadata (config and the f-gram set's fingerprint) together,
+so a resumed run continues exactly where it stopped.
 """
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable
 
 import flax
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,9 +27,11 @@ from scone_jax import checkpoints
 from scone_jax import config as config_lib
 from scone_jax import metrics
 from scone_jax import packing
+from scone_jax import paths
 from scone_jax import seqio_tasks
 from scone_jax import model as model_lib
 from scone_jax import sharding
+from scone_jax import step_batch as step_batch_lib
 
 
 @flax.struct.dataclass
@@ -40,65 +43,8 @@ class TrainState:
 
 # ----------------------------------------------------------------------------- config
 
-
-def validate_config(cfg: ml_collections.ConfigDict, num_devices: Optional[int] = None):
-  """Fails before any compile with a message that names the bad field."""
-  _check_known_keys(cfg, config_lib.default_config(), 'config')
-  positive = ['seq_len', 'batch_size', 'num_train_steps', 'grad_accum_steps', 'log_every_steps',
-              'checkpoint_every_steps', 'eval_every_steps', 'keep_checkpoints',
-              'model.num_layers', 'model.d_model', 'model.num_heads', 'model.head_dim',
-              'model.mlp_dim', 'tokenizer.vocab_size']
-  for name in positive:
-    value = _get(cfg, name)
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f'config.{name} must be a positive integer, got {value!r}.')
-  if cfg.batch_size % cfg.grad_accum_steps:
-    raise ValueError(f'config.batch_size={cfg.batch_size} is not divisible by '
-                     f'config.grad_accum_steps={cfg.grad_accum_steps}.')
-  if cfg.fgrams.enabled:
-    if cfg.fgrams.num_fgrams < 1:
-      raise ValueError('config.fgrams.enabled is True but config.fgrams.num_fgrams < 1; '
-                       'set --config.fgrams.num_fgrams=N or use baseline.py.')
-    if cfg.fgrams.max_len < 2:
-      raise ValueError(f'config.fgrams.max_len={cfg.fgrams.max_len}: f-grams have at least '
-                       '2 tokens; set it to 2 or more.')
-    if cfg.seq_len < cfg.fgrams.max_len:
-      raise ValueError(f'config.seq_len={cfg.seq_len} is shorter than config.fgrams.max_len='
-                       f'{cfg.fgrams.max_len}; raise seq_len or lower max_len.')
-    if cfg.fgram_model.num_layers < 1:
-      raise ValueError('config.fgram_model.num_layers must be >= 1 when f-grams are enabled.')
-  if cfg.input_pipeline not in ('numpy', 'seqio'):
-    raise ValueError(f'config.input_pipeline={cfg.input_pipeline!r}; use numpy or seqio.')
-  for dt in (cfg.model.dtype, cfg.model.param_dtype, cfg.export.dtype):
-    if dt not in ('float32', 'bfloat16', 'float16'):
-      raise ValueError(f'unknown dtype {dt!r}; use float32, bfloat16 or float16.')
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  sizes = sharding.resolve_mesh_shape(cfg.mesh, num_devices)
-  batch_shards = sizes['data'] * sizes['fsdp']
-  micro = cfg.batch_size // cfg.grad_accum_steps
-  if micro % batch_shards:
-    raise ValueError(f'the micro-batch of {micro} rows (batch_size / grad_accum_steps) must be '
-                     f'divisible by mesh data × fsdp = {batch_shards}.')
-  if cfg.fgrams.enabled and cfg.fgram_model.unique_bucket % batch_shards:
-    raise ValueError(f'config.fgram_model.unique_bucket={cfg.fgram_model.unique_bucket} must '
-                     f'be a multiple of mesh data × fsdp = {batch_shards}.')
-
-
-def _get(cfg, dotted):
-  for part in dotted.split('.'):
-    cfg = cfg[part]
-  return cfg
-
-
-def _check_known_keys(cfg, reference, prefix):
-  for key in cfg.keys():
-    if key not in reference:
-      raise ValueError(f'unknown config field {prefix}.{key}; known fields: '
-                       f'{", ".join(sorted(reference.keys()))}.')
-    if isinstance(cfg[key], ml_collections.ConfigDict):
-      if not isinstance(reference[key], ml_collections.ConfigDict):
-        raise ValueError(f'config field {prefix}.{key} should be a value, not a group.')
-      _check_known_keys(cfg[key], reference[key], f'{prefix}.{key}')
+# The schema, its defaults and its checks live in config.py; this name stays for callers.
+validate_config = config_lib.validate
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -119,87 +65,6 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
       optax.clip_by_global_norm(cfg.grad_clip_norm),
       optax.adamw(make_schedule(cfg), b1=0.9, b2=0.95, eps=1e-8,
                   weight_decay=cfg.weight_decay, mask=decay_mask))
-
-
-# ----------------------------------------------------------------------------- batches
-
-_ROW_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
-
-
-def make_step_batch(batch: dict, fgram_set, cfg) -> dict:
-  """Host-side: splits a batch into grad_accum micro-batches and dedupes their f-grams.
-
-  Every array gets a leading micro-batch axis A. The micro-batches share one unique-id
-  buffer size U so they stack; U is bucketed so the step compiles for few shapes.
-  """
-  accum = cfg.grad_accum_steps
-  rows = batch['inputs'].shape[0]
-  if rows % accum:
-    raise ValueError(f'batch of {rows} rows does not split into {accum} micro-batches.')
-  size = rows // accum
-  micro = [{k: v[i * size:(i + 1) * size] for k, v in batch.items()
-            if isinstance(v, np.ndarray) and v.ndim == 2} for i in range(accum)]
-  out = {k: np.stack([m[k] for m in micro]) for k in _ROW_KEYS}
-  stats = {'fgram_matched': 0, 'fgram_unique': 0, 'fgram_rows': 0}
-  if fgram_set is None:
-    return out, stats
-  deduped = [packing.dedupe_fgrams(m, fgram_set, bucket=cfg.fgram_model.unique_bucket,
-                                dedupe=cfg.fgram_model.dedupe) for m in micro]
-  size = max(d['fgram_uniq_tokens'].shape[0] for d in deduped)
-  toks, lens, index = [], [], []
-  for d in deduped:
-    pad = size - d['fgram_uniq_tokens'].shape[0]
-    toks.append(np.pad(d['fgram_uniq_tokens'], ((0, pad), (0, 0))))
-    lens.append(np.pad(d['fgram_uniq_lengths'], (0, pad), constant_values=1))
-    index.append(d['fgram_index'])
-    stats['fgram_matched'] += int((d['fgram_index'] >= 0).sum())
-    stats['fgram_unique'] += int(d.get('fgram_num_unique', 0))
-  stats['fgram_rows'] = size * accum
-  out['fgram_uniq_tokens'] = np.stack(toks)
-  out['fgram_uniq_lengths'] = np.stack(lens)
-  out['fgram_index'] = np.stack(index)
-  return out, stats
-
-
-def batch_shardings(step_batch: dict, mesh, rules) -> dict:
-  """Row arrays [A, B, L] and unique-id arrays [A, U, ...] split over the batch axes."""
-  logical = {}
-  for k, v in step_batch.items():
-    lead = 'fgram_batch' if k.startswith('fgram_uniq') else 'batch'
-    logical[k] = jax.sharding.PartitionSpec(None, lead, *([None] * (v.ndim - 2)))
-  return {k: jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(spec, rules))
-          for k, spec in logical.items()}
-
-
-def device_put_batch(step_batch, shardings):
-  """Assembles global arrays from this process's rows (multi-host safe).
-
-  With several processes, each deduped its own rows' f-grams: the unique-window arrays are
-  padded to one size agreed by all processes, and fgram_index is shifted from local to
-  global rows of the assembled [A, U_global, K] array.
-  """
-  if jax.process_count() > 1 and 'fgram_uniq_tokens' in step_batch:
-    step_batch = _globalize_fgram_rows(step_batch, shardings['fgram_uniq_tokens'])
-  return {k: jax.make_array_from_process_local_data(shardings[k], v)
-          for k, v in step_batch.items()}
-
-
-def _globalize_fgram_rows(step_batch, uniq_sharding):
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  toks = step_batch['fgram_uniq_tokens']
-  accum, local_u, width = toks.shape
-  size = int(np.max(multihost_utils.process_allgather(np.int32(local_u))))
-  out = dict(step_batch)
-  out['fgram_uniq_tokens'] = np.pad(toks, ((0, 0), (0, size - local_u), (0, 0)))
-  out['fgram_uniq_lengths'] = np.pad(step_batch['fgram_uniq_lengths'],
-                                     ((0, 0), (0, size - local_u)), constant_values=1)
-  global_shape = (accum, size * jax.process_count(), width)
-  starts = {idx[1].start or 0 for idx in
-            uniq_sharding.addressable_devices_indices_map(global_shape).values()}
-  offset = min(starts)
-  index = step_batch['fgram_index']
-  out['fgram_index'] = np.where(index >= 0, index + offset, -1).astype(np.int32)
-  return out
 
 
 # ----------------------------------------------------------------------------- step
@@ -262,7 +127,13 @@ def make_eval_step(model):
 
 @dataclasses.dataclass
 class Trainer:
-  """Holds the compiled pieces of one run; `train()` is the loop."""
+  """Holds the compiled pieces of one run; `train()` is the loop.
+
+  train_step (state, step_batch, rng) -> (state, metrics) donates `state`; eval_step
+  (params, step_batch) -> {'nll_sum', 'tokens'}. Both are jitted once, here, with in/out
+  shardings (state_shardings, batch_shardings), so a batch shape seen before never
+  recompiles; only a new unique-window bucket U compiles a new shape.
+  """
   cfg: ml_collections.ConfigDict
   workdir: str
   run: artifacts.RunArtifacts
@@ -273,6 +144,9 @@ class Trainer:
   schedule: Any
   state: TrainState
   state_shardings: Any
+  batch_shardings: dict
+  train_step: Callable
+  eval_step: Callable
 
   @property
   def fgram_set(self):
@@ -304,7 +178,7 @@ def optimizer_shardings(tx, params, param_shardings, replicated):
 
 
 def create_trainer(cfg, workdir, run: artifacts.RunArtifacts, mesh=None) -> Trainer:
-  """Builds the mesh, the model and a freshly initialised, already sharded state."""
+  """Builds the mesh, the model, a freshly initialised sharded state and the jitted steps."""
   mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
   rules = sharding.logical_axis_rules(cfg)
   model = build_model(cfg, run.tokenizer.vocab_size)
@@ -318,7 +192,29 @@ def create_trainer(cfg, workdir, run: artifacts.RunArtifacts, mesh=None) -> Trai
   state_shardings = TrainState(replicated, param_shardings, opt_shardings)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = TrainState(jax.device_put(jnp.int32(0), replicated), params, opt_state)
-  return Trainer(cfg, workdir, run, mesh, rules, model, tx, schedule, state, state_shardings)
+  batch_shardings = step_batch_lib.batch_shardings_for(
+      mesh, rules, with_fgrams=run.fgram_set is not None)
+  train_step = _under_mesh(jax.jit(
+      make_train_step(model, tx, schedule, cfg),
+      in_shardings=(state_shardings, batch_shardings, replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,)), mesh, rules)
+  eval_step = _under_mesh(jax.jit(
+      make_eval_step(model), in_shardings=(param_shardings, batch_shardings),
+      out_shardings=replicated), mesh, rules)
+  return Trainer(cfg, workdir, run, mesh, rules, model, tx, schedule, state, state_shardings,
+                 batch_shardings, train_step, eval_step)
+
+
+def _under_mesh(jitted, mesh, rules):
+  """`jitted`, called with the mesh and logical rules current (its constraints trace under them).
+
+  The jitted function stays reachable as `.jitted` (e.g. for `.lower()` or its cache size).
+  """
+  def call(*args):
+    with sharding.mesh_context(mesh, rules):
+      return jitted(*args)
+  call.jitted = jitted
+  return call
 
 
 def count_params(tree) -> int:
@@ -373,29 +269,27 @@ def restore_latest(mngr, trainer: Trainer, *, with_data=True):
 
 def evaluate(trainer: Trainer, loader, *, max_batches=0) -> dict:
   """Loss, perplexity and bits per byte over an eval loader (all batches when max_batches=0)."""
-  eval_step = jax.jit(make_eval_step(trainer.model))
-  nll, tokens, batches = 0.0, 0.0, 0
+  nll, tokens, batches, pending = 0.0, 0.0, 0, None
   for batch in loader:
-    step_batch, _ = make_step_batch(batch, trainer.fgram_set, _eval_cfg(trainer.cfg))
-    shardings = batch_shardings(step_batch, trainer.mesh, trainer.rules)
-    with sharding.mesh_context(trainer.mesh, trainer.rules):
-      out = eval_step(trainer.state.params, device_put_batch(step_batch, shardings))
-    nll += float(out['nll_sum'])
-    tokens += float(out['tokens'])
+    # Eval batches are not split for accumulation.
+    sb, _ = step_batch_lib.make_step_batch(batch, trainer.fgram_set, trainer.cfg,
+                                           grad_accum_steps=1)
+    out = trainer.eval_step(trainer.state.params,
+                            step_batch_lib.device_put_batch(sb, trainer.batch_shardings))
+    # Each batch's sums are read after the next one is dispatched: the device never waits
+    # on the host, and at most two batches are in flight.
+    if pending is not None:
+      nll, tokens = nll + float(pending['nll_sum']), tokens + float(pending['tokens'])
+    pending = out
     batches += 1
     if max_batches and batches >= max_batches:
       break
+  if pending is not None:
+    nll, tokens = nll + float(pending['nll_sum']), tokens + float(pending['tokens'])
   return eval_metrics(nll, tokens, batches, loader)
 
 
 eval_metrics = metrics.eval_metrics
-
-
-def _eval_cfg(cfg):
-  # Eval batches are not split for accumulation.
-  c = ml_collections.ConfigDict(cfg.to_dict())
-  c.grad_accum_steps = 1
-  return c
 
 
 # ----------------------------------------------------------------------------- loop
@@ -471,7 +365,28 @@ def make_loaders(cfg, workdir, run: artifacts.RunArtifacts):
 
 
 def train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) -> dict:
-  """Trains (or resumes) to cfg.num_train_steps; returns the last metrics."""
+  """Trains (or resumes) to cfg.num_train_steps; returns the last metrics.
+
+  A full disk while checkpointing stops with one error naming the checkpoint directory;
+  the checkpoints already written stay restorable (orbax writes each step in a temporary
+  directory and renames it when complete).
+  """
+  try:
+    return _train(cfg, workdir, run, stop_after_steps=stop_after_steps)
+  except Exception as e:  # pylint: disable=broad-except
+    if paths.is_disk_full(e):
+      raise paths.disk_full_error('a checkpoint', paths.join(workdir, artifacts.CHECKPOINT_DIR),
+                                  e) from e
+    raise
+
+
+def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) -> dict:
+  """Trains (or resumes) to cfg.num_train_steps; returns the last metrics.
+
+  Step N's metrics are read after step N+1 is dispatched, so the host never stalls the
+  device to log. A non-finite loss or gradient norm stops the run with FloatingPointError
+  before its state is checkpointed; the last checkpoint saved stays the newest one.
+  """
   trainer = create_trainer(cfg, workdir, run)
   logging.info('mesh %s; params: %s total, %s in the f-gram model',
                dict(trainer.mesh.shape), f'{count_params(trainer.state.params):,}',
@@ -479,62 +394,90 @@ def train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) -
   train_loader, eval_loader = make_loaders(cfg, workdir, run)
   mngr = checkpoint_manager(workdir, cfg)
   restored = restore_latest(mngr, trainer)
+  last_saved = None
   if restored is not None:
-    state, loader_state, step = restored
+    state, loader_state, last_saved = restored
     trainer.state = state
     train_loader.restore(loader_state)
-    logging.info('resumed from step %d', step)
-  train_step = jax.jit(make_train_step(trainer.model, trainer.tx, trainer.schedule, cfg),
-                       donate_argnums=(0,))
+    logging.info('resumed from step %d', last_saved)
+  replicated = trainer.state_shardings.step
+  params_finite = jax.jit(_all_finite, out_shardings=replicated)
   writer = _MetricsWriter(workdir)
-  rng = jax.random.PRNGKey(cfg.seed + 1)
+  rng = jax.device_put(jax.random.PRNGKey(cfg.seed + 1), replicated)
   start = int(trainer.state.step)
   last = {}
   t_last, tokens_since, steps_since = time.time(), 0, 0
   t_start = time.time()
   fgram_stats = {'fgram_matched': 0, 'fgram_unique': 0, 'fgram_rows': 0}
+
+  def finish(done, metrics, logged):
+    """Reads step `done`'s metrics, stops on non-finite ones, logs them if it is a log step."""
+    nonlocal last, t_last
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not (math.isfinite(metrics['loss']) and math.isfinite(metrics['grad_norm'])):
+      what = 'loss' if not math.isfinite(metrics['loss']) else 'gradient norm'
+      raise _non_finite(f'{what} at step {done} (loss {metrics["loss"]}, grad_norm '
+                        f'{metrics["grad_norm"]})', last_saved, mngr)
+    if logged is None:
+      return
+    tokens, steps, stats = logged
+    now = time.time()
+    elapsed, t_last = now - t_last, now
+    tps = tokens * jax.process_count() / max(elapsed, 1e-9)
+    eta = (cfg.num_train_steps - done) * elapsed / max(steps, 1)
+    last = dict(metrics)
+    last.update(tokens_per_s=tps, step_time_s=elapsed / steps)
+    if stats['fgram_matched']:
+      last['fgram_match_rate'] = stats['fgram_matched'] / max(tokens, 1)
+      last['fgram_rows_per_step'] = stats['fgram_rows'] / steps
+      if cfg.fgram_model.dedupe:
+        last['fgram_unique_per_step'] = stats['fgram_unique'] / steps
+    logging.info('step %d/%d  loss %.4f  %s tokens/s  lr %.2e  ETA %s', done,
+                 cfg.num_train_steps, last['loss'], f'{tps:,.0f}', last['learning_rate'],
+                 _format_eta(eta))
+    writer.write(done, {f'train/{k}': v for k, v in last.items()})
+
+  pending = None  # (done, device metrics, logged counters or None) of the last step
   try:
     for step in range(start, cfg.num_train_steps):
       if stop_after_steps is not None and step - start >= stop_after_steps:
         break
       batch = train_loader.batch_at(step)
-      step_batch, stats = make_step_batch(batch, trainer.fgram_set, cfg)
-      for k in fgram_stats:
-        fgram_stats[k] += stats[k]
-      shardings = batch_shardings(step_batch, trainer.mesh, trainer.rules)
-      with sharding.mesh_context(trainer.mesh, trainer.rules):
-        trainer.state, metrics = train_step(trainer.state, device_put_batch(step_batch, shardings),
-                                            rng)
+      sb, stats = step_batch_lib.make_step_batch(batch, trainer.fgram_set, cfg)
+      trainer.state, metrics = trainer.train_step(
+          trainer.state, step_batch_lib.device_put_batch(sb, trainer.batch_shardings), rng)
       train_loader.restore({'step': step + 1})
       steps_since += 1
-      tokens_since += int(np.sum(step_batch['loss_mask']))
+      tokens_since += int(np.sum(sb['loss_mask']))
+      for k in fgram_stats:
+        fgram_stats[k] += stats[k]
       done = step + 1
+      logged = None
       if done % cfg.log_every_steps == 0 or done == cfg.num_train_steps:
-        metrics = jax.device_get(metrics)
-        elapsed = time.time() - t_last
-        tps = tokens_since * jax.process_count() / max(elapsed, 1e-9)
-        eta = (cfg.num_train_steps - done) * elapsed / max(steps_since, 1)
-        last = {k: float(v) for k, v in metrics.items()}
-        last.update(tokens_per_s=tps, step_time_s=elapsed / steps_since)
-        if fgram_stats['fgram_matched']:
-          last['fgram_match_rate'] = fgram_stats['fgram_matched'] / max(tokens_since, 1)
-          last['fgram_rows_per_step'] = fgram_stats['fgram_rows'] / steps_since
-          if cfg.fgram_model.dedupe:
-            last['fgram_unique_per_step'] = fgram_stats['fgram_unique'] / steps_since
-        logging.info('step %d/%d  loss %.4f  %s tokens/s  lr %.2e  ETA %s', done,
-                     cfg.num_train_steps, last['loss'], f'{tps:,.0f}', last['learning_rate'],
-                     _format_eta(eta))
-        writer.write(done, {f'train/{k}': v for k, v in last.items()})
-        t_last, tokens_since, steps_since = time.time(), 0, 0
+        logged = (tokens_since, steps_since, fgram_stats)
+        tokens_since, steps_since = 0, 0
         fgram_stats = {k: 0 for k in fgram_stats}
-      if done % cfg.eval_every_steps == 0 or done == cfg.num_train_steps:
+      if pending is not None:
+        finish(*pending)
+      pending = (done, metrics, logged)
+      evaluating = done % cfg.eval_every_steps == 0 or done == cfg.num_train_steps
+      saving = done % cfg.checkpoint_every_steps == 0 or done == cfg.num_train_steps
+      if evaluating or saving:
+        finish(*pending)
+        pending = None
+      if evaluating:
         ev = evaluate(trainer, eval_loader, max_batches=cfg.eval_batches)
         logging.info('eval at step %d: loss %.4f  ppl %.2f  bits/byte %.4f', done, ev['loss'],
                      ev['ppl'], ev['bits_per_byte'])
         writer.write(done, {f'eval/{k}': v for k, v in ev.items()})
         last.update({f'eval_{k}': v for k, v in ev.items()})
-      if done % cfg.checkpoint_every_steps == 0 or done == cfg.num_train_steps:
+      if saving:
+        if not bool(params_finite(trainer.state.params)):
+          raise _non_finite(f'parameters after step {done}', last_saved, mngr)
         save_checkpoint(mngr, trainer, train_loader.state())
+        last_saved = done
+    if pending is not None:
+      finish(*pending)
   finally:
     mngr.wait_until_finished()
     mngr.close()
@@ -542,6 +485,19 @@ def train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) -
   logging.info('trained steps %d..%d in %.1fs', start, int(trainer.state.step),
                time.time() - t_start)
   return last
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _non_finite(what, last_saved, mngr) -> FloatingPointError:
+  if last_saved is None:
+    where = f'no checkpoint was saved before it in {mngr.directory}'
+  else:
+    where = f'the last good checkpoint is step {last_saved} in {mngr.directory}'
+  return FloatingPointError(f'non-finite {what}; {where}. Lower config.learning_rate (or check '
+                            'the data) and rerun: training resumes from the last checkpoint.')
 
 
 def load_for_eval(cfg, workdir, run: artifacts.RunArtifacts) -> Trainer:

@@ -15,6 +15,7 @@ from scone_jax import corpus
 from scone_jax import packing
 from scone_jax import seqio_tasks
 from scone_jax import fgrams
+from scone_jax import step_batch
 
 SEQ_LEN = 32
 MAX_LEN = 4
@@ -246,7 +247,7 @@ def test_dedupe_fgrams(setup, dedupe):
   ids = batch['fgram_ids']
   matched = ids >= 0
   assert matched.any()
-  out = packing.dedupe_fgrams(batch, fgram_set, bucket=16, dedupe=dedupe)
+  out = step_batch.dedupe_fgrams(batch, fgram_set, bucket=16, dedupe=dedupe)
   for k in packing.BATCH_KEYS:
     np.testing.assert_array_equal(out[k], batch[k])
   toks, lens, index = out['fgram_uniq_tokens'], out['fgram_uniq_lengths'], out['fgram_index']
@@ -266,7 +267,7 @@ def test_dedupe_fgrams(setup, dedupe):
   unused = np.setdiff1d(np.arange(toks.shape[0]), index[matched])
   assert (lens[unused] == 1).all() and (toks[unused] == 0).all()
   empty = dict(batch, fgram_ids=np.full_like(ids, -1))
-  assert packing.dedupe_fgrams(empty, fgram_set, bucket=16)['fgram_uniq_tokens'].shape[0] == 16
+  assert step_batch.dedupe_fgrams(empty, fgram_set, bucket=16)['fgram_uniq_tokens'].shape[0] == 16
 
 
 def test_sotu_smoke(tmp_path):

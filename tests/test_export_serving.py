@@ -20,7 +20,7 @@ from scone_jax import export
 from scone_jax import fgrams
 from scone_jax import model as model_lib
 from scone_jax import serving
-from scone_jax import sharding
+from scone_jax import step_batch
 from scone_jax import train
 import tiny
 
@@ -46,13 +46,11 @@ def setup(tmp_path_factory):
   # The training loop's own pieces, without its eval and TensorBoard: seconds, not tens.
   trainer = train.create_trainer(cfg, workdir, run)
   loader, _ = train.make_loaders(cfg, workdir, run)
-  step_fn = jax.jit(train.make_train_step(trainer.model, trainer.tx, trainer.schedule, cfg))
   for step in range(STEPS):
-    step_batch, _ = train.make_step_batch(loader.batch_at(step), run.fgram_set, cfg)
-    shardings = train.batch_shardings(step_batch, trainer.mesh, trainer.rules)
-    with sharding.mesh_context(trainer.mesh, trainer.rules):
-      trainer.state, _ = step_fn(trainer.state, train.device_put_batch(step_batch, shardings),
-                                 jax.random.PRNGKey(1))
+    sb, _ = step_batch.make_step_batch(loader.batch_at(step), run.fgram_set, cfg)
+    trainer.state, _ = trainer.train_step(
+        trainer.state, step_batch.device_put_batch(sb, trainer.batch_shardings),
+        jax.random.PRNGKey(1))
   mngr = train.checkpoint_manager(workdir, cfg)
   train.save_checkpoint(mngr, trainer, {'step': STEPS})
   mngr.wait_until_finished()
@@ -187,7 +185,7 @@ def _full_forward_logits(setup, prompt, generated):
   length = 64  # right-padded; one shape for every row
   pad = length - inputs.size
   batch = {'fgram_ids': np.pad(ids, (0, pad), constant_values=-1)[None]}
-  deduped = packing.dedupe_fgrams(batch, setup.run.fgram_set, bucket=64)
+  deduped = step_batch.dedupe_fgrams(batch, setup.run.fgram_set, bucket=64)
   logits = setup.trainer.model.apply(
       {'params': setup.params}, np.pad(inputs, (0, pad))[None],
       positions_BxL=np.arange(length, dtype=np.int32)[None],

@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scone_jax')
 
 # Data-flow order: a module may import only modules listed before it.
 ORDER = ['paths', 'config', 'fgrams', 'corpus', 'fgrams_beam', 'artifacts', 'packing',
          'seqio_tasks', 'model', 'sharding', 'flops', 'metrics', 'checkpoints', 'table',
-         'step_batch', 'train', 'export', 'serving', 'main']
+         'step_batch', 'train', 'export', 'serving', 'server', 'main']
 # Train, export and serving stand side by side on a shared floor.
 SIBLINGS = {'train', 'export', 'serving'}
 
@@ -50,10 +52,11 @@ def test_import_graph_runs_one_way():
       assert not deps & SIBLINGS, f'{name} imports {deps & SIBLINGS}'
 
 
-def test_serving_loads_no_training_code():
+@pytest.mark.parametrize('module', ['scone_jax.serving', 'scone_jax.server'])
+def test_serving_loads_no_training_code(module):
   probe = (
       'import sys\n'
-      'import scone_jax.serving\n'
+      f'import {module}\n'
       'bad = sorted(m for m in sys.modules if m.split(".")[0] in '
       '("tensorflow", "optax", "seqio", "apache_beam", "grain") or m in '
       '("scone_jax.train", "scone_jax.data", "scone_jax.seqio_tasks", "scone_jax.export", '
@@ -61,4 +64,4 @@ def test_serving_loads_no_training_code():
       'print(",".join(bad))\n')
   out = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,
                        check=True, cwd=os.path.dirname(PACKAGE))
-  assert out.stdout.strip() == '', f'serving loaded: {out.stdout.strip()}'
+  assert out.stdout.strip() == '', f'{module} loaded: {out.stdout.strip()}'

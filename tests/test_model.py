@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scone_jax import packing
 from scone_jax import fgrams
 from scone_jax import model as model_lib
+from scone_jax import step_batch
 
 VOCAB = 50
 K = 4
@@ -36,7 +36,7 @@ def _batch(fgram_set, rng, batch=3, length=24, dedupe=True):
   tokens_BxL = rng.integers(1, 5, size=(batch, length)).astype(np.int32)
   ids, lens = zip(*(fgram_set.match(row) for row in tokens_BxL))
   b = {'inputs': tokens_BxL, 'fgram_ids': np.stack(ids), 'fgram_lengths': np.stack(lens)}
-  return packing.dedupe_fgrams(b, fgram_set, bucket=16, dedupe=dedupe)
+  return step_batch.dedupe_fgrams(b, fgram_set, bucket=16, dedupe=dedupe)
 
 
 def _scone_kwargs(b):
@@ -115,7 +115,7 @@ def test_dedupe_does_not_change_logits(setup):
   raw = {'inputs': tokens, 'fgram_ids': np.stack(ids), 'fgram_lengths': np.stack(lens)}
   outs = []
   for dedupe in (True, False):
-    b = packing.dedupe_fgrams(raw, fs, bucket=16, dedupe=dedupe)
+    b = step_batch.dedupe_fgrams(raw, fs, bucket=16, dedupe=dedupe)
     outs.append(np.asarray(model.apply({'params': params}, jnp.asarray(tokens),
                                        **_scone_kwargs(b))))
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
@@ -181,6 +181,45 @@ def test_kv_cache_decode_equals_full_forward(position):
     cache = vs['cache']
     steps.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_kv_cache_rows_at_different_fill_levels(scan_layers):
+  """Rows prefilled apart (a server's slots joining at different times) and then decoded
+  together each equal their own full forward: the cache index is per row."""
+  cfg = _config(fgrams_enabled=False, scan_layers=scan_layers)
+  model = model_lib.SconeLM(cfg)
+  rng = np.random.default_rng(4)
+  tokens = jnp.asarray(rng.integers(1, VOCAB, size=(2, 12)).astype(np.int32))
+  params = nn.unbox(model.init({'params': jax.random.PRNGKey(0)}, tokens)['params'])
+  full = np.asarray(model.apply({'params': params}, tokens))
+  x = model.apply({'params': params}, tokens, method=model_lib.SconeLM.embed_inputs)
+  pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
+  decode = dict(decode=True, mutable=['cache'], method=model_lib.SconeLM.backbone)
+  empty = model.init({'params': jax.random.PRNGKey(0)}, jnp.zeros((1, 16, 32), jnp.float32),
+                     decode=True, method=model_lib.SconeLM.backbone)['cache']
+  # Row 0 prefills 6 tokens, row 1 prefills 3 tokens after one padding entry; then the rows
+  # are stacked into one batch cache and decode together.
+  prefill = [6, 3]
+  logits0, c0 = model.apply({'params': params, 'cache': empty}, x[:1, :6],
+                            positions_BxL=pos[:1, :6], **decode)
+  x1 = jnp.concatenate([jnp.zeros_like(x[1:, :1]), x[1:, :3]], axis=1)
+  logits1, c1 = model.apply({'params': params, 'cache': empty}, x1,
+                            positions_BxL=jnp.concatenate([pos[1:, :1], pos[1:, :3]], 1),
+                            valid_BxL=jnp.array([[False, True, True, True]]), **decode)
+  axis = 1 if scan_layers else 0
+  cache = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis), c0['cache'], c1['cache'])
+  got = [[np.asarray(logits0[0])], [np.asarray(logits1[0, 1:])]]
+  for i in range(6):
+    ids = [prefill[0] + i, prefill[1] + i]
+    step_x = jnp.stack([x[0, ids[0]], x[1, ids[1]]])[:, None]
+    logits, vs = model.apply({'params': params, 'cache': cache}, step_x,
+                             positions_BxL=jnp.array(ids, jnp.int32)[:, None], **decode)
+    cache = vs['cache']
+    got[0].append(np.asarray(logits[0]))
+    got[1].append(np.asarray(logits[1]))
+  np.testing.assert_allclose(np.concatenate(got[0]), full[0, :12], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.concatenate(got[1]), full[1, :9], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])

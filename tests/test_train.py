@@ -1,11 +1,13 @@
 """Joint training: config checks, sharded == unsharded, resume == uninterrupted, loss goes down."""
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -13,7 +15,9 @@ import pytest
 from scone_jax import artifacts
 from scone_jax import packing
 from scone_jax import seqio_tasks
+from scone_jax import config as config_lib
 from scone_jax import sharding
+from scone_jax import step_batch
 from scone_jax import train
 import tiny
 
@@ -72,17 +76,16 @@ def test_batch_must_split_over_mesh(run_setup):
 
 
 def _steps(cfg, run, mesh, n):
+  """n steps of the trainer's compiled step, as `train.train` runs them."""
   trainer = train.create_trainer(cfg, '/unused', run, mesh=mesh)
   loader, _ = train.make_loaders(cfg, str(run_setup_workdir(cfg)), run)
-  step_fn = jax.jit(train.make_train_step(trainer.model, trainer.tx, trainer.schedule, cfg))
   rng = jax.random.PRNGKey(1)
   losses, grad_norms = [], []
   state = trainer.state
   for step in range(n):
-    step_batch, _ = train.make_step_batch(loader.batch_at(step), run.fgram_set, cfg)
-    shardings = train.batch_shardings(step_batch, mesh, trainer.rules)
-    with sharding.mesh_context(mesh, trainer.rules):
-      state, metrics = step_fn(state, train.device_put_batch(step_batch, shardings), rng)
+    sb, _ = step_batch.make_step_batch(loader.batch_at(step), run.fgram_set, cfg)
+    state, metrics = trainer.train_step(
+        state, step_batch.device_put_batch(sb, trainer.batch_shardings), rng)
     losses.append(float(metrics['loss']))
     grad_norms.append(float(metrics['grad_norm']))
   return np.array(losses), np.array(grad_norms), jax.device_get(state.params)
@@ -120,6 +123,173 @@ def test_grad_accumulation_matches_full_batch(run_setup):
   np.testing.assert_allclose(g_acc, g_full, rtol=1e-4)
 
 
+# ----------------------------------------------------------------------------- config fields
+
+
+def test_schema_declares_every_field_the_model_and_sharding_read(run_setup):
+  cfg = _copy(run_setup[1])
+  cfg.model.remat, cfg.model.scan_layers = True, True
+  config_lib.validate(cfg)
+  mc = train.model_lib.ModelConfig.from_config(cfg, 400)
+  assert mc.remat and mc.scan_layers
+  assert sharding.logical_axis_rules(cfg) == config_lib.DEFAULT_RULES
+  cfg.logical_axis_rules = (('mlp', 'model'),)
+  with pytest.raises(ValueError, match="logical_axis_rules.0.*unknown mesh axis 'model'"):
+    config_lib.validate(cfg)
+  cfg.logical_axis_rules = (('mlps', 'tensor'),)
+  with pytest.raises(ValueError, match='logical_axis_rules.0.*a logical axis among'):
+    config_lib.validate(cfg)
+
+
+def _step_jaxpr(cfg, run, mesh):
+  trainer = train.create_trainer(cfg, '/unused', run, mesh=mesh)
+  loader, _ = train.make_loaders(cfg, str(run_setup_workdir(cfg)), run)
+  sb, _ = step_batch.make_step_batch(loader.batch_at(0), run.fgram_set, cfg)
+  fn = train.make_train_step(trainer.model, trainer.tx, trainer.schedule, cfg)
+  with sharding.mesh_context(mesh, trainer.rules):
+    return str(jax.make_jaxpr(fn)(trainer.state, sb, jax.random.PRNGKey(1)))
+
+
+def test_remat_config_recomputes_blocks_with_the_same_gradients(run_setup):
+  _, cfg, run = run_setup
+  cfg = _copy(cfg)
+  remat = _copy(cfg)
+  remat.model.remat = True
+  mesh = sharding.make_mesh(cfg.mesh)
+  l0, g0, p0 = _steps(cfg, run, mesh, 2)
+  l1, g1, p1 = _steps(remat, run, mesh, 2)
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  np.testing.assert_allclose(g1, g0, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p1, p0)
+  # jax.checkpoint is the 'remat2' primitive (printed as checkpoint in newer jax).
+  has_remat = lambda text: 'remat' in text or 'checkpoint' in text
+  assert has_remat(_step_jaxpr(remat, run, mesh))
+  assert not has_remat(_step_jaxpr(cfg, run, mesh))
+
+
+def _restack(params, cfg):
+  """Unscanned params (layers_0..N-1) -> the scanned layout (one 'layers' with axis N)."""
+  out = dict(params)
+  for part, n in (('decoder', cfg.model.num_layers), ('fgram_model', cfg.fgram_model.num_layers)):
+    sub = {k: v for k, v in params[part].items() if not k.startswith('layers_')}
+    sub['layers'] = jax.tree.map(lambda *xs: np.stack(xs),
+                                 *[params[part][f'layers_{i}'] for i in range(n)])
+    out[part] = sub
+  return out
+
+
+def test_scan_layers_config_stacks_blocks_and_computes_the_same(run_setup):
+  root, cfg, run = run_setup
+  cfg = _copy(cfg)
+  scanned = _copy(cfg)
+  scanned.model.scan_layers = True
+  mesh = sharding.make_mesh(cfg.mesh)
+  plain_t = train.create_trainer(cfg, '/unused', run, mesh=mesh)
+  scan_t = train.create_trainer(scanned, '/unused', run, mesh=mesh)
+  kernel = scan_t.state.params['decoder']['layers']['attention']['query']['kernel']
+  assert kernel.shape[0] == cfg.model.num_layers
+  assert 'layers_0' not in scan_t.state.params['decoder']
+  stacked = _restack(jax.device_get(plain_t.state.params), cfg)
+  assert jax.tree.structure(stacked) == jax.tree.structure(scan_t.state.params)
+  scan_t.state = scan_t.state.replace(
+      params=jax.device_put(stacked, scan_t.state_shardings.params))
+  _, eval_loader = train.make_loaders(cfg, str(root / 'scan'), run)
+  want = train.evaluate(plain_t, eval_loader, max_batches=2)
+  got = train.evaluate(scan_t, eval_loader, max_batches=2)
+  np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-5)
+  losses, grad_norms, _ = _steps(scanned, run, mesh, 2)
+  assert np.isfinite(losses).all() and np.isfinite(grad_norms).all()
+
+
+def test_logical_axis_rules_config_changes_parameter_sharding(run_setup):
+  _, cfg, run = run_setup
+  cfg = _copy(cfg)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+  mesh = sharding.make_mesh(cfg.mesh)
+  custom = _copy(cfg)
+  custom.logical_axis_rules = tuple((name, None if name == 'mlp' else axes)
+                                    for name, axes in config_lib.DEFAULT_RULES)
+  config_lib.validate(custom)
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  for c, want in ((cfg, P('fsdp', 'tensor')), (custom, P('fsdp', None))):
+    trainer = train.create_trainer(c, '/unused', run, mesh=mesh)
+    wi = trainer.state.params['decoder']['layers_0']['mlp']['wi']['kernel']
+    assert wi.sharding.spec == want
+    moments = [x for path, x in jax.tree_util.tree_leaves_with_path(trainer.state.opt_state)
+               if "['decoder']['layers_0']['mlp']['wi']['kernel']" in jax.tree_util.keystr(path)]
+    assert moments and all(m.sharding.spec == want for m in moments)
+
+
+# ----------------------------------------------------------------------------- compiled steps
+
+
+class _Compiles:
+  """Counts XLA compilations of functions named `name` while the context is open."""
+  _open = []
+  _listening = False
+
+  def __init__(self, name):
+    self.name, self.count = name, 0
+
+  def __enter__(self):
+    if not _Compiles._listening:
+      jax.monitoring.register_event_duration_secs_listener(_Compiles._on_event)
+      _Compiles._listening = True
+    _Compiles._open.append(self)
+    return self
+
+  def __exit__(self, *exc):
+    _Compiles._open.remove(self)
+
+  @staticmethod
+  def _on_event(event, duration, **kwargs):
+    del duration
+    if event == '/jax/core/compile/backend_compile_duration':
+      for c in _Compiles._open:
+        if c.name in str(kwargs.get('fun_name', '')):
+          c.count += 1
+
+
+def test_eval_step_compiles_once_across_evaluate_calls(run_setup):
+  root, cfg, run = run_setup
+  cfg = _copy(cfg)
+  trainer = train.create_trainer(cfg, '/unused', run)
+  _, eval_loader = train.make_loaders(cfg, str(root / 'evalonce'), run)
+  shapes = {step_batch.make_step_batch(b, run.fgram_set, cfg, grad_accum_steps=1)[0][
+      'fgram_uniq_tokens'].shape for b in eval_loader}
+  with _Compiles('eval_step') as first:
+    a = train.evaluate(trainer, eval_loader)
+  with _Compiles('eval_step') as again:
+    b = train.evaluate(trainer, eval_loader)
+    train.evaluate(trainer, eval_loader, max_batches=1)
+  assert 1 <= first.count <= len(shapes), (first.count, shapes)
+  assert again.count == 0
+  assert a == b
+
+
+def test_train_step_compiles_once_per_batch_shape(run_setup):
+  _, cfg, run = run_setup
+  cfg = _copy(cfg)
+  trainer = train.create_trainer(cfg, '/unused', run)
+  loader, _ = train.make_loaders(cfg, str(run_setup_workdir(cfg)), run)
+  batches = [step_batch.make_step_batch(loader.batch_at(s), run.fgram_set, cfg)[0]
+             for s in range(6)]
+  shapes = {b['fgram_uniq_tokens'].shape for b in batches}
+  rng = jax.random.PRNGKey(1)
+  with _Compiles('train_step') as compiles:
+    for _ in range(2):
+      for b in batches:
+        trainer.state, metrics = trainer.train_step(
+            trainer.state, step_batch.device_put_batch(b, trainer.batch_shardings), rng)
+      jax.block_until_ready(metrics)
+      if _ == 0:
+        first = compiles.count
+  assert first == len(shapes) and compiles.count == first, (first, compiles.count, shapes)
+  # The state comes back in the shardings it went in with (nothing to re-layout next step).
+  jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding, s), trainer.state,
+               trainer.state_shardings)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -149,6 +319,41 @@ def test_heldout_loss_goes_down_and_checkpoints_restore(run_setup):
   restored = train.restore_latest(mngr, fresh)
   mngr.close()
   assert restored is not None and restored[2] == 20
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(run_setup, monkeypatch):
+  """A NaN from the 5th step on (loss and parameters) stops the run naming the step; the
+  checkpoint of step 4 stays the newest and restores."""
+  root, cfg, run = run_setup
+  cfg = _copy(cfg)
+  cfg.num_train_steps, cfg.checkpoint_every_steps = 8, 2
+  workdir = str(root / 'nan')
+  real = train.make_train_step
+
+  def poisoned(model, tx, schedule, c):
+    step_fn = real(model, tx, schedule, c)
+
+    def step(state, sb, rng):
+      new, metrics = step_fn(state, sb, rng)
+      bad = state.step >= 4
+      params = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), new.params)
+      return new.replace(params=params), dict(metrics, loss=jnp.where(bad, jnp.nan,
+                                                                      metrics['loss']))
+    return step
+
+  monkeypatch.setattr(train, 'make_train_step', poisoned)
+  ckpt = os.path.join(workdir, artifacts.CHECKPOINT_DIR)
+  with pytest.raises(FloatingPointError,
+                     match=r'^non-finite loss at step 5 \(loss nan, grad_norm [0-9.e+-]+\); '
+                           rf'the last good checkpoint is step 4 in {re.escape(ckpt)}\. Lower '):
+    train.train(cfg, workdir, run)
+  monkeypatch.undo()
+  assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [2, 4]
+  fresh = train.create_trainer(cfg, workdir, run)
+  mngr = train.checkpoint_manager(workdir, cfg)
+  state, loader_state, step = train.restore_latest(mngr, fresh)
+  mngr.close()
+  assert step == 4 and loader_state == {'step': 4} and int(state.step) == 4
 
 
 def test_restore_onto_a_different_mesh(run_setup):

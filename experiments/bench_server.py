@@ -1,0 +1,335 @@
+"""Benchmark of the HTTP server (scone_jax/server.py) under concurrent streaming clients.
+
+One server process serves three engines over one export, each a model id of its own:
+- `scone`: continuous batching, f-gram rows matched and gathered from the table per step;
+- `baseline`: the same main model, loop and batching with the table lookups off
+  (`use_table=False`, as bench_serving.py does): what the main model alone costs;
+- `scone_static`: SCONE with static batching (a new batch is admitted only when every
+  slot is empty): the comparison point for continuous batching.
+N concurrent clients (streaming, on loopback; a bare asyncio HTTP client, since it shares
+the CPU with the server) each send a fixed list of requests with mixed prompt and output
+lengths (`ignore_eos`, so every engine does the same work). The engines take turns,
+rotated over rounds, on the same workload, so the ratios are measured under the same
+machine noise.
+
+Reported per engine: output tokens/s (all clients together, wall clock of the round),
+p50/p99 over requests of the time per output token (a request's time from its first to its
+last token over the tokens in between), p50 time to the first token, decode steps taken
+(from /health); then scone/baseline and continuous/static ratios: the median over rounds
+of the ratio within a round (`*_ratio`, the headline) and of the totals
+(`*_tokens_per_s_ratio`).
+
+The export is synthetic and small so that the run fits in a few minutes of one CPU core:
+a 300-piece tokenizer on random words, every bigram of it as an f-gram (90,000 rows, so
+every decode step matches and gathers), random weights, a small main model (4 layers,
+d=128).
+
+  taskset -c 1 python experiments/bench_server.py            # ~3 minutes on one core
+  python experiments/bench_server.py --quick                 # smoke test
+
+The last line printed is one JSON object with every figure.
+"""
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+
+# Run as a script: the checkout's root holds scone_jax and experiments.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ENGINES = ('scone', 'baseline', 'scone_static')
+MAX_LEN = 192
+OUTPUT_TOKENS = (8, 16, 32, 64, 96)
+PROMPT_WORDS = (1, 12)
+
+
+def _percentile(xs, q):
+  return float(np.percentile(np.asarray(xs, np.float64), q)) if xs else float('nan')
+
+
+# ----------------------------------------------------------------------------- the export
+
+
+def build_export(workdir: str, vocab: int) -> str:
+  """A SCONE export with random weights whose f-gram set is every bigram of the vocabulary."""
+  from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
+  from scone_jax import corpus  # pylint: disable=g-import-not-at-top
+  from scone_jax import export  # pylint: disable=g-import-not-at-top
+  from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
+  from scone_jax import train  # pylint: disable=g-import-not-at-top
+  from experiments.configs import scone as scone_config  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  letters = np.array(list('abcdefghijklmnopqrstuvwxyz'))
+  words = [''.join(rng.choice(letters, rng.integers(2, 8))) for _ in range(20000)]
+  texts = [' '.join(words[i:i + 200]) for i in range(0, len(words), 200)]
+  tok_path = os.path.join(workdir, artifacts.TOKENIZER_FILE)
+  os.makedirs(workdir, exist_ok=True)
+  corpus.train_tokenizer(texts, vocab_size=vocab, model_type='bpe', model_path=tok_path)
+  tokenizer = corpus.Tokenizer(tok_path)
+  v = tokenizer.vocab_size
+  a, b = np.meshgrid(np.arange(v), np.arange(v), indexing='ij')
+  toks = np.stack([a.reshape(-1), b.reshape(-1)], axis=1).astype(np.int32)
+  fgram_set = fgrams.FGramSet(toks, np.full(v * v, 2, np.int32), np.zeros(v * v, np.int64), 2)
+  cfg = scone_config.get_config()
+  cfg.tokenizer.vocab_size = v
+  cfg.fgrams.num_fgrams = len(fgram_set)
+  cfg.fgrams.max_len = 2
+  # A small main model, so the run fits in minutes of one CPU core; the server's own costs
+  # (HTTP, streaming, the host lookups) weigh more next to it: a strict ratio.
+  cfg.model.num_layers = 4
+  cfg.model.d_model = 128
+  cfg.model.num_heads = 4
+  cfg.model.head_dim = 32
+  cfg.model.mlp_dim = 512
+  cfg.model.dtype = 'float32'        # faster steps on CPU than bf16
+  cfg.fgram_model.num_layers = 1     # only the export pass runs it: keep that short
+  cfg.fgram_model.num_heads = 2
+  cfg.fgram_model.head_dim = 32
+  cfg.fgram_model.mlp_dim = 256
+  cfg.export.dtype = 'float16'
+  run = artifacts.RunArtifacts(tokenizer, fgram_set, [], [])
+  trainer = train.create_trainer(cfg, workdir, run)
+  mngr = train.checkpoint_manager(workdir, cfg)
+  train.save_checkpoint(mngr, trainer, {'step': 0})
+  mngr.wait_until_finished()
+  mngr.close()
+  del trainer
+  export_dir = os.path.join(workdir, 'export')
+  export.export(cfg, workdir, run, export_dir)
+  return export_dir
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def serve(export_dir: str, max_batch: int):
+  """The server process: three engines over one export (see the module docstring)."""
+  from scone_jax import server  # pylint: disable=g-import-not-at-top
+  from scone_jax import serving  # pylint: disable=g-import-not-at-top
+  gen = serving.load(export_dir, max_len=MAX_LEN)
+  base = serving.Generator(gen.config, gen.params, None, None, gen.tokenizer,
+                           seq_len=gen.seq_len, max_len=MAX_LEN, use_table=False)
+  scone = server.Engine(gen, max_batch)
+  engines = {'scone': scone, 'baseline': server.Engine(base, max_batch),
+             'scone_static': server.Engine(gen, max_batch, static=True, functions=scone.fns)}
+  for engine in engines.values():
+    engine.warmup()
+  server.serve(server.build_app(engines, gen.tokenizer), '127.0.0.1', 0, log_level='warning')
+
+
+def start_server(export_dir: str, max_batch: int, log_path: str):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--serve', export_dir,
+                           f'--max_batch={max_batch}'], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=open(log_path, 'w'), text=True)
+  line = proc.stdout.readline()
+  if not line.startswith('serving on '):
+    proc.kill()
+    raise RuntimeError(f'server did not start: {line!r}; see {log_path}:\n'
+                       + open(log_path).read()[-3000:])
+  return proc, line.split()[-1]
+
+
+# ----------------------------------------------------------------------------- clients
+
+
+def workload(clients: int, per_client: int, words: list, seed: int = 0) -> list:
+  """Per client, its requests: (prompt text, max_tokens), mixed lengths."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(clients):
+    reqs = []
+    for _ in range(per_client):
+      n_words = int(rng.integers(PROMPT_WORDS[0], PROMPT_WORDS[1] + 1))
+      prompt = ' '.join(rng.choice(words, n_words))
+      reqs.append((prompt, int(rng.choice(OUTPUT_TOKENS))))
+    out.append(reqs)
+  return out
+
+
+async def _one(host: str, port: int, model: str, prompt: str, max_tokens: int):
+  """One streamed completion; returns (start time, arrival time of each output token).
+
+  A bare asyncio HTTP/1.0 client: it shares the CPU with the server here, and the openai
+  client's per-chunk parsing would cost more than the server's own work per token.
+  """
+  body = json.dumps({'model': model, 'prompt': prompt, 'max_tokens': max_tokens,
+                     'temperature': 0, 'stream': True, 'ignore_eos': True}).encode()
+  t0 = time.perf_counter()
+  reader, writer = await asyncio.open_connection(host, port)
+  writer.write(b'POST /v1/completions HTTP/1.0\r\nHost: bench\r\n'
+               b'Content-Type: application/json\r\n'
+               + f'Content-Length: {len(body)}\r\n\r\n'.encode() + body)
+  status = await reader.readline()
+  if b' 200 ' not in status:
+    raise RuntimeError(f'{status!r}: {await reader.read()!r}')
+  while (await reader.readline()).strip():  # headers
+    pass
+  times = []
+  async for line in reader:  # HTTP/1.0: the body runs to the end of the connection
+    if line.startswith(b'data: {'):
+      now = time.perf_counter()
+      for c in json.loads(line[6:])['choices']:
+        times += [now] * len(c['token_ids'])
+  writer.close()
+  return t0, times
+
+
+def _engine_stats(url: str, model: str) -> dict:
+  with urllib.request.urlopen(url + '/health', timeout=60) as r:
+    return json.loads(r.read())['models'][model]
+
+
+async def run_round(url: str, model: str, work: list) -> dict:
+  before = _engine_stats(url, model)
+  host, port = url.split('//')[1].split(':')
+
+  async def client_loop(reqs):
+    return [await _one(host, int(port), model, p, m) for p, m in reqs]
+
+  t0 = time.perf_counter()
+  results = await asyncio.gather(*(client_loop(reqs) for reqs in work))
+  wall = time.perf_counter() - t0
+  steps = _engine_stats(url, model)['steps'] - before['steps']
+  tpot, ttft, tokens = [], [], 0
+  for (reqs, res) in zip(work, results):
+    for (_, max_tokens), (start, times) in zip(reqs, res):
+      assert len(times) == max_tokens, (len(times), max_tokens)
+      tokens += len(times)
+      ttft.append(times[0] - start)
+      if len(times) > 1:
+        tpot.append((times[-1] - times[0]) / (len(times) - 1))
+  return {'tokens': tokens, 'wall_s': wall, 'tpot': tpot, 'ttft': ttft, 'steps': steps}
+
+
+def summarize(rounds: list) -> dict:
+  tokens = sum(r['tokens'] for r in rounds)
+  wall = sum(r['wall_s'] for r in rounds)
+  tpot = [t for r in rounds for t in r['tpot']]
+  ttft = [t for r in rounds for t in r['ttft']]
+  steps = sum(r['steps'] for r in rounds)
+  # Each request's first token comes from its prefill, not from a decode step.
+  return {'tokens': tokens, 'wall_s': wall, 'tokens_per_s': tokens / wall,
+          'decode_steps': steps, 'ms_per_decode_step': 1e3 * wall / max(steps, 1),
+          'ms_per_token_p50': 1e3 * _percentile(tpot, 50),
+          'ms_per_token_p99': 1e3 * _percentile(tpot, 99),
+          'ttft_ms_p50': 1e3 * _percentile(ttft, 50),
+          'round_tokens_per_s': [r['tokens'] / r['wall_s'] for r in rounds]}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--quick', action='store_true', help='small sizes: a smoke test')
+  parser.add_argument('--clients', type=int, default=8)
+  parser.add_argument('--requests', type=int, default=2, help='per client and round')
+  parser.add_argument('--rounds', type=int, default=4)
+  parser.add_argument('--max_batch', type=int, default=8)
+  parser.add_argument('--vocab', type=int, default=300,
+                      help='tokenizer pieces (>= 261: byte fallback); vocab^2 f-grams')
+  parser.add_argument('--export_dir', help='reuse (or build once into) this synthetic export')
+  parser.add_argument('--serve', help=argparse.SUPPRESS)  # internal: the server process
+  args = parser.parse_args()
+  if args.serve:
+    serve(args.serve, args.max_batch)
+    return
+  if args.quick:
+    args.clients, args.requests, args.rounds = 4, 2, 1
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  logging.getLogger('httpx').setLevel(logging.WARNING)
+  logging.getLogger('httpx2').setLevel(logging.WARNING)
+  t_start = time.time()
+
+  with tempfile.TemporaryDirectory(prefix='bench_server_') as tmp:
+    export_dir = args.export_dir and os.path.join(args.export_dir, 'export')
+    if not export_dir or not os.path.isdir(export_dir):
+      export_dir = build_export(args.export_dir or os.path.join(tmp, 'run'), args.vocab)
+    t_export = time.time() - t_start
+    logging.info('export built in %.0fs', t_export)
+    from scone_jax import corpus  # pylint: disable=g-import-not-at-top
+    tok = corpus.Tokenizer(os.path.join(export_dir, 'tokenizer.model'))
+    words = sorted({tok.decode([i]).strip() for i in range(3, tok.vocab_size)} - {''})
+    proc, url = start_server(export_dir, args.max_batch, os.path.join(tmp, 'server.log'))
+    logging.info('server up at %s after %.0fs', url, time.time() - t_start)
+    try:
+      work = workload(args.clients, args.requests, words)
+      # Compile outside the measurement: one short request per prefill width in the workload.
+      by_width = {}
+      for reqs in work:
+        for prompt, _ in reqs:
+          by_width.setdefault(-(-(tok.encode(prompt).size + 1) // 16), prompt)
+      warm = [[(p, 2)] for p in by_width.values()]
+      for name in ENGINES:
+        asyncio.run(run_round(url, name, warm))
+      logging.info('warm after %.0fs (%d prefill widths)', time.time() - t_start, len(warm))
+      per_engine = {name: [] for name in ENGINES}
+      for i in range(args.rounds):
+        order = ENGINES[i % 3:] + ENGINES[:i % 3]
+        for name in order:
+          r = asyncio.run(run_round(url, name, work))
+          per_engine[name].append(r)
+          logging.info('round %d %s: %.0f tokens/s', i, name, r['tokens'] / r['wall_s'])
+    finally:
+      proc.terminate()
+      proc.wait(60)
+
+  s = {name: summarize(rs) for name, rs in per_engine.items()}
+  result = {
+      'platform': platform.platform(), 'cpus': os.cpu_count(),
+      'affinity': sorted(os.sched_getaffinity(0)), 'python': platform.python_version(),
+      'load_avg_1m': os.getloadavg()[0],
+      'clients': args.clients, 'requests_per_client_round': args.requests,
+      'rounds': args.rounds, 'max_batch': args.max_batch,
+      'output_tokens_per_request': OUTPUT_TOKENS, 'prompt_words': PROMPT_WORDS,
+  }
+  for name in ENGINES:
+    for k, v in s[name].items():
+      result[f'{name}_{k}'] = v
+  # Headline ratios: the median over rounds of the ratio within a round (the engines of a
+  # round run back to back, so a slow spell of this shared machine hits a round, not a side).
+  round_ratio = lambda a, b: [x / y for x, y in zip(s[a]['round_tokens_per_s'],
+                                                   s[b]['round_tokens_per_s'])]
+  result['scone_vs_baseline_round_ratios'] = round_ratio('scone', 'baseline')
+  result['scone_vs_baseline_ratio'] = statistics.median(result['scone_vs_baseline_round_ratios'])
+  result['scone_vs_baseline_tokens_per_s_ratio'] = (s['scone']['tokens_per_s']
+                                                    / s['baseline']['tokens_per_s'])
+  result['scone_vs_baseline_ms_per_token_p50_ratio'] = (s['baseline']['ms_per_token_p50']
+                                                        / s['scone']['ms_per_token_p50'])
+  result['continuous_vs_static_round_ratios'] = round_ratio('scone', 'scone_static')
+  result['continuous_vs_static_ratio'] = statistics.median(
+      result['continuous_vs_static_round_ratios'])
+  result['continuous_vs_static_tokens_per_s_ratio'] = (s['scone']['tokens_per_s']
+                                                       / s['scone_static']['tokens_per_s'])
+  # The same tokens in fewer steps: slots refilled as soon as a request leaves.
+  result['static_vs_continuous_decode_steps_ratio'] = (s['scone_static']['decode_steps']
+                                                       / max(s['scone']['decode_steps'], 1))
+  result.update({
+      'export_seconds': t_export, 'seconds': time.time() - t_start,
+      'setup': (f'synthetic export: {args.vocab}-piece BPE tokenizer on random words, every '
+                'bigram an f-gram (every decode step matches and gathers a float16 row), '
+                'main model 4 layers d=128 4x32 heads mlp 512 rope (float32, random weights), '
+                f'max_len {MAX_LEN}; one server '
+                'process with three engines (scone, baseline = use_table=False, '
+                'scone_static = static batching), bare asyncio HTTP/1.0 clients, '
+                'streaming greedy requests with ignore_eos on 127.0.0.1; engines take turns '
+                'on the same workload, rotated per round; ratios from the same run'),
+  })
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  main()
