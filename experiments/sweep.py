@@ -578,14 +578,7 @@ def _claim(point_dir) -> bool:
   return False
 
 
-def _alive(pid) -> bool:
-  try:
-    os.kill(int(pid), 0)
-  except ProcessLookupError:
-    return False
-  except (PermissionError, ValueError, TypeError):
-    return True
-  return True
+_alive = artifacts.pid_alive
 
 
 def _release(point_dir):

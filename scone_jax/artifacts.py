@@ -129,7 +129,7 @@ class RunLock:
           holder = paths.read_json(self.path)
         except (OSError, ValueError):
           holder = {}
-        if holder.get('host') == me['host'] and not _pid_alive(holder.get('pid')):
+        if holder.get('host') == me['host'] and not pid_alive(holder.get('pid')):
           logging.warning('taking over the stale lock %s of process %s (no longer running)',
                           self.path, holder.get('pid'))
           try:
@@ -163,7 +163,8 @@ class RunLock:
     self.release()
 
 
-def _pid_alive(pid) -> bool:
+def pid_alive(pid) -> bool:
+  """Whether a process with this pid runs on this host."""
   import os  # pylint: disable=g-import-not-at-top
   try:
     os.kill(int(pid), 0)

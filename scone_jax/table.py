@@ -64,10 +64,11 @@ def file_tree_digest(directory: str) -> str:
   """sha256 over every file under directory (relative path, size, content), sorted by path."""
   h = hashlib.sha256()
   for rel, p in paths.walk_files(directory):
-    data = paths.read_bytes(p)
     h.update(rel.encode('utf-8') + b'\0')
-    h.update(str(len(data)).encode() + b'\0')
-    h.update(data)
+    h.update(str(paths.getsize(p)).encode() + b'\0')
+    with paths.open(p, 'rb') as f:   # streamed: parameter files can be gigabytes
+      for block in iter(lambda: f.read(1 << 22), b''):
+        h.update(block)
   return h.hexdigest()
 
 
