@@ -115,14 +115,15 @@ def build_export(workdir: str, vocab: int) -> str:
 
 def serve(export_dir: str, max_batch: int):
   """The server process: three engines over one export (see the module docstring)."""
+  from scone_jax import engine as engine_lib  # pylint: disable=g-import-not-at-top
   from scone_jax import server  # pylint: disable=g-import-not-at-top
   from scone_jax import serving  # pylint: disable=g-import-not-at-top
   gen = serving.load(export_dir, max_len=MAX_LEN)
   base = serving.Generator(gen.config, gen.params, None, None, gen.tokenizer,
                            seq_len=gen.seq_len, max_len=MAX_LEN, use_table=False)
-  scone = server.Engine(gen, max_batch)
-  engines = {'scone': scone, 'baseline': server.Engine(base, max_batch),
-             'scone_static': server.Engine(gen, max_batch, static=True, functions=scone.fns)}
+  scone = engine_lib.Engine(gen, max_batch)
+  engines = {'scone': scone, 'baseline': engine_lib.Engine(base, max_batch),
+             'scone_static': engine_lib.Engine(gen, max_batch, static=True, functions=scone.fns)}
   for engine in engines.values():
     engine.warmup()
   server.serve(server.build_app(engines, gen.tokenizer), '127.0.0.1', 0, log_level='warning')

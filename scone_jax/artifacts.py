@@ -122,9 +122,7 @@ class RunLock:
       self._held = True
       return self
     for _ in range(3):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-      except FileExistsError:
+      if not paths.create_exclusive(self.path, json.dumps(me)):
         try:
           holder = paths.read_json(self.path)
         except (OSError, ValueError):
@@ -133,7 +131,7 @@ class RunLock:
           logging.warning('taking over the stale lock %s of process %s (no longer running)',
                           self.path, holder.get('pid'))
           try:
-            os.remove(self.path)
+            paths.remove(self.path)
           except FileNotFoundError:
             pass
           continue
@@ -142,8 +140,6 @@ class RunLock:
             f'{holder.get("pid")}, started {holder.get("start")}) is writing this run; wait '
             'for it or stop it, or use another --workdir. If it is dead on another host, '
             'delete the lock file.') from None
-      with os.fdopen(fd, 'w') as f:
-        json.dump(me, f)
       self._held = True
       return self
     raise RuntimeError(f'{self.path}: could not take the run lock; try again.')

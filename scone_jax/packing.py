@@ -256,6 +256,16 @@ def padding_rows(num: int, seq_len: int) -> dict:
   return {k: np.full((num, seq_len), _PAD_VALUES[k], np.int32) for k in BATCH_KEYS}
 
 
+def local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
+  """Rows of each global batch one process loads; ValueError when they do not split evenly."""
+  if batch_size % process_count:
+    raise ValueError(f'batch_size={batch_size} does not split over {process_count} '
+                     'processes; use a multiple of the process count.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
+  return batch_size // process_count
+
+
 class Loader:
   """Batches of a PreparedSplit: deterministic, random access by step, multi-host sliced.
 
@@ -269,17 +279,12 @@ class Loader:
   def __init__(self, split: PreparedSplit, *, seq_len: int, batch_size: int, seed: int = 0,
                shuffle: bool = True, eval_mode: bool = False, process_index: int = 0,
                process_count: int = 1):
-    if batch_size % process_count:
-      raise ValueError(f'batch_size={batch_size} does not split over {process_count} '
-                       'processes; use a multiple of the process count.')
+    self.local_batch_size = local_batch_size(batch_size, process_index, process_count)
     if eval_mode and shuffle:
       raise ValueError('eval mode reads the split once in order; pass shuffle=False.')
-    if not 0 <= process_index < process_count:
-      raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
     self.split = split
     self.seq_len = seq_len
     self.batch_size = batch_size
-    self.local_batch_size = batch_size // process_count
     self.seed = seed
     self.shuffle = shuffle
     self.eval_mode = eval_mode

@@ -216,6 +216,23 @@ def atomic_write(path: PathLike, data: Union[bytes, str]) -> str:
   return path
 
 
+def create_exclusive(path: PathLike, data: Union[bytes, str]) -> bool:
+  """Creates a local file holding data unless one exists (O_EXCL); False if it existed.
+
+  Object storage has no exclusive create through epath; callers decide what to do there.
+  """
+  path = check(path)
+  if is_cloud(path):
+    raise ValueError(f'{path}: exclusive create needs a local path.')
+  try:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, 'wb') as f:
+    f.write(data.encode('utf-8') if isinstance(data, str) else data)
+  return True
+
+
 def write_json_atomic(path: PathLike, obj, **kwargs) -> str:
   kwargs.setdefault('indent', 2)
   kwargs.setdefault('sort_keys', True)

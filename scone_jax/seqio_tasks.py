@@ -16,6 +16,7 @@ from scone_jax.packing import BATCH_KEYS
 from scone_jax.packing import BOS_ID
 from scone_jax.packing import documents_digest
 from scone_jax.packing import limit_to_row
+from scone_jax.packing import local_batch_size
 from scone_jax.packing import padding_rows
 
 @functools.lru_cache(maxsize=None)
@@ -238,9 +239,7 @@ def seqio_batches(task_name: str, *, seq_len: int, batch_size: int,
   is what limits this pipeline (matching costs far less, see experiments/bench_data.py).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if batch_size % process_count:
-    raise ValueError(f'batch_size={batch_size} does not split over {process_count} processes.')
-  local = batch_size // process_count
+  local = local_batch_size(batch_size, process_index, process_count)
   lo = process_index * local
   ds = seqio_dataset(task_name, seq_len=seq_len, split=split)
   if cache:
@@ -273,13 +272,10 @@ class SeqioLoader:
   def __init__(self, task_name: str, *, seq_len: int, batch_size: int, seed: int = 0,
                shuffle: bool = True, shuffle_buffer_rows: int = 16384,
                process_index: int = 0, process_count: int = 1):
-    if batch_size % process_count:
-      raise ValueError(f'batch_size={batch_size} does not split over {process_count} '
-                       'processes; use a multiple of the process count.')
+    self.local_batch_size = local_batch_size(batch_size, process_index, process_count)
     self.task_name = task_name
     self.seq_len = seq_len
     self.batch_size = batch_size
-    self.local_batch_size = batch_size // process_count
     self.seed = seed
     self.shuffle = shuffle
     self.shuffle_buffer_rows = shuffle_buffer_rows

@@ -14,6 +14,10 @@ the main model. So decoding costs the main model plus a table lookup.
 `load` refuses an export whose pieces do not belong together (f-gram set, tokenizer, params,
 model config fingerprints), a truncated or corrupt table, a missing piece, and an export
 that never completed; each message says what to do.
+
+Length (~560 lines): `load` (the export's consistency checks) and the `Generator` (prefill,
+KV-cached decode, evaluation through the table) share the input layout and the jitted
+step; continuous batching and HTTP live in `engine.py` and `server.py`.
 """
 import dataclasses
 import logging

@@ -279,7 +279,7 @@ def mmap_table(store, meta, path, verify, table_dir) -> np.ndarray:
     raise ValueError(f'{path}: a memory-mapped table needs a local file; pass '
                      'mmap_path=LOCAL_FILE or use table_storage=ram or tensorstore.')
   fresh = False
-  if os.path.isfile(path) and os.path.isfile(sidecar):
+  if paths.isfile(path) and paths.isfile(sidecar):
     try:
       ok = read_json(sidecar).get('table_sha256') == meta['table_sha256']
     except (OSError, ValueError):
@@ -297,7 +297,7 @@ def mmap_table(store, meta, path, verify, table_dir) -> np.ndarray:
     read_shards(store, meta, into=out.view(dtype), verify=True, what=table_dir)
     out.flush()
     del out
-    os.replace(tmp, path)
+    paths.replace(tmp, path)
     write_json_atomic(sidecar, {'table_sha256': meta['table_sha256'], 'dtype': layout.dtype})
     fresh = True
     logging.info('materialised the table as %s (%.1f MB, %.1fs)', path,

@@ -5,12 +5,16 @@ NamedSharding in/out shardings (what pjit became) and the state donated; paramet
 born sharded (`sharding.init_sharded`). Orbax keeps params, optimizer state, step, the
 data-iterator state and run metadata (config and the f-gram set's fingerprint) together,
 so a resumed run continues exactly where it stopped.
+
+Length (~540 lines): the loop and what it owns (the Trainer, its two jitted steps, the
+checkpoint cadence, eval, metrics, non-finite and disk-full handling) read as one story;
+the pieces that stand alone already live elsewhere (`step_batch`, `checkpoints`,
+`metrics`, `sharding`).
 """
 import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -225,7 +229,7 @@ def count_params(tree) -> int:
 
 
 def checkpoint_manager(workdir, cfg) -> ocp.CheckpointManager:
-  return checkpoints.manager(os.path.join(workdir, artifacts.CHECKPOINT_DIR),
+  return checkpoints.manager(paths.join(workdir, artifacts.CHECKPOINT_DIR),
                              keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
 
 
@@ -296,25 +300,43 @@ eval_metrics = metrics.eval_metrics
 
 
 class _MetricsWriter:
-  """metrics.jsonl always; TensorBoard too when TensorFlow is importable."""
+  """metrics.jsonl always (process 0); TensorBoard too when TensorFlow is importable.
+
+  A local file is appended to and flushed per line. A Cloud Storage object cannot be
+  appended to, so there the whole file (earlier lines included, read back on resume) is
+  rewritten as one object per write: at most a few thousand short lines.
+  """
 
   def __init__(self, workdir):
-    self._f = open(os.path.join(workdir, artifacts.METRICS_FILE), 'a')
+    self._path = paths.join(workdir, artifacts.METRICS_FILE)
+    self._f = None
+    self._lines = None
     self._tb = None
-    if jax.process_index() == 0:
-      try:
-        import tensorflow as tf  # pylint: disable=g-import-not-at-top
-        tf.config.set_visible_devices([], 'GPU')
-        self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
-        self._tf = tf
-      except Exception:  # pylint: disable=broad-except
-        logging.info('TensorFlow not importable: metrics go to %s only', artifacts.METRICS_FILE)
+    if jax.process_index() != 0:
+      return
+    if paths.is_cloud(self._path):
+      self._lines = paths.read_text(self._path) if paths.exists(self._path) else ''
+    else:
+      self._f = open(self._path, 'a', encoding='utf-8')
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.config.set_visible_devices([], 'GPU')
+      # tf.summary writes gs:// paths itself.
+      self._tb = tf.summary.create_file_writer(paths.join(workdir, 'tensorboard'))
+      self._tf = tf
+    except Exception:  # pylint: disable=broad-except
+      logging.info('TensorFlow not importable: metrics go to %s only', artifacts.METRICS_FILE)
 
   def write(self, step, metrics: dict):
     if jax.process_index() != 0:
       return
-    self._f.write(json.dumps({'step': step, **metrics}) + '\n')
-    self._f.flush()
+    line = json.dumps({'step': step, **metrics}) + '\n'
+    if self._f is not None:
+      self._f.write(line)
+      self._f.flush()
+    else:
+      self._lines += line
+      paths.atomic_write(self._path, self._lines)
     if self._tb is not None:
       try:
         with self._tb.as_default():
@@ -329,7 +351,8 @@ class _MetricsWriter:
         self._tb = None
 
   def close(self):
-    self._f.close()
+    if self._f is not None:
+      self._f.close()
 
 
 def _format_eta(seconds):
@@ -338,7 +361,7 @@ def _format_eta(seconds):
 
 
 def make_loaders(cfg, workdir, run: artifacts.RunArtifacts):
-  cache = os.path.join(workdir, artifacts.DATA_DIR)
+  cache = paths.join(workdir, artifacts.DATA_DIR)
   train_split = packing.prepare_split(run.train_docs, run.tokenizer, run.fgram_set, cache_dir=cache,
                                    name='train')
   heldout_split = packing.prepare_split(run.heldout_docs, run.tokenizer, run.fgram_set,
@@ -509,7 +532,7 @@ def load_for_eval(cfg, workdir, run: artifacts.RunArtifacts) -> Trainer:
   finally:
     mngr.close()
   if restored is None:
-    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, artifacts.CHECKPOINT_DIR)};'
+    raise FileNotFoundError(f'no checkpoint in {paths.join(workdir, artifacts.CHECKPOINT_DIR)};'
                             ' run --mode=train first.')
   trainer.state = restored[0]
   return trainer

@@ -12,7 +12,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Data-flow order: a module may import only modules listed before it.
 ORDER = ['paths', 'config', 'fgrams', 'corpus', 'fgrams_beam', 'artifacts', 'packing',
          'seqio_tasks', 'model', 'sharding', 'flops', 'metrics', 'checkpoints', 'table',
-         'step_batch', 'train', 'export', 'serving', 'server', 'main']
+         'step_batch', 'train', 'export', 'serving', 'engine', 'server', 'main']
 # Train, export and serving stand side by side on a shared floor.
 SIBLINGS = {'train', 'export', 'serving'}
 
@@ -52,7 +52,7 @@ def test_import_graph_runs_one_way():
       assert not deps & SIBLINGS, f'{name} imports {deps & SIBLINGS}'
 
 
-@pytest.mark.parametrize('module', ['scone_jax.serving', 'scone_jax.server'])
+@pytest.mark.parametrize('module', ['scone_jax.serving', 'scone_jax.engine', 'scone_jax.server'])
 def test_serving_loads_no_training_code(module):
   probe = (
       'import sys\n'

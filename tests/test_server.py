@@ -24,6 +24,7 @@ import openai
 import pytest
 
 from scone_jax import artifacts
+from scone_jax import engine as engine_lib
 from scone_jax import export
 from scone_jax import model as model_lib
 from scone_jax import server
@@ -122,8 +123,8 @@ def test_row_sampler_keeps_the_right_tokens():
   probs = np.array([0.5, 0.3, 0.15, 0.05])
   logits = np.log(np.tile(probs, (4000, 1))).astype(np.float32)
   n = logits.shape[0]
-  keys = server._row_keys(np.arange(n, dtype=np.int32), np.zeros(n, np.int32))
-  sample_rows = jax.jit(server._sample_rows, static_argnames='sampling')
+  keys = engine_lib._row_keys(np.arange(n, dtype=np.int32), np.zeros(n, np.int32))
+  sample_rows = jax.jit(engine_lib._sample_rows, static_argnames='sampling')
 
   def sample(temperature, top_p, top_k):
     return np.asarray(sample_rows(logits, np.full(n, temperature, np.float32),
@@ -154,12 +155,12 @@ def test_engine_reuses_slots_and_matches_generate():
   params = jax.jit(lambda: nn.unbox(model.init(jax.random.PRNGKey(1), np.zeros(
       (1, 1), np.int32))['params']))()
   gen = serving.Generator(mc, params, None, None, use_table=False, seq_len=16, max_len=64)
-  engine = server.Engine(gen, 2)
+  engine = engine_lib.Engine(gen, 2)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(2, 60, n) for n in (5, 12, 3, 9)]  # one prefill width: few compiles
   outs = {i: [] for i in range(len(prompts))}
   for i, p in enumerate(prompts):
-    engine.submit(server.Request(p, 6 + 3 * i, lambda kind, *a, i=i: kind == 'token' and
+    engine.submit(engine_lib.Request(p, 6 + 3 * i, lambda kind, *a, i=i: kind == 'token' and
                                  outs[i].append(a[0]), ignore_eos=True))
   while engine.load()['pending'] or engine.load()['active']:
     engine._iterate()

@@ -8,7 +8,7 @@ the Beam pipeline in `fgrams_beam.py`) and keeps the first `num_fgrams`.
 compiled hash table of `kernels.py` (built lazily on first use, never saved).
 """
 import hashlib
-import os
+import io
 import threading
 import time
 from typing import Iterable, Optional, Sequence
@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from scone_jax import paths
 from scone_jax.fgrams import kernels
 
 FORMAT_VERSION = 1
@@ -247,27 +248,26 @@ class FGramSet:
 
   def save(self, path) -> None:
     """Writes an .npz (no pickle) atomically; the match table is not stored."""
-    path = os.fspath(path)
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'wb') as f:
-      np.savez(f, magic=np.array(_MAGIC), format_version=np.array(FORMAT_VERSION, np.int64),
-               max_len=np.array(self._max_len, np.int64), tokens_padded=self._tokens_padded,
-               lengths=self._lengths, counts=self._counts,
-               fingerprint=np.array(self.fingerprint))
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, magic=np.array(_MAGIC), format_version=np.array(FORMAT_VERSION, np.int64),
+             max_len=np.array(self._max_len, np.int64), tokens_padded=self._tokens_padded,
+             lengths=self._lengths, counts=self._counts,
+             fingerprint=np.array(self.fingerprint))
+    paths.atomic_write(path, buf.getvalue())
 
   @classmethod
   def load(cls, path) -> 'FGramSet':
     """Reads a file written by `save`; ValueError naming the path if it is not one."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+    path = paths.check(path)
+    if not paths.isfile(path):
       raise FileNotFoundError(f'{path}: no such FGramSet file.')
     try:
-      z = np.load(path, allow_pickle=False)
-      if not isinstance(z, np.lib.npyio.NpzFile):
-        raise ValueError('it holds a single array, not an .npz archive')
-      with z:
-        data = {k: z[k] for k in z.files}
+      with paths.open(path, 'rb') as f:
+        z = np.load(f, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+          raise ValueError('it holds a single array, not an .npz archive')
+        with z:
+          data = {k: z[k] for k in z.files}
     except Exception as e:  # np.load raises many kinds for foreign or truncated files
       raise ValueError(f'{path}: not a readable FGramSet file ({type(e).__name__}: {e}); '
                        'write it with FGramSet.save or re-run extraction.') from e
