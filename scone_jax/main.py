@@ -146,6 +146,9 @@ def main(argv):
       if lock is not None:
         lock.release()
     print(json.dumps(last))
+    if 'preempted_at_step' in last:
+      from scone_jax import preemption  # pylint: disable=g-import-not-at-top
+      sys.exit(preemption.EXIT_CODE)
   elif mode == 'eval':
     run = artifacts.prepare_run(cfg, workdir)
     trainer = train.load_for_eval(cfg, workdir, run)

@@ -32,6 +32,7 @@ from scone_jax import config as config_lib
 from scone_jax import metrics
 from scone_jax import packing
 from scone_jax import paths
+from scone_jax import preemption
 from scone_jax import seqio_tasks
 from scone_jax import model as model_lib
 from scone_jax import sharding
@@ -461,6 +462,7 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
     writer.write(done, {f'train/{k}': v for k, v in last.items()})
 
   pending = None  # (done, device metrics, logged counters or None) of the last step
+  watch = preemption.Preemption().__enter__()
   try:
     for step in range(start, cfg.num_train_steps):
       if stop_after_steps is not None and step - start >= stop_after_steps:
@@ -499,9 +501,23 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
           raise _non_finite(f'parameters after step {done}', last_saved, mngr)
         save_checkpoint(mngr, trainer, train_loader.state())
         last_saved = done
+      if watch.reached(done):
+        if pending is not None:
+          finish(*pending)
+          pending = None
+        if last_saved != done:
+          if not bool(params_finite(trainer.state.params)):
+            raise _non_finite(f'parameters after step {done}', last_saved, mngr)
+          save_checkpoint(mngr, trainer, train_loader.state(), force=True)
+          last_saved = done
+        logging.warning('%s: stopping at step %d with a checkpoint there; run the same '
+                        'command again to resume', watch.signal_name, done)
+        last['preempted_at_step'] = done
+        break
     if pending is not None:
       finish(*pending)
   finally:
+    watch.__exit__(None, None, None)
     mngr.wait_until_finished()
     mngr.close()
     writer.close()

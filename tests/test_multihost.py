@@ -6,8 +6,10 @@ process fed its own part of every global batch.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -59,3 +61,59 @@ def test_two_processes_match_one(tmp_path):
   # Both processes wrote their shards of the final checkpoint; the tokenizer was made once.
   assert os.path.isdir(os.path.join(multi, 'checkpoints', str(STEPS)))
   assert not [f for f in os.listdir(multi) if '.tmp' in f]
+
+
+def _process_pids(workdir):
+  """{JAX_PROCESS_ID: pid} of the running trainers of workdir."""
+  found = {}
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        cmd = f.read().split(b'\0')
+      with open(f'/proc/{pid}/environ', 'rb') as f:
+        env = dict(e.split(b'=', 1) for e in f.read().split(b'\0') if b'=' in e)
+    except OSError:
+      continue
+    if b'scone_jax.main' in cmd and f'--workdir={workdir}'.encode() in cmd:
+      found[int(env.get(b'JAX_PROCESS_ID', b'-1'))] = int(pid)
+  return found
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_checkpoints_the_same_step_on_all(tmp_path):
+  """A preemption notice reaching one process stops both at one agreed step, each writing
+  its shards of that checkpoint; the same launch then resumes there on both."""
+  corpus_dir = str(tmp_path / 'corpus')
+  tiny.write_corpus(corpus_dir)
+  steps = 40
+  config = tiny.write_config_file(str(tmp_path / 'config.py'), corpus_dir, steps=steps)
+  workdir = str(tmp_path / 'multi')
+  cmd = ['bash', os.path.join(REPO, 'launch', 'local_run.sh'), '2', '4', '--', '--mode=train',
+         f'--config={config}', '--config.log_every_steps=1',
+         '--config.checkpoint_every_steps=1000', f'--workdir={workdir}']
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 400
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isfile(metrics) and os.path.getsize(metrics):
+      break
+    time.sleep(0.05)
+  pids = _process_pids(workdir)
+  assert proc.poll() is None and set(pids) == {0, 1}, pids
+  os.kill(pids[1], signal.SIGTERM)        # the notice reaches process 1 only
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 75, out[-4000:]
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+                 if s.isdigit())
+  assert len(saved) == 1 and saved[0] < steps, (saved, out[-4000:])
+  for p in ('[p0]', '[p1]'):
+    assert any(line.startswith(p) and f'stopping at step {saved[0]}' in line
+               for line in out.splitlines()), out[-4000:]
+
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-4000:]
+  for p in ('[p0]', '[p1]'):
+    assert any(line.startswith(p) and f'resumed from step {saved[0]}' in line
+               for line in proc.stdout.splitlines()), proc.stdout[-4000:]
+  assert sorted(_losses(workdir))[-1] == steps

@@ -1,4 +1,5 @@
 """Joint training: config checks, sharded == unsharded, resume == uninterrupted, loss goes down."""
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 from scone_jax import artifacts
 from scone_jax import packing
+from scone_jax import preemption
 from scone_jax import seqio_tasks
 from scone_jax import config as config_lib
 from scone_jax import sharding
@@ -427,6 +429,46 @@ def test_sigkill_then_resume_is_bitwise_identical(run_setup, tmp_path):
   assert 'resumed from step' in out, out
   jax.tree.map(np.testing.assert_array_equal, _final_params(straight, steps),
                _final_params(killed, steps))
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_is_bitwise_identical(run_setup,
+                                                                              tmp_path):
+  """Preemption: SIGTERM mid-run saves a checkpoint at the step it finishes (not a periodic
+  one: checkpoint_every_steps is beyond the run), exits with preemption.EXIT_CODE, and the
+  same command resumes there and ends bitwise equal to an uninterrupted run."""
+  root, cfg, _ = run_setup
+  steps = 12
+  config_path = tiny.write_config_file(
+      str(tmp_path / 'cfg.py'), os.path.dirname(cfg.corpus.train_files), steps=steps,
+      tokenizer=cfg.tokenizer.path)
+  straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
+  p = _main(config_path, straight)
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  every = '--config.checkpoint_every_steps=1000'
+  p = _main(config_path, stopped, every)
+  metrics = os.path.join(stopped, artifacts.METRICS_FILE)
+  deadline = time.time() + 300
+  while time.time() < deadline and p.poll() is None:
+    if os.path.isfile(metrics) and os.path.getsize(metrics):   # step 2 was logged
+      break
+    time.sleep(0.02)
+  assert p.poll() is None, 'run finished before SIGTERM: ' + p.communicate()[0]
+  p.send_signal(signal.SIGTERM)
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == preemption.EXIT_CODE, out
+  ckpt = os.path.join(stopped, artifacts.CHECKPOINT_DIR)
+  saved = sorted(int(s) for s in os.listdir(ckpt) if s.isdigit())
+  assert len(saved) == 1 and 2 <= saved[0] < steps, (saved, out)
+  assert f'stopping at step {saved[0]}' in out, out
+  assert any(json.loads(line).get('preempted_at_step') == saved[0]
+             for line in out.splitlines() if line.startswith('{')), out
+  p = _main(config_path, stopped, every)
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  assert f'resumed from step {saved[0]}' in out, out
+  jax.tree.map(np.testing.assert_array_equal, _final_params(straight, steps),
+               _final_params(stopped, steps))
 
 
 def test_seqio_pipeline_trains_and_resumes_exactly(tmp_path):
