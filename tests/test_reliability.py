@@ -242,3 +242,27 @@ def test_structure_mismatch_raises_and_changes_nothing(run_dir, tmp_path):
     checkpoints.restore_latest_params(ckpt, abstract)
   assert _tree_listing(ckpt) == before
 
+
+@pytest.mark.slow
+def test_full_disk_during_checkpoint_keeps_the_previous_checkpoint(run_dir, tmp_path):
+  full = tmp_path / 'full'
+  _mount_tmpfs(full, '8m')
+  try:
+    workdir = str(full / 'run')
+    shutil.copytree(run_dir['workdir'], workdir)
+    # A checkpoint of the tiny model is ~700 KB: logs and metrics fit, step 6 does not.
+    _fill(full, 256 << 10)
+    common = ['--mode=train', f'--config={run_dir["config"]}', f'--workdir={workdir}',
+              '--config.num_train_steps=6']
+    line = _error_line(_cli(*common))
+    ckpt = os.path.join(workdir, 'checkpoints')
+    assert f'out of disk space writing a checkpoint under {ckpt}' in line, line
+    assert _steps(workdir) == [2, 4]
+    # With space again the run resumes from step 4, past whatever the failed save left.
+    os.remove(full / 'filler')
+    proc = _cli(*common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'resumed from step 4' in proc.stderr
+    assert _steps(workdir) == [2, 4, 6]
+  finally:
+    subprocess.run(['umount', str(full)], check=False)
