@@ -99,7 +99,7 @@ def check_structure(stored, expected, where: str, *, limit: int = 5):
     more = f' (and {len(diffs) - limit} more)' if len(diffs) > limit else ''
     raise ValueError(
         f'checkpoint {where} holds another model: {len(diffs)} of its leaves differ from this '
-        f'config (stored -> expected): {"; ".join(diffs[:limit])}{more}. Nothing was restored '
+        f'config (stored -> expected): {"; ".join(diffs[:limit])}{more}. It was not restored '
         'or changed; use a new --workdir, or the config this run was trained with.')
 
 
@@ -131,44 +131,52 @@ def _latest_good(mngr, restore_step, check_meta: Optional[MetaCheck], select=lam
   directory = str(mngr.directory)
   steps = sorted(mngr.all_steps(), reverse=True)
   moved = []
-  for step in steps:
-    where = paths.join(directory, str(step))
-    try:
-      stored = _stored_metadata(directory, step)
-    except Exception as e:  # pylint: disable=broad-except
-      stored, damage = None, e
-    else:
-      damage = None
-      if expected is not None:
-        try:
-          stored = select(stored)
-        except (KeyError, TypeError, IndexError):
-          stored = {}
-        check_structure(stored, expected, where)
-    if damage is None:
-      try:
-        restored, tree = restore_step(step)
-        check_finite(tree, where)
-      except Exception as e:  # pylint: disable=broad-except
-        # orbax raises many kinds for a truncated or corrupt checkpoint.
-        damage = e
-    if damage is not None:
-      logging.warning('checkpoint %s is unreadable (%s: %s); trying the previous one', where,
-                      type(damage).__name__, str(damage)[:300])
-      if set_aside_damaged:
-        moved.append(step)
-        if jax.process_index() == 0:
-          logging.warning('moved the unreadable checkpoint %s to %s (kept, not deleted)', where,
-                          set_aside(directory, step))
-      continue
-    if check_meta is not None:
-      check_meta(restored['meta'], where)
+  try:
+    for step in steps:
+      where = paths.join(directory, str(step))
+      found = _try_step(directory, step, restore_step, select, expected)
+      if isinstance(found, Exception):
+        logging.warning('checkpoint %s is unreadable (%s: %s); trying the previous one', where,
+                        type(found).__name__, str(found)[:300])
+        if set_aside_damaged:
+          moved.append(step)
+          if jax.process_index() == 0:
+            logging.warning('moved the unreadable checkpoint %s to %s (kept, not deleted)',
+                            where, set_aside(directory, step))
+        continue
+      if check_meta is not None:
+        check_meta(found['meta'], where)
+      return found, step
+  finally:
     _forget(mngr, moved)
-    return restored, step
-  _forget(mngr, moved)
   if steps:
     logging.warning('none of the checkpoints %s could be restored', steps)
   return None
+
+
+def _try_step(directory, step, restore_step, select, expected):
+  """The restored items of one step, or the exception that shows it damaged.
+
+  Raises (does not return) a structure mismatch: that is another model, not damage.
+  """
+  where = paths.join(directory, str(step))
+  try:
+    stored = _stored_metadata(directory, step)
+  except Exception as e:  # pylint: disable=broad-except
+    return e
+  if expected is not None:
+    try:
+      stored = select(stored)
+    except (KeyError, TypeError, IndexError):
+      stored = {}
+    check_structure(stored, expected, where)
+  try:
+    restored, tree = restore_step(step)
+    check_finite(tree, where)
+  except Exception as e:  # pylint: disable=broad-except
+    # orbax raises many kinds for a truncated or corrupt checkpoint.
+    return e
+  return restored
 
 
 def _forget(mngr, moved):
