@@ -4,8 +4,10 @@
 
 A tiny SCONE config (tests/tiny.py) is trained once without interruption, then again in a
 second run directory where the process is killed with SIGKILL at least --kills times —
-some at random moments, some the instant an orbax checkpoint write is in flight — and
-relaunched after each kill (the stale run lock is taken over). At the end both runs'
+some at random moments once a launch is training again (startup alone takes tens of
+seconds, and a kill before the first step tests nothing), some the instant an orbax
+checkpoint write is in flight — and relaunched after each kill (the stale run lock is taken
+over). Each launch's log is kept under <root>/logs. At the end both runs'
 final parameters are compared bitwise and both are evaluated on the held-out split.
 The last line printed is one JSON object: the kill times, what was being written, and the
 result.
@@ -30,21 +32,35 @@ def _env():
               TF_CPP_MIN_LOG_LEVEL='2')
 
 
-def _train(config, workdir, extra=()):
-  return subprocess.Popen(
-      [sys.executable, '-m', 'scone_jax.main', '--mode=train', f'--config={config}',
-       f'--workdir={workdir}', *extra], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True, start_new_session=True)
+def _train(config, workdir, log_path, extra=()):
+  # The log goes to a file: a pipe nobody reads while the soak waits to kill would fill up
+  # and stall the trainer.
+  with open(log_path, 'w') as log:
+    return subprocess.Popen(
+        [sys.executable, '-m', 'scone_jax.main', '--mode=train', f'--config={config}',
+         f'--workdir={workdir}', *extra], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+        stderr=log, start_new_session=True)
+
+
+def _tail(path, n=3000):
+  with open(path, errors='replace') as f:
+    return f.read()[-n:]
+
+
+def _metrics_size(workdir):
+  try:
+    return os.path.getsize(os.path.join(workdir, 'metrics.jsonl'))
+  except FileNotFoundError:
+    return 0
 
 
 def _ckpt_state(workdir):
   d = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(d):
-    return [], False
+    return [], set()
   names = os.listdir(d)
   steps = sorted(int(n) for n in names if n.isdigit())
-  writing = any('tmp' in n for n in names)
-  return steps, writing
+  return steps, {n for n in names if 'tmp' in n}
 
 
 def _final_params(config_path, workdir):
@@ -79,12 +95,14 @@ def main():
   extra = ['--config.checkpoint_every_steps=2', '--config.keep_checkpoints=2',
            '--config.log_every_steps=2']
 
+  logs = os.path.join(root, 'logs')
+  os.makedirs(logs, exist_ok=True)
   t0 = time.time()
   straight = os.path.join(root, 'straight')
-  proc = _train(config, straight, extra)
-  _, err = proc.communicate()
-  if proc.returncode:
-    raise SystemExit(f'uninterrupted run failed:\n{err[-3000:]}')
+  log_path = os.path.join(logs, 'straight.log')
+  proc = _train(config, straight, log_path, extra)
+  if proc.wait():
+    raise SystemExit(f'uninterrupted run failed:\n{_tail(log_path)}')
   straight_s = time.time() - t0
   print(f'uninterrupted run: {straight_s:.1f}s', flush=True)
 
@@ -95,18 +113,27 @@ def main():
   soaked = os.path.join(root, 'soaked')
   kills, launches = [], 0
   while True:
-    proc = _train(config_soak, soaked, extra)
+    steps, tmp_at_launch = _ckpt_state(soaked)
+    if len(kills) < args.kills and args.steps in steps:
+      raise SystemExit(f'the run reached step {args.steps} after {len(kills)} kills; use '
+                       'more --steps for this many --kills')
+    log_path = os.path.join(logs, f'soaked_{launches}.log')
+    metrics_at_launch = _metrics_size(soaked)
+    proc = _train(config_soak, soaked, log_path, extra)
     launches += 1
     started = time.time()
     if len(kills) < args.kills:
       during_write = len(kills) % 3 == 2   # every third kill waits for a write in flight
-      deadline = started + rng.uniform(4.0, max(6.0, 0.8 * straight_s))
-      killed = None
+      delay = rng.uniform(0.0, 8.0)        # after the first step this launch logs
+      deadline, killed = None, None
       while proc.poll() is None:
-        steps, writing = _ckpt_state(soaked)
+        steps, tmp = _ckpt_state(soaked)
+        # A write of this launch: a killed one's leftover temporary directory does not count.
+        writing = bool(tmp - tmp_at_launch)
         now = time.time()
-        if (during_write and writing) or (not during_write and now >= deadline) or (
-            during_write and now >= deadline + 20):
+        if deadline is None and _metrics_size(soaked) > metrics_at_launch:
+          deadline = now + (60.0 if during_write else delay)
+        if (during_write and writing) or (deadline is not None and now >= deadline):
           os.killpg(proc.pid, signal.SIGKILL)
           proc.wait()
           killed = {'after_s': round(now - started, 2), 'wanted': 'during_write' if
@@ -118,9 +145,8 @@ def main():
         kills.append(killed)
         print(f'kill {len(kills)}: {json.dumps(killed)}', flush=True)
         continue
-    _, err = proc.communicate()
-    if proc.returncode:
-      raise SystemExit(f'resumed run failed (exit {proc.returncode}):\n{err[-3000:]}')
+    if proc.wait():
+      raise SystemExit(f'resumed run failed (exit {proc.returncode}):\n{_tail(log_path)}')
     if len(kills) >= args.kills:
       break
 

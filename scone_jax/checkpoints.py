@@ -58,38 +58,152 @@ def check_fingerprints(meta: dict, *, tokenizer: str, fgrams: Optional[str], whe
                      'use a new --workdir.')
 
 
-def _latest_good(mngr, restore_step, check_meta: Optional[MetaCheck]):
-  """Newest step whose restore succeeds; a checkpoint that does not read back whole is
-  skipped with a warning. check_meta errors (another run's checkpoint) are raised."""
+def _path_key(k) -> str:
+  """One step of a tree path as a plain name: `['mu']`, `.mu` and `[0]` compare by name."""
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _leaf_specs(tree) -> dict:
+  """{path: (shape, dtype)} of a tree's array leaves (arrays, structs or orbax metadata)."""
+  return {'/'.join(_path_key(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype')}
+
+
+def _stored_metadata(directory: str, step: int):
+  """The tree of shapes and dtypes stored for a step's `state` (reads no arrays)."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    stored = handler.metadata(paths.as_epath(paths.join(directory, str(step), 'state')))
+  finally:
+    handler.close()
+  return getattr(stored, 'tree', stored)
+
+
+def check_structure(stored, expected, where: str, *, limit: int = 5):
+  """Raises ValueError when a checkpoint's stored leaves differ from the restore target.
+
+  `stored` is the orbax metadata tree, `expected` the abstract target; leaves are compared
+  by path, shape and dtype. A mismatch is a run of another model, not a damaged file.
+  """
+  have, want = _leaf_specs(stored), _leaf_specs(expected)
+  show = lambda spec: 'absent' if spec is None else f'{list(spec[0])} {spec[1]}'
+  # In the target's order (step, params, opt_state): the parameters come before the optimizer.
+  order = list(want) + sorted(set(have) - set(want))
+  diffs = [f'{p}: {show(have.get(p))} -> {show(want.get(p))}'
+           for p in order if have.get(p) != want.get(p)]
+  if diffs:
+    more = f' (and {len(diffs) - limit} more)' if len(diffs) > limit else ''
+    raise ValueError(
+        f'checkpoint {where} holds another model: {len(diffs)} of its leaves differ from this '
+        f'config (stored -> expected): {"; ".join(diffs[:limit])}{more}. It was not restored '
+        'or changed; use a new --workdir, or the config this run was trained with.')
+
+
+def set_aside(directory: str, step: int) -> str:
+  """Renames a damaged step to `<step>.unreadable[.n]`, which orbax neither lists nor deletes.
+
+  Kept for inspection: a step that failed to read may still hold the only copy of hours of
+  training (e.g. a transient storage error). Returns the new path.
+  """
+  src = paths.join(directory, str(step))
+  dst = paths.join(directory, f'{step}.unreadable')
+  n = 1
+  while paths.exists(dst):
+    dst = paths.join(directory, f'{step}.unreadable.{n}')
+    n += 1
+  paths.replace(src, dst)
+  return dst
+
+
+def _latest_good(mngr, restore_step, check_meta: Optional[MetaCheck], select=lambda t: t,
+                 expected=None, set_aside_damaged: bool = False):
+  """Newest step whose restore succeeds; a damaged checkpoint (unreadable, truncated,
+  non-finite) is skipped with a warning, and with set_aside_damaged moved out of orbax's
+  sight so that neither its garbage collection nor a new save of that step deletes it.
+
+  A checkpoint whose stored structure differs from `expected` (compared with the part of
+  the stored tree `select` picks) raises, as do check_meta errors (another run's checkpoint).
+  """
+  directory = str(mngr.directory)
   steps = sorted(mngr.all_steps(), reverse=True)
-  for step in steps:
-    where = paths.join(str(mngr.directory), str(step))
-    try:
-      restored, tree = restore_step(step)
-      check_finite(tree, where)
-    except Exception as e:  # pylint: disable=broad-except
-      # orbax raises many kinds for a truncated or corrupt checkpoint.
-      logging.warning('checkpoint %s is unreadable (%s: %s); trying the previous one', where,
-                      type(e).__name__, str(e)[:300])
-      continue
-    if check_meta is not None:
-      check_meta(restored['meta'], where)
-    return restored, step
+  moved = []
+  try:
+    for step in steps:
+      where = paths.join(directory, str(step))
+      found = _try_step(directory, step, restore_step, select, expected)
+      if isinstance(found, Exception):
+        logging.warning('checkpoint %s is unreadable (%s: %s); trying the previous one', where,
+                        type(found).__name__, str(found)[:300])
+        if set_aside_damaged:
+          moved.append(step)
+          if jax.process_index() == 0:
+            logging.warning('moved the unreadable checkpoint %s to %s (kept, not deleted)',
+                            where, set_aside(directory, step))
+        continue
+      if check_meta is not None:
+        check_meta(found['meta'], where)
+      return found, step
+  finally:
+    _forget(mngr, moved)
   if steps:
     logging.warning('none of the checkpoints %s could be restored', steps)
   return None
 
 
+def _try_step(directory, step, restore_step, select, expected):
+  """The restored items of one step, or the exception that shows it damaged.
+
+  Raises (does not return) a structure mismatch: that is another model, not damage.
+  """
+  where = paths.join(directory, str(step))
+  try:
+    stored = _stored_metadata(directory, step)
+  except Exception as e:  # pylint: disable=broad-except
+    return e
+  if expected is not None:
+    try:
+      stored = select(stored)
+    except (KeyError, TypeError, IndexError):
+      stored = {}
+    check_structure(stored, expected, where)
+  try:
+    restored, tree = restore_step(step)
+    check_finite(tree, where)
+  except Exception as e:  # pylint: disable=broad-except
+    # orbax raises many kinds for a truncated or corrupt checkpoint.
+    return e
+  return restored
+
+
+def _forget(mngr, moved):
+  """Makes the manager re-list its steps after damaged ones were moved aside."""
+  if not moved:
+    return
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes('scone_jax_set_aside')
+  mngr.reload()
+
+
 def restore_latest(mngr, abstract_state, *, check_meta: Optional[MetaCheck] = None,
-                   with_data: bool = True):
-  """(state, data_state, step) of the newest checkpoint that reads back whole, or None."""
+                   with_data: bool = True, set_aside_damaged: bool = False):
+  """(state, data_state, step) of the newest checkpoint that reads back whole, or None.
+
+  Raises ValueError, changing nothing, when a checkpoint's stored shapes differ from
+  abstract_state. set_aside_damaged is for the run's own trainer (it saves and deletes steps
+  in this directory); a reader leaves damaged steps where they are.
+  """
   def restore_step(step):
     items = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
     if with_data:
       items['data'] = ocp.args.JsonRestore()
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
     return restored, restored['state'].params
-  found = _latest_good(mngr, restore_step, check_meta)
+  found = _latest_good(mngr, restore_step, check_meta, expected=abstract_state,
+                       set_aside_damaged=set_aside_damaged)
   if found is None:
     return None
   restored, step = found
@@ -101,7 +215,9 @@ def restore_latest_params(directory: str, abstract_params, *,
   """(params, step) of the newest good checkpoint in directory, reading the parameters only.
 
   Orbax's partial restore reads just `state.params`: no optimizer state (~2x the parameters
-  for Adam) is read or allocated. Returns None without a usable checkpoint.
+  for Adam) is read or allocated. Returns None without a usable checkpoint; raises
+  ValueError when the stored parameters' shapes differ from abstract_params. Read-only:
+  damaged steps are skipped, never moved.
   """
   # A read-only manager of its own: one that already restored `state` whole has bound a
   # handler that refuses the partial-restore arguments.
@@ -118,7 +234,8 @@ def restore_latest_params(directory: str, abstract_params, *,
         meta=ocp.args.JsonRestore()))
     return restored, restored['state']['params']
   try:
-    found = _latest_good(mngr, restore_step, check_meta)
+    found = _latest_good(mngr, restore_step, check_meta, select=lambda t: {'params': t['params']},
+                         expected={'params': abstract_params})
   finally:
     mngr.close()
   if found is None:

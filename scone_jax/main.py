@@ -60,12 +60,18 @@ def _init_distributed():
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Drops orbax's per-save INFO chatter so the progress lines stay readable."""
+  """Drops orbax's per-save INFO chatter so the progress lines stay readable, and the
+  traceback orbax's save thread logs for a full disk (the trainer reports it as one error
+  line; --verbose keeps it)."""
   _NOISY = (os.sep + 'orbax' + os.sep, os.sep + 'tensorstore' + os.sep)
 
   def filter(self, record):
-    return record.levelno >= py_logging.WARNING or not any(
-        n in record.pathname for n in self._NOISY)
+    noisy = any(n in record.pathname for n in self._NOISY)
+    if noisy and record.exc_info and not _VERBOSE.value:
+      from scone_jax import paths  # pylint: disable=g-import-not-at-top
+      if paths.is_disk_full(record.exc_info[1]):
+        record.exc_info, record.exc_text = None, None
+    return record.levelno >= py_logging.WARNING or not noisy
 
 
 def _require(value, flag):

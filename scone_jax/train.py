@@ -258,15 +258,17 @@ def check_metadata(meta: dict, run: artifacts.RunArtifacts, where: str):
                                  fgrams=fs.fingerprint if fs is not None else None, where=where)
 
 
-def restore_latest(mngr, trainer: Trainer, *, with_data=True):
-  """Restores the newest checkpoint that reads back whole; falls back past corrupt ones.
+def restore_latest(mngr, trainer: Trainer, *, with_data=True, set_aside_damaged=False):
+  """Restores the newest checkpoint that reads back whole; falls back past damaged ones.
 
-  Returns (state, loader_state, step) or None when there is no usable checkpoint.
+  Returns (state, loader_state, step) or None when there is no usable checkpoint. The
+  trainer of the run passes set_aside_damaged: a damaged step is renamed, not left for
+  orbax to delete or overwrite.
   """
   return checkpoints.restore_latest(
       mngr, checkpoints.abstract_like(trainer.state, trainer.state_shardings),
       check_meta=lambda meta, where: check_metadata(meta, trainer.run, where),
-      with_data=with_data)
+      with_data=with_data, set_aside_damaged=set_aside_damaged)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -417,7 +419,7 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
                f'{count_params(trainer.state.params.get("fgram_model", {})):,}')
   train_loader, eval_loader = make_loaders(cfg, workdir, run)
   mngr = checkpoint_manager(workdir, cfg)
-  restored = restore_latest(mngr, trainer)
+  restored = restore_latest(mngr, trainer, set_aside_damaged=True)
   last_saved = None
   if restored is not None:
     state, loader_state, last_saved = restored

@@ -174,3 +174,95 @@ def test_full_disk_during_export_keeps_the_previous_export(run_dir, tmp_path):
     assert ev['tokens'] > 0 and ev['loss'] == ev['loss']
   finally:
     subprocess.run(['umount', str(full)], check=False)
+
+
+def _tree_listing(directory):
+  """{relative path: size} of every file under directory."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      full = os.path.join(root, name)
+      out[os.path.relpath(full, directory)] = os.path.getsize(full)
+  return out
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_is_set_aside_and_training_resumes(run_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(run_dir['workdir'], workdir)
+  ckpt = os.path.join(workdir, 'checkpoints')
+  # Truncate step 4's array data (not its metadata): only reading the arrays finds it.
+  data = os.path.join(ckpt, '4', 'state', 'ocdbt.process_0', 'd')
+  for name in os.listdir(data):
+    path = os.path.join(data, name)
+    if os.path.getsize(path) > 1000:
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+  damaged = _tree_listing(os.path.join(ckpt, '4'))
+  proc = _cli('--mode=train', f'--config={run_dir["config"]}', f'--workdir={workdir}',
+              '--config.num_train_steps=6', '--config.async_checkpointing=False')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'is unreadable' in proc.stderr and 'resumed from step 2' in proc.stderr
+  assert f'to {os.path.join(ckpt, "4.unreadable")}' in proc.stderr
+  # Step 4 was trained and saved again; the damaged copy is still there, byte for byte.
+  assert _steps(workdir) == [2, 4, 6]
+  assert _tree_listing(os.path.join(ckpt, '4.unreadable')) == damaged
+
+
+@pytest.mark.slow
+def test_structure_mismatch_raises_and_changes_nothing(run_dir, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
+  from scone_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from scone_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(run_dir['workdir'], workdir)
+  ckpt = os.path.join(workdir, 'checkpoints')
+  before = _tree_listing(ckpt)
+  cfg = tiny.tiny_config(run_dir['corpus'], steps=4)
+  cfg.tokenizer.path = os.path.join(workdir, artifacts.TOKENIZER_FILE)
+  cfg.model.d_model = 48
+  run = artifacts.prepare_run(cfg, workdir)
+  trainer = train.create_trainer(cfg, workdir, run)
+  mngr = train.checkpoint_manager(workdir, cfg)
+  try:
+    with pytest.raises(ValueError) as e:
+      train.restore_latest(mngr, trainer, set_aside_damaged=True)
+  finally:
+    mngr.close()
+  message = str(e.value)
+  assert message.startswith(f'checkpoint {os.path.join(ckpt, "4")} holds another model')
+  assert 'params/decoder/final_norm/scale: [32] float32 -> [48] float32' in message
+  assert 'new --workdir' in message and 'more)' in message
+  # The params-only restore (export) compares the parameters alone, and refuses the same.
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          trainer.state.params)
+  with pytest.raises(ValueError, match=r'holds another model: \d+ of its leaves differ .*'
+                                       r'final_norm/scale: \[32\] float32 -> \[48\] float32'):
+    checkpoints.restore_latest_params(ckpt, abstract)
+  assert _tree_listing(ckpt) == before
+
+
+@pytest.mark.slow
+def test_full_disk_during_checkpoint_keeps_the_previous_checkpoint(run_dir, tmp_path):
+  full = tmp_path / 'full'
+  _mount_tmpfs(full, '8m')
+  try:
+    workdir = str(full / 'run')
+    shutil.copytree(run_dir['workdir'], workdir)
+    # A checkpoint of the tiny model is ~700 KB: logs and metrics fit, step 6 does not.
+    _fill(full, 256 << 10)
+    common = ['--mode=train', f'--config={run_dir["config"]}', f'--workdir={workdir}',
+              '--config.num_train_steps=6']
+    line = _error_line(_cli(*common))
+    ckpt = os.path.join(workdir, 'checkpoints')
+    assert f'out of disk space writing a checkpoint under {ckpt}' in line, line
+    assert _steps(workdir) == [2, 4]
+    # With space again the run resumes from step 4, past whatever the failed save left.
+    os.remove(full / 'filler')
+    proc = _cli(*common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'resumed from step 4' in proc.stderr
+    assert _steps(workdir) == [2, 4, 6]
+  finally:
+    subprocess.run(['umount', str(full)], check=False)
