@@ -16,9 +16,11 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec('libtpu') is None,
     reason='libtpu is not installed: no TPU compiler to compile for (pip install -e ".[tpu]")')
 
-# The README's CPU config, FSDP over the 4 chips of a v5e:2x2 so the steps need collectives.
+# The README's CPU config with one block per model (the TPU compiler's time grows with the
+# program), FSDP over the 4 chips of a v5e:2x2 so the steps need collectives.
 _SMALL = ['--config=experiments/configs/scone.py', '--topology=v5e:2x2',
-          '--config.mesh.data=1', '--config.mesh.fsdp=-1']
+          '--config.mesh.data=1', '--config.mesh.fsdp=-1', '--config.model.num_layers=1',
+          '--config.fgram_model.num_layers=1']
 
 
 def _compile(*args):
