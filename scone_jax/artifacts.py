@@ -49,7 +49,8 @@ class RunArtifacts:
 # seq_len, batch, dtypes, optimizer, seed) is refused.
 SCHEDULE_FIELDS = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'eval_batches',
                    'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing')
-SCHEDULE_GROUPS = ('mesh', 'export')   # a checkpoint restores onto any mesh; export settings
+# A checkpoint restores onto any mesh; export and compile settings do not touch it.
+SCHEDULE_GROUPS = ('mesh', 'export', 'compile')
 
 
 def flatten(d, prefix=''):

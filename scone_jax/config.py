@@ -126,6 +126,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.export.batch_size = 4096       # f-grams per sharded A_fgram pass
   c.export.rows_per_chunk = 4096   # rows per zarr3 read chunk (the unit of a random-row read)
   c.export.chunks_per_shard = 0    # read chunks per shard file (the unit of a write); 0: ~64 MiB files
+
+  # Ahead-of-time compile for a TPU topology from any host (--mode=compile, compile.py).
+  c.compile = ml_collections.ConfigDict()
+  c.compile.topology = ''          # e.g. 'v5e:4x4', 'v5p:2x2x1', 'v4:4x4x4'; --topology overrides
+  c.compile.num_slices = 1         # slices of that topology (multi-slice: mesh.dcn_data of them)
+  c.compile.fgram_unique = 0       # U of the compiled train step; 0: every position matched and
+                                   # distinct (the largest U bucket, the memory worst case)
+  c.compile.decode_batch = 8       # rows of the compiled decode step
+  c.compile.decode_len = 0         # KV cache slots of the compiled decode step; 0: seq_len
   return c
 
 
@@ -157,7 +166,8 @@ def cpu_default(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 _POSITIVE = ('seq_len', 'batch_size', 'num_train_steps', 'grad_accum_steps', 'log_every_steps',
              'checkpoint_every_steps', 'eval_every_steps', 'keep_checkpoints',
              'model.num_layers', 'model.d_model', 'model.num_heads', 'model.head_dim',
-             'model.mlp_dim', 'tokenizer.vocab_size')
+             'model.mlp_dim', 'tokenizer.vocab_size', 'compile.num_slices',
+             'compile.decode_batch')
 _BOOLS = ('model.remat', 'model.scan_layers', 'fgrams.enabled', 'fgram_model.dedupe',
           'async_checkpointing')
 _DTYPES = ('float32', 'bfloat16', 'float16')

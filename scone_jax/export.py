@@ -135,14 +135,20 @@ def restore_params(cfg, workdir: str, run: artifacts.RunArtifacts) -> _Restored:
   return _Restored(mesh, rules, model, params, param_shardings, int(step))
 
 
-def _fgram_pass(trainer, out_dtype):
-  """Jitted (params, tokens [B, K], lengths [B]) -> rows [B, d] in out_dtype, batch-sharded."""
-  mesh, rules = trainer.mesh, trainer.rules
-  model = trainer.model
+# What the f-gram pass reads of the parameters.
+FGRAM_PASS_PARAMS = ('token_embed', 'fgram_model')
+
+
+def make_fgram_pass(model, mesh, rules, param_shardings, out_dtype):
+  """Jitted (params, tokens [B, K], lengths [B]) -> rows [B, d] in out_dtype, batch-sharded.
+
+  params are {'token_embed', 'fgram_model'}. Returns (jitted, tokens sharding, lengths
+  sharding); the jitted function must be called (or lowered) under `sharding.mesh_context`.
+  """
   batch_2d = jax.sharding.NamedSharding(
       mesh, nn.logical_to_mesh_axes(('fgram_batch', None), rules))
   batch_1d = jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(('fgram_batch',), rules))
-  param_shardings = {k: trainer.param_shardings[k] for k in ('token_embed', 'fgram_model')}
+  param_shardings = {k: param_shardings[k] for k in FGRAM_PASS_PARAMS}
 
   def fn(params, toks_BxK, lens_B):
     emb_BxD = model.apply({'params': params}, toks_BxK, lens_B,
@@ -152,6 +158,13 @@ def _fgram_pass(trainer, out_dtype):
   jitted = jax.jit(fn, in_shardings=(param_shardings, batch_2d, batch_1d),
                    out_shardings=batch_2d)
   return jitted, batch_2d, batch_1d
+
+
+def global_batch_size(mesh, batch_size: int, process_count: int) -> int:
+  """Rows of one f-gram pass: batch_size rounded up to split over the mesh's batch shards
+  and the processes."""
+  unit = math.lcm(mesh.shape['data'] * mesh.shape['fsdp'], process_count)
+  return max(unit, -(-int(batch_size) // unit) * unit)
 
 
 def _local_rows(arr: jax.Array) -> np.ndarray:
@@ -324,12 +337,10 @@ def _write_rows(trainer, fgram_set, layout, table_dir, partial_dir, request,
     logging.info('export: %d of %d shards already written', len(done), layout.num_shards)
 
   mesh = trainer.mesh
-  batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
-  unit = math.lcm(batch_shards, nproc)
-  global_batch = max(unit, -(-int(batch_size) // unit) * unit)
-  local_batch = global_batch // nproc
-  fn, batch_2d, batch_1d = _fgram_pass(trainer, jnp.dtype(layout.dtype))
-  params = {k: trainer.params[k] for k in ('token_embed', 'fgram_model')}
+  local_batch = global_batch_size(mesh, batch_size, nproc) // nproc
+  fn, batch_2d, batch_1d = make_fgram_pass(trainer.model, mesh, trainer.rules,
+                                           trainer.param_shardings, jnp.dtype(layout.dtype))
+  params = {k: trainer.params[k] for k in FGRAM_PASS_PARAMS}
 
   rows_todo = (np.concatenate([np.arange(*layout.shard_range(s)) for s in todo])
                if todo else np.zeros(0, np.int64))

@@ -6,6 +6,7 @@
   python -m scone_jax.main --mode=export  --config=... --workdir=DIR [--export_dir=OUT]
   python -m scone_jax.main --mode=generate --export_dir=OUT --prompt="..."
   python -m scone_jax.main --mode=serve --export_dir=OUT [--port=8000] [--max_batch=8]
+  python -m scone_jax.main --mode=compile --config=... --topology=v5e:4x4 [--num_slices=N]
 
 This file wires stages together; the work happens in the modules it calls.
 """
@@ -20,7 +21,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ('extract', 'train', 'eval', 'export', 'generate', 'serve')
+MODES = ('extract', 'train', 'eval', 'export', 'generate', 'serve', 'compile')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Run config file (a get_config() .py), e.g. experiments/configs/scone.py.',
@@ -43,6 +44,12 @@ _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address --mode=serve listens o
 _PORT = flags.DEFINE_integer('port', 8000, 'Port --mode=serve listens on (0 = any free port).')
 _MAX_BATCH = flags.DEFINE_integer('max_batch', 8, 'Decode slots of --mode=serve: requests '
                                   'decoded together (continuous batching).')
+_TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU topology --mode=compile compiles for, '
+                                'e.g. v5e:4x4, v5p:2x2x1, v4:4x4x4 (default: '
+                                'config.compile.topology).')
+_NUM_SLICES = flags.DEFINE_integer('num_slices', None, 'Slices of --topology (default: '
+                                   'config.compile.num_slices); the mesh spans them with '
+                                   'mesh.dcn_data.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() (multi-host; automatic on TPU pods '
     'and with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set).')
@@ -117,6 +124,26 @@ def main(argv):
       from scone_jax import corpus  # pylint: disable=g-import-not-at-top
       docs = corpus.read_text_documents(_require(_EVAL_TEXT.value, 'eval_text'))
       print(json.dumps(gen.evaluate(docs)))
+    return
+
+  if mode == 'compile':
+    # This host only compiles: its own backend stays the CPU (never probe for a local TPU);
+    # the TPU devices are the topology's compile-only ones.
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+    from scone_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+    cfg = _CONFIG.value
+    if cfg is None:
+      raise app.UsageError('--config is required, e.g. experiments/configs/olmo1b_fgram06b.py')
+    topology = _TOPOLOGY.value or cfg.compile.topology
+    if not topology:
+      raise app.UsageError('--topology (e.g. v5e:4x4) or config.compile.topology is required '
+                           'for --mode=compile.')
+    num_slices = _NUM_SLICES.value or cfg.compile.num_slices
+    report = compile_lib.compile_steps(cfg, topology, num_slices)
+    for line in compile_lib.summary_lines(report):
+      print(line)
+    print(json.dumps(report))
+    compile_lib.check_fits(report)
     return
 
   _init_distributed()

@@ -117,7 +117,8 @@ def _mismatch(what, path, got, want):
                     'put back the export\'s own file or re-run --mode=export.')
 
 
-def _abstract_params(model, device):
+def abstract_params(model, device):
+  """The main model's parameters as ShapeDtypeStructs on one device (a restore target)."""
   def init():
     return nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))['params'])
   shapes = jax.eval_shape(init)
@@ -129,7 +130,7 @@ def _abstract_params(model, device):
 def restore_params(params_dir: str, model, device=None):
   """The main model's parameters from an export's param-only checkpoint, on one device."""
   device = device if device is not None else jax.devices()[0]
-  target = _abstract_params(model, device)
+  target = abstract_params(model, device)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(paths.abspath(params_dir), target)
@@ -263,6 +264,43 @@ def _sample(logits_BxV, key, temperature, top_p, *, greedy, top_k, use_top_p):
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+def input_vectors(model, params, rows_BxLxD, ints_BxLx4):
+  """where(matched, table row, T[token]): SCONE's input embedding, f-gram model-free."""
+  x_BxLxD = model.apply({'params': params}, ints_BxLx4[..., _TOK], method=_token_embed)
+  if rows_BxLxD is None:  # the baseline: no table
+    return x_BxLxD
+  matched_BxL = ints_BxLx4[..., _FID] >= 0
+  return jnp.where(matched_BxL[..., None], rows_BxLxD.astype(x_BxLxD.dtype), x_BxLxD)
+
+
+def make_decode_step(model, *, greedy: bool, top_k: int, use_top_p: bool):
+  """The KV-cached step (not jitted): (params, cache, rows [B, L, d] or None, ints [B, L, 4],
+  rng, sampling [temperature, top_p]) -> (next tokens [B], cache, rng).
+
+  L new positions per row: the prompt at prefill, 1 per decode step.
+  """
+  def step(params, cache, rows_BxLxD, ints_BxLx4, rng, sampling):
+    x_BxLxD = input_vectors(model, params, rows_BxLxD, ints_BxLx4)
+    logits_BxLxV, state = model.apply(
+        {'params': params, 'cache': cache}, x_BxLxD, positions_BxL=ints_BxLx4[..., _POS],
+        valid_BxL=ints_BxLx4[..., _VALID] > 0, decode=True,
+        method=model_lib.SconeLM.backbone, mutable=['cache'])
+    rng, sub = jax.random.split(rng)
+    tokens_B = _sample(logits_BxLxV[:, -1], sub, sampling[0], sampling[1], greedy=greedy,
+                       top_k=top_k, use_top_p=use_top_p)
+    return tokens_B, state['cache'], rng
+  return step
+
+
+def cache_shapes(model, batch: int, length: int):
+  """ShapeDtypeStructs of an empty KV cache of `length` slots for `batch` rows."""
+  def init():
+    x = jnp.zeros((batch, length, model.config.d_model), jnp.float32)
+    return model.init(jax.random.PRNGKey(0), x, decode=True,
+                      method=model_lib.SconeLM.backbone)['cache']
+  return jax.eval_shape(init)
+
+
 def _bucket(n, size):
   return max(size, -(-n // size) * size)
 
@@ -320,37 +358,20 @@ class Generator:
   # -- jitted pieces -------------------------------------------------------
 
   def _input_vectors(self, params, rows_BxLxD, ints_BxLx4):
-    """where(matched, table row, T[token]): SCONE's input embedding, f-gram model-free."""
-    x_BxLxD = self.model.apply({'params': params}, ints_BxLx4[..., _TOK], method=_token_embed)
-    if rows_BxLxD is None:  # the baseline: no table
-      return x_BxLxD
-    matched_BxL = ints_BxLx4[..., _FID] >= 0
-    return jnp.where(matched_BxL[..., None], rows_BxLxD.astype(x_BxLxD.dtype), x_BxLxD)
+    return input_vectors(self.model, params, rows_BxLxD, ints_BxLx4)
 
   def _step_fn(self, greedy: bool, top_k: int, use_top_p: bool):
     key = (greedy, top_k, use_top_p)
     if key not in self._steps:
-      def step(params, cache, rows_BxLxD, ints_BxLx4, rng, sampling):
-        x_BxLxD = self._input_vectors(params, rows_BxLxD, ints_BxLx4)
-        logits_BxLxV, state = self.model.apply(
-            {'params': params, 'cache': cache}, x_BxLxD, positions_BxL=ints_BxLx4[..., _POS],
-            valid_BxL=ints_BxLx4[..., _VALID] > 0, decode=True,
-            method=model_lib.SconeLM.backbone, mutable=['cache'])
-        rng, sub = jax.random.split(rng)
-        tokens_B = _sample(logits_BxLxV[:, -1], sub, sampling[0], sampling[1], greedy=greedy,
-                           top_k=top_k, use_top_p=use_top_p)
-        return tokens_B, state['cache'], rng
-      self._steps[key] = jax.jit(step, donate_argnums=(1,))
+      self._steps[key] = jax.jit(
+          make_decode_step(self.model, greedy=greedy, top_k=top_k, use_top_p=use_top_p),
+          donate_argnums=(1,))
     return self._steps[key]
 
   def _empty_cache(self, batch: int, length: int):
     key = (batch, length)
     if key not in self._caches:
-      def init():
-        x = jnp.zeros((batch, length, self.config.d_model), jnp.float32)
-        return self.model.init(jax.random.PRNGKey(0), x, decode=True,
-                               method=model_lib.SconeLM.backbone)['cache']
-      shapes = jax.eval_shape(init)
+      shapes = cache_shapes(self.model, batch, length)
       self._caches[key] = jax.jit(
           lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
           out_shardings=jax.sharding.SingleDeviceSharding(self.device))

@@ -90,8 +90,10 @@ def abstract_params(model: nn.Module, example_inputs: dict, mesh: jax.sharding.M
   def init_boxed(rng):
     return model.init({'params': rng}, **example_inputs)['params']
 
+  # An abstract key: nothing runs, so the mesh's devices need not be this host's.
+  key = jax.ShapeDtypeStruct((2,), jax.numpy.uint32)
   with mesh_context(mesh, rules):
-    boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(init_boxed, key)
     param_shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.unbox(boxed), param_shardings)

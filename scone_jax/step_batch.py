@@ -101,6 +101,20 @@ def batch_shardings_for(mesh, rules, *, with_fgrams: bool) -> dict:
   return {k: _sharding(k, _NDIM[k], mesh, rules) for k in keys}
 
 
+def abstract_step_batch(cfg, shardings: dict, *, num_unique: int) -> dict:
+  """ShapeDtypeStructs of one training step batch, placed in `shardings` (for AOT compile).
+
+  num_unique: U, the unique-window rows per micro-batch; the step compiles one program per
+  U bucket, the largest being every position of the micro-batch matched and distinct.
+  """
+  accum = cfg.grad_accum_steps
+  rows = cfg.batch_size // accum
+  shapes = {k: (accum, rows, cfg.seq_len) for k in ROW_KEYS}
+  shapes.update(fgram_uniq_tokens=(accum, num_unique, cfg.fgrams.max_len),
+                fgram_uniq_lengths=(accum, num_unique), fgram_index=(accum, rows, cfg.seq_len))
+  return {k: jax.ShapeDtypeStruct(shapes[k], np.int32, sharding=s) for k, s in shardings.items()}
+
+
 def batch_shardings(step_batch: dict, mesh, rules) -> dict:
   """Row arrays [A, B, L] and unique-id arrays [A, U, ...] split over the batch axes."""
   return {k: _sharding(k, v.ndim, mesh, rules) for k, v in step_batch.items()}

@@ -162,10 +162,10 @@ def build_model(cfg, vocab_size):
   return model_lib.SconeLM(model_lib.ModelConfig.from_config(cfg, vocab_size))
 
 
-def _example_inputs(cfg, fgram_set):
+def _example_inputs(cfg, with_fgrams):
   rows = cfg.batch_size // cfg.grad_accum_steps
   ex = {'inputs_BxL': jnp.zeros((rows, cfg.seq_len), jnp.int32)}
-  if fgram_set is not None:
+  if with_fgrams:
     u = cfg.fgram_model.unique_bucket
     ex['fgram_index_BxL'] = jnp.zeros((rows, cfg.seq_len), jnp.int32)
     ex['fgram_uniq_tokens_UxK'] = jnp.zeros((u, cfg.fgrams.max_len), jnp.int32)
@@ -190,35 +190,73 @@ def create_trainer(cfg, workdir, run: artifacts.RunArtifacts, mesh=None) -> Trai
   tx = make_optimizer(cfg)
   schedule = make_schedule(cfg)
   rng = jax.random.PRNGKey(cfg.seed)
+  with_fgrams = run.fgram_set is not None
   params, param_shardings = sharding.init_sharded(
-      model, rng, _example_inputs(cfg, run.fgram_set), mesh, rules)
+      model, rng, _example_inputs(cfg, with_fgrams), mesh, rules)
+  state_shardings = make_state_shardings(tx, params, param_shardings, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
+  state = TrainState(jax.device_put(jnp.int32(0), state_shardings.step), params, opt_state)
+  batch_shardings = step_batch_lib.batch_shardings_for(mesh, rules, with_fgrams=with_fgrams)
+  train_step, eval_step = jit_steps(cfg, model, tx, schedule, mesh, rules, state_shardings,
+                                    batch_shardings)
+  return Trainer(cfg, workdir, run, mesh, rules, model, tx, schedule, state, state_shardings,
+                 batch_shardings, train_step, eval_step)
+
+
+def make_state_shardings(tx, params, param_shardings, mesh) -> TrainState:
+  """The TrainState's shardings: step replicated, optimizer state sharded like params.
+
+  params may be abstract (ShapeDtypeStructs): nothing is computed.
+  """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt_shardings = optimizer_shardings(tx, params, param_shardings, replicated)
-  state_shardings = TrainState(replicated, param_shardings, opt_shardings)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  state = TrainState(jax.device_put(jnp.int32(0), replicated), params, opt_state)
-  batch_shardings = step_batch_lib.batch_shardings_for(
-      mesh, rules, with_fgrams=run.fgram_set is not None)
+  return TrainState(replicated, param_shardings, opt_shardings)
+
+
+def abstract_state(cfg, model, tx, mesh, rules) -> tuple:
+  """(TrainState of ShapeDtypeStructs placed in their shardings, the state's shardings).
+
+  What create_trainer would build, without initialising or allocating anything: for
+  compiling the steps ahead of time (`compile.py`) on devices this host does not have.
+  """
+  params, param_shardings = sharding.abstract_params(
+      model, _example_inputs(cfg, cfg.fgrams.enabled), mesh, rules)
+  shardings = make_state_shardings(tx, params, param_shardings, mesh)
+  opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           jax.eval_shape(tx.init, params), shardings.opt_state)
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step)
+  return TrainState(step, params, opt_state), shardings
+
+
+def jit_steps(cfg, model, tx, schedule, mesh, rules, state_shardings: TrainState,
+              batch_shardings: dict) -> tuple:
+  """(train_step, eval_step), jitted with in/out shardings and called under the mesh."""
+  replicated = state_shardings.step
   train_step = _under_mesh(jax.jit(
       make_train_step(model, tx, schedule, cfg),
       in_shardings=(state_shardings, batch_shardings, replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,)), mesh, rules)
   eval_step = _under_mesh(jax.jit(
-      make_eval_step(model), in_shardings=(param_shardings, batch_shardings),
+      make_eval_step(model), in_shardings=(state_shardings.params, batch_shardings),
       out_shardings=replicated), mesh, rules)
-  return Trainer(cfg, workdir, run, mesh, rules, model, tx, schedule, state, state_shardings,
-                 batch_shardings, train_step, eval_step)
+  return train_step, eval_step
 
 
 def _under_mesh(jitted, mesh, rules):
   """`jitted`, called with the mesh and logical rules current (its constraints trace under them).
 
-  The jitted function stays reachable as `.jitted` (e.g. for `.lower()` or its cache size).
+  The jitted function stays reachable as `.jitted` (e.g. for its cache size); `.lower(*args)`
+  lowers it under the mesh too (arguments may be ShapeDtypeStructs: ahead-of-time compile).
   """
   def call(*args):
     with sharding.mesh_context(mesh, rules):
       return jitted(*args)
+
+  def lower(*args):
+    with sharding.mesh_context(mesh, rules):
+      return jitted.lower(*args)
   call.jitted = jitted
+  call.lower = lower
   return call
 
 

@@ -1,0 +1,306 @@
+"""Ahead-of-time compile of the train, export and decode steps for a TPU topology, from any host.
+
+With libtpu installed (the `tpu` extra), `jax.experimental.topologies.get_topology_desc`
+describes a TPU slice, or several, as compile-only devices on a machine that has none. The
+steps compiled here are the ones the run executes (`train.jit_steps`, `export.make_fgram_pass`,
+`serving.make_decode_step`), lowered with ShapeDtypeStruct arguments in their shardings over
+the config's mesh laid out on those devices, and compiled by the real TPU compiler. It reports
+per-device memory and FLOPs, and refuses a program that does not fit the chip
+(RESOURCE_EXHAUSTED). No corpus, tokenizer or f-gram set is read: the shapes come from the
+config (tokenizer.vocab_size, fgrams.num_fgrams).
+
+  report = compile.compile_steps(cfg, 'v5e:4x4')   # {'fits': ..., 'steps': {...}, ...}
+"""
+import dataclasses
+import logging
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scone_jax import config as config_lib
+from scone_jax import export as export_lib
+from scone_jax import model as model_lib
+from scone_jax import serving
+from scone_jax import sharding
+from scone_jax import step_batch as step_batch_lib
+from scone_jax import train
+
+_GIB = 1 << 30
+# HBM per JAX device (a chip; a megacore chip is one device), by device_kind. The compiler
+# knows the usable capacity and fails with RESOURCE_EXHAUSTED past it; this is the second
+# check (total of memory_analysis vs HBM) and the denominator of the report.
+HBM_BYTES = {
+    'TPU v4': 32 * _GIB,
+    'TPU v5 lite': 16 * _GIB,
+    'TPU v5': 95 * 10**9,        # v5p: 95 GB
+    'TPU v6 lite': 32 * _GIB,
+}
+# Generations whose two TensorCores per chip act as one device ('megacore').
+_MEGACORE = ('v4', 'v5p', 'v5')
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+# An HLO instruction's opcode: `= <shape> all-gather(` or its async `all-gather-start(`.
+_COLLECTIVE_RE = re.compile(r'\s(' + '|'.join(COLLECTIVES) + r')(?:-start)?\(')
+
+
+class DoesNotFit(RuntimeError):
+  """A step needs more memory per device than the chip has."""
+
+
+# ----------------------------------------------------------------------------- topology
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+  """Compile-only TPU devices of `num_slices` slices of `topology` (e.g. 'v5e:4x4').
+
+  Needs libtpu (pip install -e '.[tpu]'), not a TPU: the devices only compile.
+  """
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  generation, dims = _parse_topology(topology)
+  kwargs = {'chip_config_name': 'megacore' if generation in _MEGACORE else 'default',
+            'num_slices': int(num_slices)}
+  if len(dims) == 3:
+    # A full cube of 4 chips per side or more is a torus (wraparound links).
+    kwargs['wrap'] = tuple(d >= 4 and d % 4 == 0 for d in dims)
+  try:
+    desc = topologies.get_topology_desc(topology, platform='tpu', **kwargs)
+  except RuntimeError as e:
+    if 'not installed' in str(e) or 'libtpu' in str(e).lower():
+      raise RuntimeError(f'compiling for TPU topology {topology} needs libtpu on this host '
+                         f'({e}); install it with pip install -e ".[tpu]".') from e
+    raise ValueError(f'TPU topology {topology!r} (num_slices={num_slices}) was refused by '
+                     f'libtpu: {_first_line(e)}; use a name such as v5e:2x2, v5e:4x4, '
+                     'v5p:2x2x1 or v4:4x4x4.') from e
+  return list(desc.devices)
+
+
+def _parse_topology(topology: str):
+  m = re.fullmatch(r'(v\d+[a-z]*):(\d+(?:x\d+){1,2})', topology or '')
+  if not m:
+    raise ValueError(f'topology {topology!r}: expected GENERATION:AxB or GENERATION:AxBxC, '
+                     'e.g. v5e:4x4, v5p:2x2x1, v4:4x4x4 (--topology or config.compile.topology).')
+  return m.group(1), tuple(int(x) for x in m.group(2).split('x'))
+
+
+def hbm_bytes(device) -> int:
+  kind = device.device_kind
+  if kind not in HBM_BYTES:
+    raise ValueError(f'unknown HBM size of TPU device kind {kind!r}; add it to '
+                     'compile.HBM_BYTES.')
+  return HBM_BYTES[kind]
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def analyse(compiled, hbm: int) -> dict:
+  """Per-device memory (bytes), FLOPs and collectives of a compiled program."""
+  mem = compiled.memory_analysis()
+  arguments = int(mem.argument_size_in_bytes)
+  outputs = int(mem.output_size_in_bytes)
+  aliased = int(mem.alias_size_in_bytes)
+  temporaries = int(mem.temp_size_in_bytes)
+  # Donated arguments alias outputs: their bytes are counted once.
+  total = arguments + outputs - aliased + temporaries
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  text = compiled.as_text()
+  found = [m.group(1) for m in _COLLECTIVE_RE.finditer(text)]
+  return {
+      'fits': total <= hbm,
+      'memory': {'arguments': arguments, 'outputs': outputs, 'aliased': aliased,
+                 'temporaries': temporaries,
+                 'generated_code': int(mem.generated_code_size_in_bytes),
+                 'host_temporaries': int(getattr(mem, 'host_temp_size_in_bytes', 0)),
+                 'total': total, 'hbm': int(hbm), 'fraction_of_hbm': total / hbm},
+      'flops_per_device': float((cost or {}).get('flops', 0.0)),
+      'collectives': {c: found.count(c) for c in COLLECTIVES},
+  }
+
+
+def _compile(name: str, lower, hbm: int) -> dict:
+  """lower() -> Lowered; compiles it and analyses the result. A RESOURCE_EXHAUSTED compile is
+  reported as {'fits': False, 'error': ...}, not raised."""
+  t0 = time.time()
+  lowered = lower()
+  t1 = time.time()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    logging.info('%s: does not fit: %s', name, e)
+    return {'fits': False, 'error': _first_line(e), 'lower_s': t1 - t0,
+            'compile_s': time.time() - t1}
+  out = analyse(compiled, hbm)
+  out.update(lower_s=t1 - t0, compile_s=time.time() - t1)
+  if not out['fits']:
+    out['error'] = (f'{out["memory"]["total"] / _GIB:.2f} GiB per device > '
+                    f'{hbm / _GIB:.2f} GiB of HBM')
+  return out
+
+
+def _first_line(e) -> str:
+  lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+  # XLA's message is 'RESOURCE_EXHAUSTED: ...' followed by an allocation listing; the first
+  # lines say by how much.
+  return ' '.join(lines[:3])[:400]
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def _placed(shapes, sharding_tree):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, sharding_tree)
+
+
+def unique_windows(cfg) -> int:
+  """U of the compiled train step: config.compile.fgram_unique, or its largest value (every
+  position of a micro-batch matched and distinct, rounded up to the bucket)."""
+  if cfg.compile.fgram_unique:
+    return int(cfg.compile.fgram_unique)
+  positions = cfg.batch_size // cfg.grad_accum_steps * cfg.seq_len
+  if not cfg.fgram_model.dedupe:
+    return positions
+  bucket = cfg.fgram_model.unique_bucket
+  return -(-positions // bucket) * bucket
+
+
+def compile_steps(cfg, topology: str, num_slices: int = 1, devices=None) -> dict:
+  """Compiles the train step, the export pass and the decode step for the topology.
+
+  Returns {'fits', 'topology', 'num_slices', 'devices', 'device_kind', 'mesh', 'steps':
+  {'train': ..., 'export': ... (None without f-grams), 'decode': ...}}; each step has fits,
+  memory (bytes per device), flops_per_device, collectives (opcodes in the compiled HLO,
+  each counted once however often a loop runs it), or error when it does not fit.
+  devices: the compile-only devices (default: topology_devices(topology, num_slices)).
+  """
+  dcn_data = int(cfg.mesh.dcn_data)
+  if num_slices != dcn_data:
+    raise ValueError(f'{num_slices} slice(s) of {topology} but config.mesh.dcn_data={dcn_data}: '
+                     'the mesh spans slices with its data axis; set --config.mesh.dcn_data='
+                     f'{num_slices} (or --num_slices={dcn_data}).')
+  if devices is None:
+    devices = topology_devices(topology, num_slices)
+  config_lib.validate(cfg, num_devices=len(devices))
+  hbm = hbm_bytes(devices[0])
+  vocab = int(cfg.tokenizer.vocab_size)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  rules = sharding.logical_axis_rules(cfg)
+  model = train.build_model(cfg, vocab)
+  tx = train.make_optimizer(cfg)
+  state, state_shardings = train.abstract_state(cfg, model, tx, mesh, rules)
+  with_fgrams = bool(cfg.fgrams.enabled)
+  batch_shardings = step_batch_lib.batch_shardings_for(mesh, rules, with_fgrams=with_fgrams)
+  train_step, _ = train.jit_steps(cfg, model, tx, train.make_schedule(cfg), mesh, rules,
+                                  state_shardings, batch_shardings)
+  num_unique = unique_windows(cfg) if with_fgrams else 0
+  batch = step_batch_lib.abstract_step_batch(cfg, batch_shardings, num_unique=num_unique)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=state_shardings.step)
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  steps = {}
+
+  logging.info('compiling the train step for %s (mesh %s)', topology, dict(mesh.shape))
+  steps['train'] = _compile('train', lambda: train_step.lower(state, batch, rng), hbm)
+  steps['train'].update(tokens=tokens_per_step, fgram_unique=num_unique)
+
+  steps['export'] = None
+  if with_fgrams:
+    logging.info('compiling the export pass')
+    fn, toks_sharding, lens_sharding = export_lib.make_fgram_pass(
+        model, mesh, rules, state_shardings.params, jnp.dtype(cfg.export.dtype))
+    processes = len({d.process_index for d in devices})
+    rows = export_lib.global_batch_size(mesh, cfg.export.batch_size, processes)
+    params = {k: state.params[k] for k in export_lib.FGRAM_PASS_PARAMS}
+    toks = jax.ShapeDtypeStruct((rows, cfg.fgrams.max_len), jnp.int32, sharding=toks_sharding)
+    lens = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=lens_sharding)
+
+    def lower_export():
+      with sharding.mesh_context(mesh, rules):
+        return fn.lower(params, toks, lens)
+    steps['export'] = _compile('export', lower_export, hbm)
+    passes = -(-int(cfg.fgrams.num_fgrams) // rows)
+    steps['export'].update(rows_per_pass=rows, passes=passes, table_bytes=int(
+        cfg.fgrams.num_fgrams) * cfg.model.d_model * np.dtype(jnp.dtype(cfg.export.dtype)).itemsize)
+
+  logging.info('compiling the decode step (one device, as serving runs it)')
+  steps['decode'] = _compile('decode', lambda: _lower_decode(cfg, vocab, devices[0]), hbm)
+  steps['decode'].update(batch=int(cfg.compile.decode_batch), cache_len=_decode_len(cfg),
+                         devices=1)
+
+  return {
+      'fits': all(s['fits'] for s in steps.values() if s is not None),
+      'topology': topology, 'num_slices': int(num_slices), 'devices': len(devices),
+      'device_kind': devices[0].device_kind,
+      'mesh': {k: int(v) for k, v in mesh.shape.items()},
+      'steps': steps,
+  }
+
+
+def _decode_len(cfg) -> int:
+  return int(cfg.compile.decode_len or cfg.seq_len)
+
+
+def _lower_decode(cfg, vocab, device):
+  """serving's KV-cached decode step, one new token per row, on one device (as serving
+  places it), with greedy sampling (--mode=generate's default)."""
+  model_config = dataclasses.replace(model_lib.ModelConfig.from_config(cfg, vocab),
+                                     fgrams_enabled=False)
+  model = model_lib.SconeLM(model_config)
+  single = jax.sharding.SingleDeviceSharding(device)
+  batch = int(cfg.compile.decode_batch)
+  params = serving.abstract_params(model, device)
+  cache = _placed(serving.cache_shapes(model, batch, _decode_len(cfg)),
+                  jax.tree.map(lambda _: single, serving.cache_shapes(model, batch, 1)))
+  rows = None
+  if cfg.fgrams.enabled:
+    rows = jax.ShapeDtypeStruct((batch, 1, cfg.model.d_model), jnp.dtype(cfg.export.dtype),
+                                sharding=single)
+  ints = jax.ShapeDtypeStruct((batch, 1, 4), jnp.int32, sharding=single)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=single)
+  sampling = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=single)
+  step = jax.jit(serving.make_decode_step(model, greedy=True, top_k=0, use_top_p=False),
+                 donate_argnums=(1,))
+  return step.lower(params, cache, rows, ints, rng, sampling)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summary_lines(report: dict) -> list:
+  """Human-readable lines: per step, memory per device vs HBM, FLOPs, collectives."""
+  lines = [f'{report["topology"]} x{report["num_slices"]}: {report["devices"]} devices '
+           f'({report["device_kind"]}), mesh {report["mesh"]}']
+  for name, s in report['steps'].items():
+    if s is None:
+      lines.append(f'  {name}: skipped (no f-grams)')
+      continue
+    if 'memory' not in s:
+      lines.append(f'  {name}: DOES NOT FIT: {s["error"]}')
+      continue
+    m = s['memory']
+    gib = lambda b: f'{b / _GIB:.2f}'  # pylint: disable=cell-var-from-loop
+    colls = ', '.join(f'{k} {v}' for k, v in s['collectives'].items() if v) or 'none'
+    lines.append(
+        f'  {name}: {"fits" if s["fits"] else "DOES NOT FIT"}; per device GiB: arguments '
+        f'{gib(m["arguments"])}, outputs {gib(m["outputs"])}, aliased {gib(m["aliased"])}, '
+        f'temporaries {gib(m["temporaries"])}, total {gib(m["total"])} of {gib(m["hbm"])} '
+        f'HBM ({100 * m["fraction_of_hbm"]:.0f}%); {s["flops_per_device"] / 1e12:.3f} TFLOP '
+        f'per device per step; collectives: {colls}')
+  return lines
+
+
+def check_fits(report: dict):
+  """Raises DoesNotFit naming each step that does not fit."""
+  bad = [f'{name} ({s["error"]})' for name, s in report['steps'].items()
+         if s is not None and not s['fits']]
+  if bad:
+    raise DoesNotFit(f'does not fit {report["topology"]} x{report["num_slices"]}: '
+                     + '; '.join(bad) + '. Shard more (mesh.fsdp / mesh.tensor), lower '
+                     'batch_size or raise grad_accum_steps, use model.remat, or a larger '
+                     'topology.')
+

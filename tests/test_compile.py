@@ -1,0 +1,72 @@
+"""--mode=compile: the real train, export and decode steps compiled by the TPU compiler for a
+TPU topology on this CPU host (libtpu's compile-only devices), through the CLI."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Only where libtpu is not installed (e.g. a platform it has no wheel for); an installed
+# libtpu that fails to compile fails the test.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec('libtpu') is None,
+    reason='libtpu is not installed: no TPU compiler to compile for (pip install -e ".[tpu]")')
+
+# The README's CPU config with one block per model (the TPU compiler's time grows with the
+# program), FSDP over the 4 chips of a v5e:2x2 so the steps need collectives.
+_SMALL = ['--config=experiments/configs/scone.py', '--topology=v5e:2x2',
+          '--config.mesh.data=1', '--config.mesh.fsdp=-1', '--config.model.num_layers=1',
+          '--config.fgram_model.num_layers=1']
+
+
+def _compile(*args):
+  proc = subprocess.run([sys.executable, '-m', 'scone_jax.main', '--mode=compile', *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=900)
+  lines = proc.stdout.strip().splitlines()
+  report = json.loads(lines[-1]) if lines and lines[-1].startswith('{') else None
+  return proc, report
+
+
+@pytest.mark.slow
+def test_small_config_compiles_for_v5e_2x2_and_fits():
+  proc, report = _compile(*_SMALL)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert report['fits'] and report['devices'] == 4
+  assert report['device_kind'] == 'TPU v5 lite'
+  assert report['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
+  for name in ('train', 'export', 'decode'):
+    step = report['steps'][name]
+    assert step['fits'], (name, step)
+    mem = step['memory']
+    assert mem['arguments'] > 0 and mem['outputs'] > 0 and mem['total'] > 0, (name, mem)
+    assert mem['total'] <= mem['hbm'] == 16 << 30
+    assert step['flops_per_device'] > 0, name
+  train = report['steps']['train']
+  # The donated state aliases the new state: its bytes are not counted twice.
+  assert train['memory']['aliased'] > 0
+  # FSDP: parameters gathered for the forward pass, gradients reduced back to their shards.
+  assert train['collectives']['all-gather'] > 0, train['collectives']
+  assert train['collectives']['reduce-scatter'] + train['collectives']['all-reduce'] > 0
+  assert sum(report['steps']['export']['collectives'].values()) > 0
+  # Serving decodes on one chip: nothing to communicate.
+  assert sum(report['steps']['decode']['collectives'].values()) == 0
+  assert train['fgram_unique'] == 16 * 128  # every position matched and distinct
+  assert report['steps']['export']['passes'] == 4  # 16,000 f-grams / 4,096 per pass
+  assert 'train: fits; per device GiB' in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_config_that_does_not_fit_exits_with_one_error_line():
+  # 8,192 rows of 128 tokens in one micro-batch: the logits alone are ~4 GiB per chip, the
+  # f-gram windows of every position far more.
+  proc, report = _compile(*_SMALL, '--config.batch_size=8192')
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: does not fit v5e:2x2 x1: train (')
+  assert report is not None and report['fits'] is False
+  assert report['steps']['train']['fits'] is False
+  assert report['steps']['decode']['fits'] is True  # decode does not depend on the batch
