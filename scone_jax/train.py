@@ -228,9 +228,10 @@ def count_params(tree) -> int:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_manager(workdir, cfg) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir, cfg, *, writer: bool = False) -> ocp.CheckpointManager:
   return checkpoints.manager(paths.join(workdir, artifacts.CHECKPOINT_DIR),
-                             keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
+                             keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,
+                             writer=writer)
 
 
 def run_metadata(cfg, run: artifacts.RunArtifacts) -> dict:
@@ -423,7 +424,7 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
                dict(trainer.mesh.shape), f'{count_params(trainer.state.params):,}',
                f'{count_params(trainer.state.params.get("fgram_model", {})):,}')
   train_loader, eval_loader = make_loaders(cfg, workdir, run)
-  mngr = checkpoint_manager(workdir, cfg)
+  mngr = checkpoint_manager(workdir, cfg, writer=True)
   restored = restore_latest(mngr, trainer)
   last_saved = None
   if restored is not None:
