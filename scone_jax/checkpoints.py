@@ -17,9 +17,18 @@ from scone_jax import paths
 ITEMS = ('state', 'data', 'meta')
 
 
-def manager(directory: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def manager(directory: str, *, keep: int, async_save: bool = True,
+            writer: bool = False) -> ocp.CheckpointManager:
+  """writer: the run's one trainer, which first removes checkpoints left half-written.
+
+  On gs:// orbax writes a step in place and marks it done with commit_success.txt; a step a
+  killed trainer left unmarked would otherwise be written into again on resume (tensorstore
+  then reads the dead save's partial OCDBT manifest). Only the writer may remove them: an
+  eval or export beside a running trainer would delete the save in progress.
+  """
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=async_save)
+                                         enable_async_checkpointing=async_save,
+                                         cleanup_tmp_directories=writer)
   return ocp.CheckpointManager(paths.abspath(directory), options=options, item_names=ITEMS)
 
 

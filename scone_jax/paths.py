@@ -7,6 +7,11 @@ local directory with a colon in its name. Writes that must never be seen half do
 through `atomic_write`: a local file is written to a temporary name beside it, fsynced and
 renamed; a Cloud Storage object is uploaded whole, which is atomic by itself.
 tensorstore gets its kvstore spec from `kvstore_spec`, so the table follows the same rule.
+
+gs:// goes through fsspec's gcsfs on every host, TensorFlow installed or not: epath would
+otherwise pick tf.io.gfile where TensorFlow is importable (a training host) and gcsfs where
+it is not (a serving host), and only gcsfs and tensorstore can be pointed at another
+endpoint (STORAGE_EMULATOR_HOST, TENSORSTORE_GCS_HTTP_URL; see `emulated_gcs`).
 """
 import builtins
 import contextlib
@@ -15,9 +20,12 @@ import os
 import posixpath
 import re
 import shutil
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 from etils import epath
+
+# Read by epath (and so by orbax, in this process) on its first gs:// call; see above.
+os.environ.setdefault('EPATH_USE_TF', 'false')
 
 CLOUD_SCHEMES = ('gs',)
 _URL = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*):(//)?')
@@ -39,6 +47,12 @@ def check(path: PathLike) -> str:
 
 def is_cloud(path: PathLike) -> bool:
   return _URL.match(check(path)) is not None
+
+
+def emulated_gcs() -> Optional[str]:
+  """The Cloud Storage emulator gs:// paths go to (STORAGE_EMULATOR_HOST), or None."""
+  host = os.environ.get('STORAGE_EMULATOR_HOST', '')
+  return None if host in ('', 'default') else host
 
 
 def as_epath(path: PathLike) -> epath.Path:

@@ -267,9 +267,10 @@ def count_params(tree) -> int:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_manager(workdir, cfg) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir, cfg, *, writer: bool = False) -> ocp.CheckpointManager:
   return checkpoints.manager(paths.join(workdir, artifacts.CHECKPOINT_DIR),
-                             keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
+                             keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,
+                             writer=writer)
 
 
 def run_metadata(cfg, run: artifacts.RunArtifacts) -> dict:
@@ -359,11 +360,19 @@ class _MetricsWriter:
       self._lines = paths.read_text(self._path) if paths.exists(self._path) else ''
     else:
       self._f = open(self._path, 'a', encoding='utf-8')
+    tb_dir = paths.join(workdir, 'tensorboard')
+    if paths.is_cloud(tb_dir) and paths.emulated_gcs():
+      # tf.summary writes gs:// through TensorFlow's own GCS client, which has no endpoint
+      # setting: it would write to the real bucket of that name, not the emulator.
+      logging.info('gs:// goes to the emulator at %s, which TensorFlow cannot reach: '
+                   'no TensorBoard summaries; metrics go to %s', paths.emulated_gcs(),
+                   artifacts.METRICS_FILE)
+      return
     try:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       tf.config.set_visible_devices([], 'GPU')
       # tf.summary writes gs:// paths itself.
-      self._tb = tf.summary.create_file_writer(paths.join(workdir, 'tensorboard'))
+      self._tb = tf.summary.create_file_writer(tb_dir)
       self._tf = tf
     except Exception:  # pylint: disable=broad-except
       logging.info('TensorFlow not importable: metrics go to %s only', artifacts.METRICS_FILE)
@@ -456,7 +465,7 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
                dict(trainer.mesh.shape), f'{count_params(trainer.state.params):,}',
                f'{count_params(trainer.state.params.get("fgram_model", {})):,}')
   train_loader, eval_loader = make_loaders(cfg, workdir, run)
-  mngr = checkpoint_manager(workdir, cfg)
+  mngr = checkpoint_manager(workdir, cfg, writer=True)
   restored = restore_latest(mngr, trainer, set_aside_damaged=True)
   last_saved = None
   if restored is not None:
