@@ -74,11 +74,40 @@ class _QuietLibraries(py_logging.Filter):
 
   def filter(self, record):
     noisy = any(n in record.pathname for n in self._NOISY)
-    if noisy and record.exc_info and not _VERBOSE.value:
+    if record.exc_info and not _VERBOSE.value:
       from scone_jax import paths  # pylint: disable=g-import-not-at-top
       if paths.is_disk_full(record.exc_info[1]):
-        record.exc_info, record.exc_text = None, None
+        if record.name == 'asyncio':
+          return False   # orbax's abandoned write tasks: "Task exception was never retrieved"
+        if noisy:
+          record.exc_info, record.exc_text = None, None
     return record.levelno >= py_logging.WARNING or not noisy
+
+
+def _quiet_closed_loop_callbacks():
+  """After a failed async checkpoint save, tensorstore still completes the abandoned writes
+  and their callbacks hit orbax's closed event loop; each would print a traceback around
+  the CLI's one-line error. Those (RuntimeError 'Event loop is closed') are dropped unless
+  --verbose; every other uncaught exception is printed as before."""
+  import threading  # pylint: disable=g-import-not-at-top
+
+  def closed_loop(exc):
+    return isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+
+  def excepthook(kind, value, tb, default=sys.excepthook):
+    if not closed_loop(value):
+      default(kind, value, tb)
+
+  def thread_hook(args, default=threading.excepthook):
+    if not closed_loop(args.exc_value):
+      default(args)
+
+  def unraisable_hook(args, default=sys.unraisablehook):
+    if not closed_loop(args.exc_value):
+      default(args)
+
+  sys.excepthook, threading.excepthook, sys.unraisablehook = (excepthook, thread_hook,
+                                                              unraisable_hook)
 
 
 def _require(value, flag):
@@ -94,6 +123,8 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   logging.use_absl_handler()
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if not _VERBOSE.value:
+    _quiet_closed_loop_callbacks()
   mode = _MODE.value
   from scone_jax import paths  # pylint: disable=g-import-not-at-top
   for flag in (_WORKDIR, _EXPORT_DIR):
