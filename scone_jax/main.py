@@ -164,7 +164,7 @@ def main(argv):
     from scone_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
     cfg = _CONFIG.value
     if cfg is None:
-      raise app.UsageError('--config is required, e.g. experiments/configs/olmo1b_fgram06b.py')
+      raise app.UsageError('--config is required, e.g. experiments/configs/olmo1b.py:0.6b')
     topology = _TOPOLOGY.value or cfg.compile.topology
     if not topology:
       raise app.UsageError('--topology (e.g. v5e:4x4) or config.compile.topology is required '

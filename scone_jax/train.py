@@ -534,8 +534,10 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
       if pending is not None:
         finish(*pending)
       pending = (done, metrics, logged)
+      preempted = watch.reached(done)   # every host, every step
       evaluating = done % cfg.eval_every_steps == 0 or done == cfg.num_train_steps
-      saving = done % cfg.checkpoint_every_steps == 0 or done == cfg.num_train_steps
+      saving = (done % cfg.checkpoint_every_steps == 0 or done == cfg.num_train_steps
+                or preempted)
       if evaluating or saving:
         finish(*pending)
         pending = None
@@ -548,17 +550,9 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
       if saving:
         if not bool(params_finite(trainer.state.params)):
           raise _non_finite(f'parameters after step {done}', last_saved, mngr)
-        save_checkpoint(mngr, trainer, train_loader.state())
+        save_checkpoint(mngr, trainer, train_loader.state(), force=preempted)
         last_saved = done
-      if watch.reached(done):
-        if pending is not None:
-          finish(*pending)
-          pending = None
-        if last_saved != done:
-          if not bool(params_finite(trainer.state.params)):
-            raise _non_finite(f'parameters after step {done}', last_saved, mngr)
-          save_checkpoint(mngr, trainer, train_loader.state(), force=True)
-          last_saved = done
+      if preempted:
         logging.warning('%s: stopping at step %d with a checkpoint there; run the same '
                         'command again to resume', watch.signal_name, done)
         last['preempted_at_step'] = done
