@@ -400,16 +400,23 @@ def _final_params(workdir, step):
   return ocp.StandardCheckpointer().restore(path)['params']
 
 
-def test_sigkill_then_resume_is_bitwise_identical(run_setup, tmp_path):
-  root, cfg, _ = run_setup
-  steps = 8
+def _uninterrupted_run(run_setup, tmp_path, steps):
+  """(config file, workdir) of a CLI run trained to `steps` without interruption."""
+  _, cfg, _ = run_setup
   config_path = tiny.write_config_file(
       str(tmp_path / 'cfg.py'), os.path.dirname(cfg.corpus.train_files), steps=steps,
       tokenizer=cfg.tokenizer.path)
-  straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
+  straight = str(tmp_path / 'straight')
   p = _main(config_path, straight)
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
+  return config_path, straight
+
+
+def test_sigkill_then_resume_is_bitwise_identical(run_setup, tmp_path):
+  steps = 8
+  config_path, straight = _uninterrupted_run(run_setup, tmp_path, steps)
+  killed = str(tmp_path / 'killed')
 
   p = _main(config_path, killed, '--config.checkpoint_every_steps=2')
   ckpt = os.path.join(killed, artifacts.CHECKPOINT_DIR)
@@ -436,15 +443,9 @@ def test_sigterm_checkpoints_the_current_step_and_resume_is_bitwise_identical(ru
   """Preemption: SIGTERM mid-run saves a checkpoint at the step it finishes (not a periodic
   one: checkpoint_every_steps is beyond the run), exits with preemption.EXIT_CODE, and the
   same command resumes there and ends bitwise equal to an uninterrupted run."""
-  root, cfg, _ = run_setup
   steps = 12
-  config_path = tiny.write_config_file(
-      str(tmp_path / 'cfg.py'), os.path.dirname(cfg.corpus.train_files), steps=steps,
-      tokenizer=cfg.tokenizer.path)
-  straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
-  p = _main(config_path, straight)
-  out, _ = p.communicate(timeout=600)
-  assert p.returncode == 0, out
+  config_path, straight = _uninterrupted_run(run_setup, tmp_path, steps)
+  stopped = str(tmp_path / 'stopped')
   every = '--config.checkpoint_every_steps=1000'
   p = _main(config_path, stopped, every)
   metrics = os.path.join(stopped, artifacts.METRICS_FILE)
