@@ -14,7 +14,7 @@ pids=()
 for ((i = 0; i < N; i++)); do
   JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$D" \
   JAX_COORDINATOR_ADDRESS="127.0.0.1:$PORT" JAX_NUM_PROCESSES=$N JAX_PROCESS_ID=$i \
-    python -m scone_jax.main "$@" > >(sed "s/^/[p$i] /") 2>&1 &
+    python -m scone_jax.main "$@" > >(sed -u "s/^/[p$i] /") 2>&1 &
   pids+=($!)
 done
 status=0
