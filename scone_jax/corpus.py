@@ -411,8 +411,11 @@ class Tokenizer:
     return f'Tokenizer({self.path!r}, vocab_size={self.vocab_size}, {self.fingerprint[:12]})'
 
 
-def prepare_tokenizer(cfg, workdir: str, train_texts: Sequence[str]) -> Tokenizer:
-  """The run's tokenizer: workdir/tokenizer.model, else a copy of tokenizer.path, else trained."""
+def prepare_tokenizer(cfg, workdir: str, train_texts) -> Tokenizer:
+  """The run's tokenizer: workdir/tokenizer.model, else a copy of tokenizer.path, else trained.
+
+  train_texts: the training texts, or a function returning them (called only to train).
+  """
   path = paths_lib.join(workdir, TOKENIZER_FILE)
   if paths_lib.isfile(path):
     tokenizer = Tokenizer(path)
@@ -436,6 +439,8 @@ def prepare_tokenizer(cfg, workdir: str, train_texts: Sequence[str]) -> Tokenize
     tokenizer = Tokenizer(path)
     logging.info('using tokenizer %s copied from %s', tokenizer, cfg.tokenizer.path)
     return tokenizer
+  if callable(train_texts):
+    train_texts = train_texts()
   train_tokenizer(train_texts, vocab_size=cfg.tokenizer.vocab_size,
                   model_type=cfg.tokenizer.model_type, model_path=path)
   return Tokenizer(path)

@@ -30,9 +30,12 @@ Training visits rows in a fresh seeded permutation each epoch; the row stream ru
 across epochs (global row g = step * batch_size + j, epoch g // num_rows). Multi-host:
 process p takes rows [p * B/P, (p+1) * B/P) of each global batch.
 """
+import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import time
@@ -45,7 +48,7 @@ from scone_jax import paths
 BOS_ID = 0
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask', 'fgram_ids',
               'fgram_lengths')
-_PAD_VALUES = {'inputs': 0, 'targets': 0, 'segment_ids': 0, 'positions': 0, 'loss_mask': 0,
+PAD_VALUES = {'inputs': 0, 'targets': 0, 'segment_ids': 0, 'positions': 0, 'loss_mask': 0,
                'fgram_ids': -1, 'fgram_lengths': 1}
 _CACHE_VERSION = 1
 
@@ -78,6 +81,10 @@ class PreparedSplit:
   def document(self, i: int, with_eos: bool = False) -> np.ndarray:
     end = self.offsets[i + 1] - (0 if with_eos else 1)
     return self.tokens[self.offsets[i]:end]
+
+  def rows(self, row_ids, seq_len: int) -> dict:
+    """Rows row_ids of the packed stream (`make_rows`)."""
+    return make_rows(self, seq_len, row_ids)
 
 
 def documents_digest(docs) -> str:
@@ -248,12 +255,12 @@ def make_rows(split: PreparedSplit, seq_len: int, row_ids: np.ndarray) -> dict:
       'fgram_ids': np.where(first_BxL, -1, split.fgram_ids[prev_BxL]),
       'fgram_lengths': np.where(first_BxL, 1, split.fgram_lengths[prev_BxL]),
   }
-  out = {k: np.where(valid_BxL, v, _PAD_VALUES[k]).astype(np.int32) for k, v in out.items()}
+  out = {k: np.where(valid_BxL, v, PAD_VALUES[k]).astype(np.int32) for k, v in out.items()}
   return limit_to_row(out, split.fgram_set)
 
 
 def padding_rows(num: int, seq_len: int) -> dict:
-  return {k: np.full((num, seq_len), _PAD_VALUES[k], np.int32) for k in BATCH_KEYS}
+  return {k: np.full((num, seq_len), PAD_VALUES[k], np.int32) for k in BATCH_KEYS}
 
 
 def local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
@@ -267,21 +274,30 @@ def local_batch_size(batch_size: int, process_index: int, process_count: int) ->
 
 
 class Loader:
-  """Batches of a PreparedSplit: deterministic, random access by step, multi-host sliced.
+  """Batches of a split: deterministic, random access by step, multi-host sliced.
 
+  split: a PreparedSplit (in memory) or `token_shards.TokenShards` (prepared files, read
+  by row, matched on the fly): anything with num_tokens, num_bytes and rows(row_ids, L).
   Train mode repeats forever, shuffling rows with a fresh permutation per epoch
   (numpy Generator seeded by (seed, epoch)) when shuffle is set. Eval mode makes one
   in-order pass whose last batch is padded with rows of loss_mask 0; `num_bytes` and
   `num_tokens` (prediction targets) of the whole split give bits per byte.
-  Each process gets its contiguous slice of each global batch's rows.
+  Each process gets its contiguous slice of each global batch's rows, and reads only those.
+  prefetch > 0: iteration builds that many batches ahead in `workers` background threads
+  (reading, matching and packing release the GIL), in step order, so building overlaps the
+  device step; `state()` counts the batches handed out, not those built ahead.
   """
 
-  def __init__(self, split: PreparedSplit, *, seq_len: int, batch_size: int, seed: int = 0,
+  def __init__(self, split, *, seq_len: int, batch_size: int, seed: int = 0,
                shuffle: bool = True, eval_mode: bool = False, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, prefetch: int = 0, workers: int = 1):
     self.local_batch_size = local_batch_size(batch_size, process_index, process_count)
     if eval_mode and shuffle:
       raise ValueError('eval mode reads the split once in order; pass shuffle=False.')
+    if prefetch < 0 or workers < 1:
+      raise ValueError(f'prefetch={prefetch} must be >= 0 and workers={workers} >= 1.')
+    self.prefetch = int(prefetch)
+    self.workers = int(workers)
     self.split = split
     self.seq_len = seq_len
     self.batch_size = batch_size
@@ -344,7 +360,7 @@ class Loader:
       raise IndexError(f'eval batch {step} out of range [0, {self.num_batches}).')
     rows = self.global_rows(step)
     lo = self.process_index * self.local_batch_size
-    return make_rows(self.split, self.seq_len, rows[lo:lo + self.local_batch_size])
+    return self.split.rows(rows[lo:lo + self.local_batch_size], self.seq_len)
 
   def state(self) -> dict:
     return {'step': int(self._step)}
@@ -355,11 +371,40 @@ class Loader:
   def __iter__(self) -> Iterator[dict]:
     if self.eval_mode:
       # Every iteration is a fresh full pass; the loader's step is left alone.
-      return (self.batch_at(i) for i in range(self.num_batches))
+      return self._ahead(range(self.num_batches))
     return self._train_iter()
 
   def _train_iter(self):
-    while True:
-      batch = self.batch_at(self._step)
-      self._step += 1
+    first = self._step
+    for step, batch in zip(itertools.count(first), self._ahead(itertools.count(first))):
+      self._step = step + 1
       yield batch
+
+  def _ahead(self, steps) -> Iterator[dict]:
+    return ahead(self.batch_at, steps, prefetch=self.prefetch, workers=self.workers)
+
+
+def ahead(fn, items, *, prefetch: int, workers: int = 1) -> Iterator:
+  """fn(item) for each item, in order, with up to `prefetch` calls running ahead in
+  `workers` background threads (prefetch 0: in the caller's thread, when asked).
+
+  Bounded: at most `prefetch` results wait. Closing the iterator cancels what has not
+  started and waits for what has.
+  """
+  if not prefetch:
+    yield from (fn(x) for x in items)
+    return
+  items = iter(items)
+  pending = collections.deque()
+  with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='scone-input') as pool:
+    try:
+      for x in itertools.islice(items, prefetch):
+        pending.append(pool.submit(fn, x))
+      while pending:
+        result = pending.popleft().result()
+        for x in itertools.islice(items, 1):
+          pending.append(pool.submit(fn, x))
+        yield result
+    finally:
+      for f in pending:
+        f.cancel()

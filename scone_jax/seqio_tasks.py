@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from scone_jax.packing import _PAD_VALUES
+from scone_jax.packing import PAD_VALUES
 from scone_jax.packing import BATCH_KEYS
 from scone_jax.packing import BOS_ID
 from scone_jax.packing import documents_digest
@@ -73,7 +73,7 @@ def _converter_class():
         }
         # The end-of-stream marker becomes the padding that completes the last row.
         num_pad = tf.cast((length - ex['start'] % length) % length, tf.int32)
-        pad = {k: tf.fill([num_pad], _PAD_VALUES[k]) for k in BATCH_KEYS}
+        pad = {k: tf.fill([num_pad], PAD_VALUES[k]) for k in BATCH_KEYS}
         return {k: tf.cond(ex['end'], lambda k=k: pad[k], lambda k=k: out[k])
                 for k in BATCH_KEYS}
 

@@ -34,6 +34,7 @@ from scone_jax import packing
 from scone_jax import paths
 from scone_jax import preemption
 from scone_jax import seqio_tasks
+from scone_jax import token_shards
 from scone_jax import model as model_lib
 from scone_jax import sharding
 from scone_jax import step_batch as step_batch_lib
@@ -412,28 +413,32 @@ def _format_eta(seconds):
 
 def make_loaders(cfg, workdir, run: artifacts.RunArtifacts):
   cache = paths.join(workdir, artifacts.DATA_DIR)
-  train_split = packing.prepare_split(run.train_docs, run.tokenizer, run.fgram_set, cache_dir=cache,
-                                   name='train')
-  heldout_split = packing.prepare_split(run.heldout_docs, run.tokenizer, run.fgram_set,
-                                     cache_dir=cache, name='heldout')
-  if cfg.input_pipeline == 'seqio':
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if cfg.input_pipeline == 'shards':
+    shards = token_shards.TokenShards(run.train_shards, run.fgram_set)
+    logging.info('training input: %d token shards in %s (%d documents, %d tokens), matched '
+                 'on the fly, %d batches built ahead by %d threads', shards.index['num_shards'],
+                 run.train_shards, shards.num_docs, shards.num_tokens, cfg.data.prefetch,
+                 cfg.data.workers)
+    train_loader = packing.Loader(shards, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                                  seed=cfg.seed, shuffle=True, **process)
+  elif cfg.input_pipeline == 'seqio':
     train_task, _ = seqio_tasks.register_tasks(cfg, run.tokenizer, run.fgram_set,
-                                        train_docs=run.train_docs,
-                                        heldout_docs=run.heldout_docs)
+                                               train_docs=run.train_docs,
+                                               heldout_docs=run.heldout_docs)
     logging.info('training input: seqio task %s', train_task)
-    train_loader = seqio_tasks.SeqioLoader(train_task, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                                    seed=cfg.seed, shuffle=True,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+    train_loader = seqio_tasks.SeqioLoader(train_task, seq_len=cfg.seq_len,
+                                           batch_size=cfg.batch_size, seed=cfg.seed,
+                                           shuffle=True, **process)
   else:
+    train_split = packing.prepare_split(run.train_docs, run.tokenizer, run.fgram_set,
+                                        cache_dir=cache, name='train')
     train_loader = packing.Loader(train_split, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                               seed=cfg.seed, shuffle=True,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
+                                  seed=cfg.seed, shuffle=True, **process)
+  heldout_split = packing.prepare_split(run.heldout_docs, run.tokenizer, run.fgram_set,
+                                        cache_dir=cache, name='heldout')
   eval_loader = packing.Loader(heldout_split, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                            seed=cfg.seed, shuffle=False, eval_mode=True,
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count())
+                               seed=cfg.seed, shuffle=False, eval_mode=True, **process)
   return train_loader, eval_loader
 
 
@@ -510,14 +515,20 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
                  _format_eta(eta))
     writer.write(done, {f'train/{k}': v for k, v in last.items()})
 
+  end = cfg.num_train_steps
+  if stop_after_steps is not None:
+    end = min(end, start + stop_after_steps)
+
+  def build(step):  # read, match, pack, dedupe: in background threads when prefetching
+    return step_batch_lib.make_step_batch(train_loader.batch_at(step), trainer.fgram_set, cfg)
+
+  # A seqio loader streams in order: one builder thread keeps its reads sequential.
+  workers = 1 if cfg.input_pipeline == 'seqio' else cfg.data.workers
+  built = packing.ahead(build, range(start, end), prefetch=cfg.data.prefetch, workers=workers)
   pending = None  # (done, device metrics, logged counters or None) of the last step
   watch = preemption.Preemption().__enter__()
   try:
-    for step in range(start, cfg.num_train_steps):
-      if stop_after_steps is not None and step - start >= stop_after_steps:
-        break
-      batch = train_loader.batch_at(step)
-      sb, stats = step_batch_lib.make_step_batch(batch, trainer.fgram_set, cfg)
+    for step, (sb, stats) in zip(range(start, end), built):
       trainer.state, metrics = trainer.train_step(
           trainer.state, step_batch_lib.device_put_batch(sb, trainer.batch_shardings), rng)
       train_loader.restore({'step': step + 1})
@@ -560,6 +571,7 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
     if pending is not None:
       finish(*pending)
   finally:
+    built.close()  # stops the builders (those running finish; the rest are dropped)
     watch.__exit__(None, None, None)
     mngr.wait_until_finished()
     mngr.close()
