@@ -12,7 +12,6 @@ Layout of a workdir:
   metrics.jsonl          one JSON object per logged train/eval step
 """
 import collections
-import dataclasses
 import logging
 import time
 from typing import Optional

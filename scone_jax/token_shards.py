@@ -32,7 +32,6 @@ index.json: {"version", "dtype", "eos_id", "num_shards", "shard_tokens": [...],
 documents' ids and texts, or of what the Beam pipeline read), "writer"}.
 """
 import hashlib
-import json
 import logging
 import os
 import threading
