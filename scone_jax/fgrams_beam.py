@@ -4,16 +4,50 @@ The result is the FGramSet `fgrams.extract` builds in process (same n-grams in t
 order, same counts, same fingerprint); only where the counting runs differs. DirectRunner
 by default (Beam 2.77's DirectRunner first tries Prism, fetching its binary from GitHub;
 offline, `--runner=FnApiRunner` runs the same in process); any runner through standard
-Beam options, e.g.
+Beam options. Arguments the script does not know go to Beam unchanged. Workers must be
+able to import `scone_jax` (the DoFns live in this module) and must reach the inputs, the
+tokenizer and the shard directory (`--temp_dir`, else `--temp_location`): the launcher
+makes a local temporary one only for runners whose workers share this machine's disk.
+Paths on gs:// need Beam's GCS filesystem on the launcher and on the workers
+(`pip install "apache-beam[gcp]"`; the project's own IO layer has gcsfs already).
+
+  Dataflow  --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp
+            (shards go there too) --setup_file=./pyproject.toml (workers pip-install
+            scone_jax with its core dependencies at start-up; or bake them into an image
+            and pass --sdk_container_image=REGION-docker.pkg.dev/P/REPO/IMAGE:TAG).
+            --worker_machine_type=n2-highmem-8: a worker holds the pruning filter
+            (~0.8 GB per 100M frequent (n-1)-grams with 'hashes', fixed with 'bloom') and
+            one key shard's distinct candidates; --max_num_workers bounds the autoscaler.
+  Flink     --runner=FlinkRunner --flink_master=HOST:8081 --temp_dir=gs://B/tmp (or a
+            path every task manager mounts) --parallelism=N. The Python code runs in an
+            SDK harness per task manager: --environment_type=DOCKER (default; the
+            task managers need Docker and an image with scone_jax installed, named by
+            --sdk_container_image), PROCESS (--environment_config='{"command":
+            "/path/to/boot"}', scone_jax installed on every task manager), or LOOPBACK
+            (the harness is this launching process: a local Flink for tests, no
+            parallel Python work). Beam starts a Flink job server from a jar it downloads
+            for the cluster's --flink_version (offline: --flink_job_server_jar=PATH).
+  Spark     --runner=SparkRunner --spark_master_url=spark://HOST:7077 --temp_dir=...,
+            with the same --environment_type choices as Flink; the job server jar comes
+            from --spark_version / --spark_job_server_jar. Or start the Spark job server
+            yourself and use --runner=PortableRunner --job_endpoint=HOST:8099.
+  Dask      --runner=DaskRunner --dask_client_address=HOST:8786 [--dask_npartitions=N]:
+            an existing dask.distributed cluster (`pip install -e ".[beam]"` brings
+            dask[distributed]). The run goes through `scone_jax.beam_dask`, a fixed copy
+            of Beam's DaskRunner (Beam's own drops this pipeline's counts without an
+            error; see that module, also for why the Dask runner repeats work and suits
+            moderate corpora only). Workers of a scheduler on 127.0.0.1/localhost (or of
+            the LocalCluster Beam starts when no address is given) share this disk, so
+            --temp_dir may be omitted; a scheduler on another host needs a --temp_dir
+            all its workers and this process see (gs://, or a shared mount).
+
+For example:
 
   python -m scone_jax.fgrams_beam --input='gs://b/train-*.txt' --input_format=text \
     --tokenizer=gs://b/tokenizer.model --output=gs://b/fgrams.npz --max_len=5 \
-    --min_count=2 --num_fgrams=10000000 --temp_dir=gs://b/tmp \
-    --runner=DataflowRunner --project=p --region=r --setup_file=./setup.py
-
-Arguments the script does not know go to Beam unchanged. Remote workers must be able to
-import `scone_jax` (`--setup_file` / `--extra_package` / a container image): the DoFns
-live in this module.
+    --min_count=2 --num_fgrams=10000000 --num_key_shards=1024 \
+    --runner=DataflowRunner --project=p --region=r --temp_location=gs://b/tmp \
+    --setup_file=./pyproject.toml --worker_machine_type=n2-highmem-8
 
 Inputs (`input_format`):
   'text'    UTF-8 files, optionally compressed (.gz/.bz2/... by extension), each read
@@ -114,7 +148,8 @@ INPUT_FORMATS = ('text', 'jsonl', 'tokens')
 PRUNE_FILTERS = ('hashes', 'bloom')
 _METRICS_NAMESPACE = 'fgrams_beam'
 _SHARD_GLOB = 'frequent-*.npz'
-# Runners (lowercase, 'Runner' suffix dropped) whose workers see this machine's disk.
+# Runners (see _runner_kind) whose workers always see this machine's disk; 'dask' does
+# when its scheduler is on this machine (beam_dask.scheduler_is_local).
 _LOCAL_RUNNERS = ('direct', 'switchingdirect', 'bundlebaseddirect', 'prism', 'fnapi')
 
 
@@ -578,6 +613,11 @@ def expand_input_patterns(input_patterns: Sequence[str]) -> list[str]:
   return sorted(paths)
 
 
+def _runner_kind(runner: Optional[str]) -> str:
+  """'DirectRunner', 'apache_beam.runners.dask.dask_runner.DaskRunner' -> 'direct', 'dask'."""
+  return re.sub('runner$', '', (runner or 'direct').rsplit('.', 1)[-1].lower())
+
+
 def _check_args(input_patterns, input_format, output_path, max_len, min_count, num_fgrams,
                 tokenizer_path, prune_filter, bloom_bits_log2, num_key_shards):
   if input_format not in INPUT_FORMATS:
@@ -672,7 +712,8 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str, output_
       DirectRunner when no runner is named.
     temp_dir: where workers write the frequent-n-gram shards; must be visible to the
       workers and to this process (gs://... for Dataflow). Default: --temp_location,
-      else a local temporary directory (local runners only).
+      else a local temporary directory (only for runners whose workers share this disk:
+      the direct ones, and Dask with a scheduler on this machine).
     prune_filter: 'hashes' or 'bloom' (see the module docstring; same result).
     bloom_bits_log2, bloom_num_hashes: Bloom filter size and hash count.
     num_key_shards: n-grams are hashed into this many groups per pass; one group's
@@ -693,11 +734,20 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str, output_
   paths = expand_input_patterns(input_patterns)
   options = PipelineOptions(list(pipeline_args or []))
   runner = options.view_as(StandardOptions).runner
+  kind = _runner_kind(runner)
+  workers_see_local_disk = kind in _LOCAL_RUNNERS
+  runner_instance = None
+  if kind == 'dask':
+    # Beam's own DaskRunner silently drops data in this pipeline (see beam_dask); the
+    # short name 'DaskRunner' is not even registered in Beam.
+    from scone_jax import beam_dask  # pylint: disable=g-import-not-at-top
+    runner_instance = beam_dask.DaskRunner()
+    workers_see_local_disk = beam_dask.scheduler_is_local(options)
   if temp_dir is None:
     temp_dir = options.view_as(GoogleCloudOptions).temp_location
   own_temp = None
   if temp_dir is None:
-    if re.sub('runner$', '', (runner or 'direct').lower()) not in _LOCAL_RUNNERS:
+    if not workers_see_local_disk:
       raise ValueError(f'runner {runner} needs a temp_dir every worker and this process '
                        'can reach (e.g. gs://bucket/tmp); pass temp_dir / --temp_dir or '
                        '--temp_location')
@@ -712,7 +762,7 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str, output_
                shard_dir)
   try:
     t0 = time.time()
-    p = beam.Pipeline(options=options)
+    p = beam.Pipeline(runner=runner_instance, options=options)
     docs = (_documents(p, paths, input_format, tokenizer_path)
             | 'Rebalance' >> beam.Reshuffle())
     frequent = docs | 'Count' >> CountFrequentNGrams(
