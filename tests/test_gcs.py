@@ -140,7 +140,9 @@ def test_whole_run_on_gcs_equals_the_local_run(gcs, tmp_path):
   corpus_dir = str(tmp_path / 'corpus')
   tiny.write_corpus(corpus_dir)
   gs_corpus = f'{BUCKET}/corpus'
-  fs.put(os.path.join(corpus_dir, 'train.txt'), f'{gs_corpus}/train-00000.txt')
+  # Same file name as the local run: document ids ('<basename>#<n>') place documents in the
+  # token shards, so the two runs train on the same stream.
+  fs.put(os.path.join(corpus_dir, 'train.txt'), f'{gs_corpus}/train.txt')
   fs.put(os.path.join(corpus_dir, 'eval.txt'), f'{gs_corpus}/eval.txt')
   config = tiny.write_config_file(str(tmp_path / 'cfg.py'), corpus_dir, steps=STEPS)
 
@@ -157,7 +159,7 @@ def test_whole_run_on_gcs_equals_the_local_run(gcs, tmp_path):
 
   gs_eval, gs_text = _run(
       emulator_env(url), workdir, config,
-      [f'--config.corpus.train_files=gs://{gs_corpus}/train-*.txt',
+      [f'--config.corpus.train_files=gs://{gs_corpus}/train*.txt',
        f'--config.corpus.eval_files=gs://{gs_corpus}/eval.txt'],
       f'gs://{gs_corpus}/eval.txt', kill=a_checkpoint_exists)
 
