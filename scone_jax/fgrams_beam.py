@@ -1,4 +1,5 @@
-"""F-gram extraction beyond one machine: the K-1 pass algorithm as an Apache Beam pipeline.
+"""F-gram extraction beyond one machine: the K-1 pass algorithm as an Apache Beam pipeline
+(and, from the same pass over the text, the training split's token shards).
 
 The result is the FGramSet `fgrams.extract` builds in process (same n-grams in the same
 order, same counts, same fingerprint); only where the counting runs differs. DirectRunner
@@ -49,23 +50,62 @@ For example:
     --runner=DataflowRunner --project=p --region=r --temp_location=gs://b/tmp \
     --setup_file=./pyproject.toml --worker_machine_type=n2-highmem-8
 
-Inputs (`input_format`):
+Inputs (`input_format`), read with the ids `corpus.read_text_documents` gives:
   'text'    UTF-8 files, optionally compressed (.gz/.bz2/... by extension), each read
             whole by one worker. Documents are blocks separated by one or more blank
             lines, split by `corpus.split_text_documents` (the in-process reader's rule):
             '\\r\\n', '\\r' -> '\\n'; a blank line is empty or only ' \\t\\r\\f\\v'; a block
             loses leading/trailing '\\n' and is dropped when only whitespace; inner lines
-            are kept as they are. Documents never span files.
-  'jsonl'   one JSON object per line; its "text" field is one document; blank lines
-            are skipped (`corpus.parse_jsonl_record`).
+            are kept as they are. Documents never span files. Ids '<basename>#<n>', n from 0.
+  'jsonl'   one JSON object per line, each file streamed line by line by one worker (line
+            numbers need the file in order); its "text" field is one document; blank
+            lines and whitespace-only texts are skipped (`corpus.parse_jsonl_record`).
+            Ids: the record's "id" (as str), else '<basename>#<lineno>', lineno from 1.
+            (The in-process reader treats a file as JSONL by its `.jsonl` name: give
+            such files --input_format=jsonl for the same documents.)
   'tokens'  `.npz` shards holding `tokens` (int32, all documents concatenated) and
-            `offsets` (int64, num_docs + 1); `write_token_shards` writes them.
+            `offsets` (int64, num_docs + 1); `write_token_shards` writes them. No ids, so
+            neither token shards nor a held-out split.
 Text is tokenized by SentencePiece (`encode(text)`, ids as encoded, nothing appended),
 the model loaded once per DoFn instance in `setup()`.
 
+Held-out documents (`--heldout_fraction=F`, default 0: every document trains): a document
+whose `corpus.heldout_score(id) < F` is dropped before tokenizing, so neither the f-gram
+counts nor the token shards see it. This is `corpus.split_documents`' rule except for its
+guarantee of a non-empty side: in process, when no document scores below F, the lowest-
+scoring one is held out anyway (and when all do, the highest-scoring one trains); that
+needs a global order over the corpus, which this pipeline does not take. The two agree
+whenever at least one document but not all score below F, i.e. on any corpus but a tiny
+one or with a tiny F; when none does, the launcher logs a warning.
+
+Token shards (`--shards_output=DIR`, `--num_token_shards=N`, 'text'/'jsonl' input): the
+same pipeline also writes the training documents as the token shards training reads
+(`scone_jax/token_shards.py`), byte for byte what `token_shards.write_shards` writes in
+process for the same documents and tokenizer, so one read and one tokenization of the
+text feed both the f-gram counting and the shards. Each tokenized document is keyed by
+shard `doc_key(id) % N` and grouped per shard (every shard gets a group, so an empty shard
+is an empty file); one worker sorts a shard's documents by (doc_key, id), in memory (pick
+N so a shard fits a worker comfortably), and writes `tokens-SSSSS-of-NNNNN.bin` through
+FileSystems under its deterministic name (a retried bundle rewrites the same file), plus
+its counts in the temp directory. The launcher then writes index.json (last, so a
+directory without one is unfinished): shard token counts, num_docs, num_bytes (UTF-8
+text), the tokenizer fingerprint, writer 'beam', a `request` (inputs, input format,
+heldout_fraction, tokenizer, N), and `docs`, a digest in shard order (`shards_digest`:
+`packing.documents_digest` hashes in corpus order, a sequential hash a distributed
+pipeline cannot compute without a second ordered pass). Document ids must be unique (a
+duplicate fails naming the id); the f-gram counting alone does not need ids. Without
+--output only the shards are written. The tokenizer must have pad 0 and EOS 1
+(`corpus.Tokenizer`; `corpus.train_tokenizer` makes such models). Train from them with
+  --config.data.train_shards=DIR --config.tokenizer.path=TOKENIZER
+  --config.fgrams.path=FGRAMS.npz
+plus the corpus flags for the held-out split evaluation reads in process (eval files, or
+the same train files and corpus.heldout_fraction=F).
+
 The graph (one pipeline, all passes: one job start, and the runner orders the passes by
 their side-input dependencies; K-1 jobs with files in between would cost a start each):
-  documents (int32 LE bytes) -> Reshuffle (fusion break: tokenize once, rebalance)
+  documents (id, text) -> drop held-out -> tokenize -> Reshuffle (fusion break:
+          tokenize once, rebalance), then two branches of the same PCollection:
+  token shards (with --shards_output): key by shard -> GroupByKey -> sort, write
   pass 1: count tokens -> sum per key -> >= min_count -> filter_1
   pass n = 2..K: per document, the n-grams whose (n-1)-prefix AND (n-1)-suffix pass
           filter_{n-1} (a side input) -> sum per key -> >= min_count -> filter_n
@@ -111,15 +151,18 @@ IO: the launching process goes through `scone_jax.paths` (the f-gram set it writ
 directories it creates); code that runs on workers reads inputs and writes shards through
 Beam's `FileSystems`, the IO layer every runner's workers have.
 
-Length: one file of ~800 lines because a pipeline is read top to bottom: input readers,
-the pruning filters, the counting DoFns and the transform that chains the passes are
-each meaningful only next to the others, and remote workers import this one module.
+Length: one file of ~1100 lines because a pipeline is read top to bottom: input readers,
+the pruning filters, the counting DoFns, the token shard writer and the transform that
+chains the passes are each meaningful only next to the others, and remote workers import
+this one module.
 """
 import argparse
+import hashlib
 import io
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -143,11 +186,13 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scone_jax import corpus
 from scone_jax import fgrams
 from scone_jax import paths as paths_lib
+from scone_jax import token_shards
 
 INPUT_FORMATS = ('text', 'jsonl', 'tokens')
 PRUNE_FILTERS = ('hashes', 'bloom')
 _METRICS_NAMESPACE = 'fgrams_beam'
 _SHARD_GLOB = 'frequent-*.npz'
+_TOKEN_STATS_GLOB = 'token-shard-*.json'
 # Runners (see _runner_kind) whose workers always see this machine's disk; 'dask' does
 # when its scheduler is on this machine (beam_dask.scheduler_is_local).
 _LOCAL_RUNNERS = ('direct', 'switchingdirect', 'bundlebaseddirect', 'prism', 'fnapi')
@@ -172,19 +217,41 @@ def read_text_documents(path: str) -> list[str]:
     return _text_documents(f, path)
 
 
-def _read_text_file(readable_file) -> list[str]:
+def _basename(path: str) -> str:
+  # Beam paths are '/'-separated on every filesystem (gs://b/x.txt -> x.txt), as
+  # corpus.read_text_documents names documents after paths_lib.basename.
+  return posixpath.basename(path.rstrip('/'))
+
+
+def _read_text_file(readable_file) -> Iterator[tuple[str, str]]:
+  """(id, text) of one text file's documents, ids '<basename>#<n>' as corpus assigns them."""
   # Whole file at once: the split rule is a regex over the file's text (keep files to a
   # size a worker holds comfortably; many files parallelize, one file does not).
   path = readable_file.metadata.path
+  base = _basename(path)
   with readable_file.open(mime_type='application/octet-stream') as f:
-    return _text_documents(f, path)
+    for i, text in enumerate(_text_documents(f, path)):
+      yield f'{base}#{i}', text
 
 
-def _parse_jsonl_line(path_and_line) -> Iterator[str]:
-  path, line = path_and_line
-  record = corpus.parse_jsonl_record(line, path)
-  if record is not None:
-    yield record['text']
+def _read_jsonl_file(readable_file) -> Iterator[tuple[str, str]]:
+  """(id, text) of one .jsonl file's records, as corpus.read_text_documents reads them:
+  id = the record's "id" (as str) or '<basename>#<lineno>'; whitespace-only texts skipped."""
+  # Line by line (one file per worker, streamed): line numbers need the file read in
+  # order, which a splittable text source cannot give.
+  path = readable_file.metadata.path
+  base = _basename(path)
+  with readable_file.open(mime_type='application/octet-stream') as f:
+    for lineno, raw in enumerate(iter(f.readline, b''), 1):
+      where = f'{path}:{lineno}'
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise ValueError(f'{where} is not valid UTF-8 ({e}); text inputs must be UTF-8') from e
+      record = corpus.parse_jsonl_record(line, where)
+      if record is None or not record['text'].strip():
+        continue
+      yield str(record.get('id', f'{base}#{lineno}')), record['text']
 
 
 def _load_token_shard(data: bytes, path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -245,8 +312,14 @@ def write_token_shards(documents: Iterable[Sequence[int]], out_prefix: str,
   return paths
 
 
+def document_digest(doc_id: str, text: str) -> bytes:
+  """sha256 of one document as `packing.documents_digest` hashes it (id NUL text NUL)."""
+  return hashlib.sha256(doc_id.encode('utf-8') + b'\0' + text.encode('utf-8') + b'\0').digest()
+
+
 class _TokenizeFn(beam.DoFn):
-  """Text -> int32 LE token bytes with SentencePiece, model loaded once per instance."""
+  """(id, text) -> (id, int32 LE token bytes, UTF-8 bytes of the text, document_digest),
+  SentencePiece loaded once per instance."""
 
   def __init__(self, tokenizer_path: str):
     self._tokenizer_path = tokenizer_path
@@ -261,11 +334,95 @@ class _TokenizeFn(beam.DoFn):
                           compression_type=CompressionTypes.UNCOMPRESSED) as f:
       self._sp = spm.SentencePieceProcessor(model_proto=f.read())
 
-  def process(self, text: str):
+  def process(self, doc: tuple[str, str]):
+    doc_id, text = doc
     ids = np.asarray(self._sp.encode(text), dtype='<i4')
     self._docs.inc()
     self._tokens.inc(ids.size)
-    yield ids.tobytes()
+    yield doc_id, ids.tobytes(), len(text.encode('utf-8')), document_digest(doc_id, text)
+
+
+class _DropHeldOutFn(beam.DoFn):
+  """Keeps the training documents: (id, text) whose corpus.heldout_score(id) >= fraction."""
+
+  def __init__(self, heldout_fraction: float):
+    self._fraction = heldout_fraction
+    self._heldout = Metrics.counter(_METRICS_NAMESPACE, 'heldout_documents')
+
+  def process(self, doc: tuple[str, str]):
+    if corpus.heldout_score(doc[0]) < self._fraction:
+      self._heldout.inc()
+      return
+    yield doc
+
+
+# -------------------------------------------------------------------- token shards
+
+
+def _shard_element(doc: tuple, num_shards: int):
+  """A tokenized document -> (shard, (doc_key, id, tokens, text bytes, digest))."""
+  key = token_shards.doc_key(doc[0])
+  return key % num_shards, (key,) + tuple(doc)
+
+
+class _WriteTokenShardFn(beam.DoFn):
+  """(shard, its documents) -> the shard's .bin (token_shards' format) and a stats JSON.
+
+  Documents are sorted by (doc_key, id) in this worker's memory; None values are the
+  placeholders that give every shard, even an empty one, a group and so a file.
+  """
+
+  def __init__(self, out_dir: str, stats_dir: str, num_shards: int, dtype: str, eos_id: int):
+    self._out_dir = out_dir
+    self._stats_dir = stats_dir
+    self._num_shards = num_shards
+    self._dtype = dtype
+    self._eos_id = eos_id
+
+  def process(self, shard_and_docs):
+    shard, docs = shard_and_docs
+    docs = sorted((d for d in docs if d is not None), key=lambda d: (d[0], d[1]))
+    for a, b in zip(docs, docs[1:]):
+      if a[1] == b[1]:
+        raise ValueError(f'document id {a[1]!r} appears twice; token shards place documents '
+                         'by id, so ids must be unique (give JSONL records distinct "id"s, or '
+                         'none: then ids are <file>#<line>)')
+    dtype = np.dtype(self._dtype)
+    data = b''.join(token_shards.document_tokens(np.frombuffer(d[2], '<i4'), self._eos_id,
+                                                 dtype, d[1]).tobytes() for d in docs)
+    # Deterministic names: a retried bundle rewrites the same files.
+    path = FileSystems.join(self._out_dir, token_shards.shard_name(shard, self._num_shards))
+    with FileSystems.create(path, mime_type='application/octet-stream',
+                            compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      f.write(data)
+    stats = {'shard': shard, 'num_tokens': len(data) // dtype.itemsize, 'num_docs': len(docs),
+             'num_bytes': int(sum(d[3] for d in docs)),
+             'docs': hashlib.sha256(b''.join(d[4] for d in docs)).hexdigest()}
+    stats_path = FileSystems.join(self._stats_dir, f'token-shard-{shard:05d}.json')
+    with FileSystems.create(stats_path, mime_type='application/json',
+                            compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      f.write(json.dumps(stats).encode('utf-8'))
+    yield stats
+
+
+def shards_digest(docs, num_shards: int) -> str:
+  """The `docs` digest of Beam-written token shards, computed in process from documents.
+
+  `packing.documents_digest` hashes the documents in corpus order, a sequential hash a
+  distributed pipeline cannot compute without a second pass in that order. The Beam writer
+  hashes in shard order instead: per shard, sha256 over the `document_digest`s of its
+  documents in (doc_key, id) order; then sha256 over the shards' digests in shard order.
+  """
+  shards = [[] for _ in range(num_shards)]
+  for d in docs:
+    key = token_shards.doc_key(d.id)
+    shards[key % num_shards].append((key, d.id, document_digest(d.id, d.text)))
+  return _combine_shard_digests(
+      [hashlib.sha256(b''.join(x[2] for x in sorted(s))).hexdigest() for s in shards])
+
+
+def _combine_shard_digests(digests: Sequence[str]) -> str:
+  return hashlib.sha256(b''.join(bytes.fromhex(d) for d in digests)).hexdigest()
 
 
 # ---------------------------------------------------------------------- key filters
@@ -588,18 +745,33 @@ class CountFrequentNGrams(beam.PTransform):
 # -------------------------------------------------------------------------- driver
 
 
-def _documents(p, paths, input_format, tokenizer_path):
-  files = p | 'InputFiles' >> beam.Create(paths)
-  if input_format == 'jsonl':
-    texts = (files
-             | 'ReadJsonl' >> beam.io.ReadAllFromText(with_filename=True)
-             | 'ParseJsonl' >> beam.FlatMap(_parse_jsonl_line))
-  else:
-    files = files | 'Open' >> fileio.ReadMatches()
-    if input_format == 'tokens':
-      return files | 'ReadTokenShards' >> beam.FlatMap(_read_token_shard)
-    texts = files | 'ReadTextDocuments' >> beam.FlatMap(_read_text_file)
+def _documents(p, paths, input_format, tokenizer_path, heldout_fraction=0.0):
+  """Token documents: int32 LE bytes ('tokens'), else (id, tokens, text bytes, digest)
+  tuples of the training documents (held-out ones dropped before tokenizing)."""
+  files = p | 'InputFiles' >> beam.Create(paths) | 'Open' >> fileio.ReadMatches()
+  if input_format == 'tokens':
+    return files | 'ReadTokenShards' >> beam.FlatMap(_read_token_shard)
+  reader = _read_jsonl_file if input_format == 'jsonl' else _read_text_file
+  texts = files | 'ReadDocuments' >> beam.FlatMap(reader)
+  if heldout_fraction > 0:
+    texts = texts | 'DropHeldOut' >> beam.ParDo(_DropHeldOutFn(heldout_fraction))
   return texts | 'Tokenize' >> beam.ParDo(_TokenizeFn(tokenizer_path))
+
+
+def _doc_tokens(doc: tuple) -> bytes:
+  return doc[1]
+
+
+def _write_token_shards(docs, out_dir, stats_dir, num_shards, dtype, eos_id):
+  """Tokenized documents -> token shard files in out_dir (every shard, empty ones too)."""
+  keyed = docs | 'ShardKey' >> beam.Map(_shard_element, num_shards)
+  every_shard = (docs.pipeline
+                 | 'EveryShard' >> beam.Create([(s, None) for s in range(num_shards)]))
+  return ((keyed, every_shard)
+          | 'WithEmptyShards' >> beam.Flatten()
+          | 'GroupShards' >> beam.GroupByKey()
+          | 'WriteTokenShards' >> beam.ParDo(
+              _WriteTokenShardFn(out_dir, stats_dir, num_shards, dtype, eos_id)))
 
 
 def expand_input_patterns(input_patterns: Sequence[str]) -> list[str]:
@@ -619,26 +791,37 @@ def _runner_kind(runner: Optional[str]) -> str:
 
 
 def _check_args(input_patterns, input_format, output_path, max_len, min_count, num_fgrams,
-                tokenizer_path, prune_filter, bloom_bits_log2, num_key_shards):
+                tokenizer_path, prune_filter, bloom_bits_log2, num_key_shards,
+                shards_output=None, num_token_shards=16, heldout_fraction=0.0):
   if input_format not in INPUT_FORMATS:
     raise ValueError(f'input_format={input_format!r}; use one of {INPUT_FORMATS}')
   if not input_patterns:
     raise ValueError('no input: pass input_patterns (--input=PATTERN[,PATTERN...])')
-  if not output_path:
-    raise ValueError('no output: pass output_path (--output=PATH.npz)')
-  if max_len < 2:
-    raise ValueError(f'max_len={max_len}: f-grams have 2 <= n <= max_len, so max_len '
-                     'must be >= 2')
-  if min_count < 1:
-    raise ValueError(f'min_count={min_count} must be >= 1')
-  if num_fgrams < 1:
-    raise ValueError(f'num_fgrams={num_fgrams} must be >= 1')
+  if not output_path and not shards_output:
+    raise ValueError('no output: pass output_path (--output=PATH.npz) and/or '
+                     'shards_output (--shards_output=DIR)')
+  if output_path:
+    if max_len < 2:
+      raise ValueError(f'max_len={max_len}: f-grams have 2 <= n <= max_len, so max_len '
+                       'must be >= 2')
+    if min_count < 1:
+      raise ValueError(f'min_count={min_count} must be >= 1')
+    if num_fgrams is None or num_fgrams < 1:
+      raise ValueError(f'num_fgrams={num_fgrams} must be >= 1')
   if input_format in ('text', 'jsonl'):
     if not tokenizer_path:
       raise ValueError(f'input_format={input_format!r} needs tokenizer_path '
                        '(--tokenizer=PATH.model, a SentencePiece model)')
     if not FileSystems.exists(tokenizer_path):
       raise ValueError(f'tokenizer_path {tokenizer_path!r} does not exist')
+  elif shards_output or heldout_fraction:
+    raise ValueError(f'input_format={input_format!r} has no document ids: token shards '
+                     '(shards_output) and the held-out split (heldout_fraction) place '
+                     'documents by id; use text or jsonl input')
+  if not 0.0 <= heldout_fraction < 1.0:
+    raise ValueError(f'heldout_fraction={heldout_fraction} must be in [0, 1)')
+  if num_token_shards < 1:
+    raise ValueError(f'num_token_shards={num_token_shards} must be >= 1')
   if prune_filter not in PRUNE_FILTERS:
     raise ValueError(f'prune_filter={prune_filter!r}; use one of {PRUNE_FILTERS}')
   if not 6 <= bloom_bits_log2 <= 40:
@@ -659,8 +842,9 @@ def _log_metrics(result, max_len):
     value = c.committed if c.committed is not None else c.attempted
     values[c.key.metric.name] = values.get(c.key.metric.name, 0) + (value or 0)
   if 'documents' in values:
-    logging.info('fgrams_beam: tokenized %d documents, %d tokens', values['documents'],
-                 values.get('tokens', 0))
+    logging.info('fgrams_beam: tokenized %d documents, %d tokens (%d held-out documents '
+                 'dropped)', values['documents'], values.get('tokens', 0),
+                 values.get('heldout_documents', 0))
   for n in range(1, max_len + 1):
     logging.info('fgrams_beam: pass %d counted %d candidate occurrences, %d frequent '
                  '%d-grams', n, values.get(f'pass{n}_candidate_occurrences', 0),
@@ -689,8 +873,9 @@ def _save(fgram_set: 'fgrams.FGramSet', output_path: str) -> None:
   fgram_set.save(output_path)
 
 
-def run(*, input_patterns: Union[str, Sequence[str]], input_format: str, output_path: str,
-        max_len: int, min_count: int, num_fgrams: int,
+def run(*, input_patterns: Union[str, Sequence[str]], input_format: str,
+        output_path: Optional[str] = None, max_len: int = 5, min_count: int = 2,
+        num_fgrams: Optional[int] = None,
         tokenizer_path: Optional[str] = None,
         pipeline_args: Optional[Sequence[str]] = None,
         temp_dir: Optional[str] = None,
@@ -699,13 +884,18 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str, output_
         bloom_num_hashes: int = 4,
         num_key_shards: int = 256,
         max_buffered_rows: int = 1 << 22,
-        keep_temp: bool = False) -> 'fgrams.FGramSet':
-  """Extracts the f-gram set with a Beam pipeline and saves it to `output_path`.
+        shards_output: Optional[str] = None,
+        num_token_shards: int = 16,
+        heldout_fraction: float = 0.0,
+        keep_temp: bool = False) -> Optional['fgrams.FGramSet']:
+  """Extracts the f-gram set with a Beam pipeline and saves it to `output_path`; with
+  `shards_output`, the same pass also writes the training documents as token shards.
 
   Args:
     input_patterns: file globs (a list, or one string with comma-separated globs).
     input_format: 'text' | 'jsonl' | 'tokens' (see the module docstring).
-    output_path: where `FGramSet.save` writes the result.
+    output_path: where `FGramSet.save` writes the result; None / '' with shards_output:
+      only the token shards are written.
     max_len, min_count, num_fgrams: as in `fgrams.extract`.
     tokenizer_path: SentencePiece model for 'text' / 'jsonl'.
     pipeline_args: standard Beam options, e.g. ['--runner=FlinkRunner', ...];
@@ -721,17 +911,33 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str, output_
       corpus (~10M distinct candidate n-grams per group is comfortable).
     max_buffered_rows: n-gram occurrences a counting DoFn buffers before it counts
       and emits them (int32 [rows, n] in memory).
+    shards_output: a directory (any Beam filesystem the workers reach) for the training
+      documents as token shards, the files `token_shards.write_shards` writes for the
+      same documents and tokenizer; needs 'text' / 'jsonl' input and a tokenizer with
+      pad 0 and EOS 1 (`corpus.Tokenizer`).
+    num_token_shards: the shards' count; one shard's documents are sorted in one worker's
+      memory.
+    heldout_fraction: documents with `corpus.heldout_score(id) < heldout_fraction` are
+      dropped before tokenizing: neither counted nor written (see the module docstring
+      for how this differs from `corpus.split_documents`).
     keep_temp: keep the shard files (for inspection) instead of deleting them.
 
   Returns:
-    The FGramSet, identical to `fgrams.extract` over the same token documents.
+    The FGramSet, identical to `fgrams.extract` over the same token documents (None
+    when only token shards were asked for).
   """
   if isinstance(input_patterns, str):
     input_patterns = [p for p in input_patterns.split(',') if p]
   input_patterns = list(input_patterns or [])
   _check_args(input_patterns, input_format, output_path, max_len, min_count, num_fgrams,
-              tokenizer_path, prune_filter, bloom_bits_log2, num_key_shards)
+              tokenizer_path, prune_filter, bloom_bits_log2, num_key_shards,
+              shards_output, num_token_shards, heldout_fraction)
   paths = expand_input_patterns(input_patterns)
+  tokenizer = None
+  if shards_output:
+    # Loaded here (project IO layer) for what the index records; fails early on a model
+    # training cannot use (pad 0 and EOS 1 are required).
+    tokenizer = corpus.Tokenizer(tokenizer_path)
   options = PipelineOptions(list(pipeline_args or []))
   runner = options.view_as(StandardOptions).runner
   kind = _runner_kind(runner)
@@ -755,39 +961,68 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str, output_
   shard_dir = FileSystems.join(temp_dir, f'fgrams_beam-{uuid.uuid4().hex[:12]}')
   if '://' not in shard_dir:
     paths_lib.makedirs(shard_dir)
+  if shards_output:
+    paths_lib.makedirs(shards_output)
+    index_path = paths_lib.join(shards_output, token_shards.INDEX)
+    if paths_lib.exists(index_path):
+      # A directory without an index is unfinished (token_shards' rule) while we write.
+      paths_lib.remove(index_path)
 
   logging.info('fgrams_beam: %s input, %d files from %s, max_len=%d min_count=%d '
-               'num_fgrams=%d, runner=%s, shards -> %s', input_format, len(paths),
-               input_patterns, max_len, min_count, num_fgrams, runner or 'DirectRunner',
-               shard_dir)
+               'num_fgrams=%s, heldout_fraction=%g, runner=%s, shards -> %s, token shards '
+               '-> %s', input_format, len(paths), input_patterns, max_len, min_count,
+               num_fgrams, heldout_fraction, runner or 'DirectRunner', shard_dir,
+               shards_output)
+  fgram_set = None
   try:
     t0 = time.time()
     p = beam.Pipeline(runner=runner_instance, options=options)
-    docs = (_documents(p, paths, input_format, tokenizer_path)
+    docs = (_documents(p, paths, input_format, tokenizer_path, heldout_fraction)
             | 'Rebalance' >> beam.Reshuffle())
-    frequent = docs | 'Count' >> CountFrequentNGrams(
-        max_len=max_len, min_count=min_count, prune_filter=prune_filter,
-        bloom_bits_log2=bloom_bits_log2, bloom_num_hashes=bloom_num_hashes,
-        num_key_shards=num_key_shards, max_buffered_rows=max_buffered_rows)
-    for n in range(2, max_len + 1):
-      _ = frequent[n] | f'Write{n}' >> beam.ParDo(
-          _WriteShardFn(n, shard_dir, max_len, num_fgrams))
+    if shards_output:
+      _write_token_shards(docs, shards_output, shard_dir, num_token_shards,
+                          token_shards.token_dtype(tokenizer.vocab_size).str,
+                          int(tokenizer.eos_id))
+    if output_path:
+      if input_format != 'tokens':
+        docs = docs | 'Tokens' >> beam.Map(_doc_tokens)
+      frequent = docs | 'Count' >> CountFrequentNGrams(
+          max_len=max_len, min_count=min_count, prune_filter=prune_filter,
+          bloom_bits_log2=bloom_bits_log2, bloom_num_hashes=bloom_num_hashes,
+          num_key_shards=num_key_shards, max_buffered_rows=max_buffered_rows)
+      for n in range(2, max_len + 1):
+        _ = frequent[n] | f'Write{n}' >> beam.ParDo(
+            _WriteShardFn(n, shard_dir, max_len, num_fgrams))
     result = p.run()
     state = result.wait_until_finish()
     if state is not None and state != PipelineState.DONE:
       raise RuntimeError(f'the f-gram pipeline ended in state {state}; see the runner '
                          'logs')
     logging.info('fgrams_beam: pipeline finished in %.1fs', time.time() - t0)
-    _log_metrics(result, max_len)
+    metrics = _log_metrics(result, max_len if output_path else 0)
 
-    ngrams_MxK, counts_M = read_frequent_shards(shard_dir, max_len)
-    logging.info('fgrams_beam: %d candidate f-grams read back (each shard keeps its top '
-                 '%d)', counts_M.size, num_fgrams)
-    fgram_set = fgrams.select_top(ngrams_MxK, counts_M, max_len=max_len,
-                                  num_fgrams=num_fgrams)
-    _save(fgram_set, output_path)
-    logging.info('fgrams_beam: %d f-grams (fingerprint %s) saved to %s', len(fgram_set),
-                 fgram_set.fingerprint, output_path)
+    if shards_output:
+      request = {'writer': 'fgrams_beam', 'inputs': input_patterns,
+                 'input_format': input_format, 'heldout_fraction': heldout_fraction,
+                 'tokenizer_fingerprint': tokenizer.fingerprint,
+                 'num_shards': num_token_shards}
+      _write_token_index(shards_output, shard_dir, num_token_shards, tokenizer, request)
+      if (heldout_fraction > 0 and 'documents' in metrics
+          and not metrics.get('heldout_documents')):
+        logging.warning(
+            'fgrams_beam: no document scores below heldout_fraction=%g, so none was held '
+            'out; corpus.split_documents would still hold out the lowest-scoring one, so '
+            'a run evaluating on that split would evaluate on a training document. Raise '
+            'heldout_fraction or use separate eval files.', heldout_fraction)
+    if output_path:
+      ngrams_MxK, counts_M = read_frequent_shards(shard_dir, max_len)
+      logging.info('fgrams_beam: %d candidate f-grams read back (each shard keeps its top '
+                   '%d)', counts_M.size, num_fgrams)
+      fgram_set = fgrams.select_top(ngrams_MxK, counts_M, max_len=max_len,
+                                    num_fgrams=num_fgrams)
+      _save(fgram_set, output_path)
+      logging.info('fgrams_beam: %d f-grams (fingerprint %s) saved to %s', len(fgram_set),
+                   fgram_set.fingerprint, output_path)
   finally:
     if not keep_temp:
       try:
@@ -797,11 +1032,41 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str, output_
   return fgram_set
 
 
+def _write_token_index(directory: str, stats_dir: str, num_shards: int, tokenizer,
+                       request: dict) -> dict:
+  """The token shards' index.json, from the writers' per-shard stats (written last)."""
+  stats = {}
+  for m in FileSystems.match([FileSystems.join(stats_dir, _TOKEN_STATS_GLOB)])[0].metadata_list:
+    with FileSystems.open(m.path, mime_type='application/json',
+                          compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      one = json.loads(f.read().decode('utf-8'))
+    stats[one['shard']] = one
+  missing = sorted(set(range(num_shards)) - set(stats))
+  if missing:
+    raise RuntimeError(f'the pipeline finished but wrote no stats for token shards {missing[:10]}'
+                       f' (of {num_shards}) in {stats_dir}; the runner lost output')
+  shards = [stats[s] for s in range(num_shards)]
+  dtype = token_shards.token_dtype(tokenizer.vocab_size)
+  index = token_shards.write_index(
+      directory, dtype=dtype.str, eos_id=int(tokenizer.eos_id), num_shards=num_shards,
+      shard_tokens=[s['num_tokens'] for s in shards],
+      num_docs=sum(s['num_docs'] for s in shards),
+      num_bytes=sum(s['num_bytes'] for s in shards),
+      tokenizer=tokenizer.fingerprint,
+      docs=_combine_shard_digests([s['docs'] for s in shards]),
+      request=request, writer='beam')
+  logging.info('fgrams_beam: token shards in %s: %d documents, %d tokens in %d shards',
+               directory, index['num_docs'], index['num_tokens'], num_shards)
+  return index
+
+
 def _delete_shards(shard_dir: str, own_temp: Optional[str]) -> None:
   # Object stores have no directories: delete the files, then any local directory.
-  matched = FileSystems.match([FileSystems.join(shard_dir, _SHARD_GLOB)])[0].metadata_list
-  if matched:
-    FileSystems.delete([m.path for m in matched])
+  matched = FileSystems.match([FileSystems.join(shard_dir, g)
+                               for g in (_SHARD_GLOB, _TOKEN_STATS_GLOB)])
+  found = [m.path for r in matched for m in r.metadata_list]
+  if found:
+    FileSystems.delete(found)
   local_dir = own_temp or (shard_dir if '://' not in shard_dir else None)
   if local_dir:
     shutil.rmtree(local_dir, ignore_errors=True)
@@ -811,20 +1076,27 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   """CLI: known flags below; every other argument goes to Beam's PipelineOptions."""
   parser = argparse.ArgumentParser(
       allow_abbrev=False,  # never let a Beam option be read as an abbreviation of ours
-      description='SCONE f-gram extraction as an Apache Beam pipeline. Unknown '
-                  'arguments (e.g. --runner=DataflowRunner) are Beam pipeline options.')
+      description='SCONE f-gram extraction (and token shards) as an Apache Beam pipeline. '
+                  'Unknown arguments (e.g. --runner=DataflowRunner) are Beam pipeline '
+                  'options.')
   parser.add_argument('--input', action='append', default=[],
                       help='file glob(s); repeat or comma-separate')
   parser.add_argument('--input_format', default='text', choices=INPUT_FORMATS)
-  parser.add_argument('--output', required=True, help='FGramSet path (.npz)')
+  parser.add_argument('--output', default=None,
+                      help='FGramSet path (.npz); may be left out with --shards_output')
   parser.add_argument('--max_len', type=int, default=5)
   parser.add_argument('--min_count', type=int, default=2)
-  parser.add_argument('--num_fgrams', type=int, required=True)
+  parser.add_argument('--num_fgrams', type=int, default=None, help='required with --output')
   parser.add_argument('--tokenizer', default=None, help='SentencePiece .model')
   parser.add_argument('--temp_dir', default=None)
   parser.add_argument('--prune_filter', default='hashes', choices=PRUNE_FILTERS)
   parser.add_argument('--bloom_bits_log2', type=int, default=30)
   parser.add_argument('--num_key_shards', type=int, default=256)
+  parser.add_argument('--shards_output', default=None,
+                      help='also write the training documents as token shards here')
+  parser.add_argument('--num_token_shards', type=int, default=16)
+  parser.add_argument('--heldout_fraction', type=float, default=0.0,
+                      help='drop documents with corpus.heldout_score(id) below this')
   parser.add_argument('--keep_temp', action='store_true')
   args, pipeline_args = parser.parse_known_args(argv)
   # force: importing apache_beam may already have configured the root logger.
@@ -837,10 +1109,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                   num_fgrams=args.num_fgrams, tokenizer_path=args.tokenizer,
                   pipeline_args=pipeline_args, temp_dir=args.temp_dir,
                   prune_filter=args.prune_filter, bloom_bits_log2=args.bloom_bits_log2,
-                  num_key_shards=args.num_key_shards, keep_temp=args.keep_temp)
-  print(json.dumps({'output': args.output, 'num_fgrams': len(fgram_set),
-                    'fingerprint': fgram_set.fingerprint,
-                    'seconds': round(time.time() - t0, 2)}))
+                  num_key_shards=args.num_key_shards, shards_output=args.shards_output,
+                  num_token_shards=args.num_token_shards,
+                  heldout_fraction=args.heldout_fraction, keep_temp=args.keep_temp)
+  summary = {'output': args.output, 'seconds': round(time.time() - t0, 2)}
+  if fgram_set is not None:
+    summary.update(num_fgrams=len(fgram_set), fingerprint=fgram_set.fingerprint)
+  if args.shards_output:
+    index = token_shards.read_index(args.shards_output)
+    summary.update(shards_output=args.shards_output, num_docs=index['num_docs'],
+                   num_tokens=index['num_tokens'])
+  print(json.dumps(summary))
 
 
 if __name__ == '__main__':

@@ -327,3 +327,132 @@ def test_bad_token_shard_fails_clearly(tmp_path):
            offsets=np.array([0, 3], np.int64))
   with pytest.raises(Exception, match='offsets must'):
     fgrams_beam.run(**_run_kwargs(tmp_path, str(tmp_path / 'bad.npz')))
+
+
+# ------------------------------------------------------------------- token shards
+
+
+def _shard_corpus(root):
+  """Two blank-line text files and a .jsonl file (ids given, missing, blank and
+  whitespace-only records) with the same documents, plus a lossless tokenizer."""
+  docs = _text_documents(seed=4)[:36]
+  (root / 'a.txt').write_text('\n\n'.join(docs[:20]) + '\n', encoding='utf-8')
+  (root / 'b.txt').write_text('\n \n'.join(docs[20:]), encoding='utf-8')
+  with open(root / 'c.jsonl', 'w', encoding='utf-8') as fh:
+    for i, d in enumerate(docs):
+      record = {'text': d, 'id': f'doc-{i}'} if i % 3 else {'text': d}
+      fh.write(json.dumps(record) + '\n' + ('\n' if i == 5 else ''))
+    fh.write(json.dumps({'text': ' \n '}) + '\n')
+  model = str(root / 'tok.model')
+  corpus.train_tokenizer(docs, vocab_size=300, model_type='bpe', model_path=model)
+  return model
+
+
+@pytest.fixture(scope='module')
+def shard_corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp('shard_corpus')
+  return root, _shard_corpus(root)
+
+
+def _beam_read(reader, path):
+  from apache_beam.io import fileio  # pylint: disable=g-import-not-at-top
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  return list(reader(fileio.ReadableFile(FileSystems.match([path])[0].metadata_list[0])))
+
+
+def test_beam_readers_give_corpus_ids(shard_corpus):
+  root, _ = shard_corpus
+  for name, reader in (('a.txt', fgrams_beam._read_text_file),
+                       ('c.jsonl', fgrams_beam._read_jsonl_file)):
+    path = str(root / name)
+    want = [(d.id, d.text) for d in corpus.read_text_documents([path])]
+    assert _beam_read(reader, path) == want
+  ids = [i for i, _ in _beam_read(fgrams_beam._read_jsonl_file, str(root / 'c.jsonl'))]
+  assert ids[:3] == ['c.jsonl#1', 'doc-1', 'doc-2'] and 'c.jsonl#8' in ids  # after a blank line
+
+
+@pytest.mark.parametrize('input_format,pattern', [('text', '*.txt'), ('jsonl', '*.jsonl')])
+def test_shards_output_matches_write_shards(shard_corpus, tmp_path, input_format, pattern):
+  from scone_jax import token_shards  # pylint: disable=g-import-not-at-top
+  root, model = shard_corpus
+  fraction, num_shards = 0.3, 5
+  files = sorted(str(p) for p in root.glob(pattern))
+  all_docs = corpus.read_text_documents(files)
+  train = [d for d in all_docs if corpus.heldout_score(d.id) >= fraction]
+  heldout = [d for d in all_docs if corpus.heldout_score(d.id) < fraction]
+  assert heldout and train
+  # With some but not all documents below the fraction, the per-document rule is
+  # corpus.split_documents' rule.
+  assert corpus.split_documents(all_docs, fraction) == (train, heldout)
+
+  got_dir, want_dir = str(tmp_path / 'beam'), str(tmp_path / 'in_process')
+  got = fgrams_beam.run(input_patterns=[str(root / pattern)], input_format=input_format,
+                        output_path=str(tmp_path / 'f.npz'), max_len=3, min_count=2,
+                        num_fgrams=50, tokenizer_path=model, pipeline_args=BEAM_ARGS,
+                        shards_output=got_dir, num_token_shards=num_shards,
+                        heldout_fraction=fraction)
+  tokenizer = corpus.Tokenizer(model)
+  want_index = token_shards.write_shards(train, tokenizer, want_dir, num_shards=num_shards)
+
+  for s in range(num_shards):  # every shard, byte for byte (empty ones exist too)
+    name = token_shards.shard_name(s, num_shards)
+    with open(os.path.join(got_dir, name), 'rb') as a, open(os.path.join(want_dir, name),
+                                                             'rb') as b:
+      assert a.read() == b.read(), name
+  index = token_shards.read_index(got_dir)
+  for key in ('version', 'dtype', 'eos_id', 'num_shards', 'shard_tokens', 'num_tokens',
+              'num_docs', 'num_bytes', 'tokenizer'):
+    assert index[key] == want_index[key], key
+  assert index['writer'] == 'beam' and index['num_docs'] == len(train)
+  assert index['docs'] == fgrams_beam.shards_digest(train, num_shards)
+  assert index['request']['heldout_fraction'] == fraction
+
+  # F-grams counted over the training documents only.
+  token_docs = tokenizer.encode_batch([d.text for d in train])
+  want = fgrams.extract(token_docs, max_len=3, min_count=2, num_fgrams=50, progress=False)
+  _assert_same_set(got, want)
+
+  # Readable for training, and held-out documents are in no shard.
+  shards = token_shards.TokenShards(got_dir, got)
+  rows = shards.rows(np.arange(4), 16)
+  want_rows = token_shards.TokenShards(want_dir, got).rows(np.arange(4), 16)
+  assert all((rows[k] == want_rows[k]).all() for k in rows)
+  in_shards = sorted(tuple(d[:-1].tolist()) for d in shards.documents())
+  assert in_shards == sorted(tuple(t.tolist()) for t in token_docs)
+  for d in heldout:
+    assert tuple(tokenizer.encode(d.text).tolist()) not in set(in_shards), d.id
+
+
+def test_shards_only_cli_and_duplicate_ids(shard_corpus, tmp_path, capsys):
+  from scone_jax import token_shards  # pylint: disable=g-import-not-at-top
+  root, model = shard_corpus
+  out = str(tmp_path / 'shards')
+  fgrams_beam.main([f'--input={root}/*.txt', f'--tokenizer={model}', f'--shards_output={out}',
+                    '--num_token_shards=64'] + BEAM_ARGS)
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  # No held-out fraction: every document; more shards than documents: empty files too.
+  docs = corpus.read_text_documents(sorted(str(p) for p in root.glob('*.txt')))
+  assert summary['num_docs'] == len(docs) == token_shards.TokenShards(out).num_docs
+  want = str(tmp_path / 'want')
+  token_shards.write_shards(docs, corpus.Tokenizer(model), want, num_shards=64)
+  names = [token_shards.shard_name(s, 64) for s in range(64)]
+  assert [open(os.path.join(out, n), 'rb').read() for n in names] == [
+      open(os.path.join(want, n), 'rb').read() for n in names]
+  assert min(os.path.getsize(os.path.join(out, n)) for n in names) == 0
+
+  dup = tmp_path / 'dup.jsonl'
+  dup.write_text('{"text": "one", "id": "x"}\n{"text": "two", "id": "x"}\n', encoding='utf-8')
+  with pytest.raises(Exception, match="document id 'x' appears twice"):
+    fgrams_beam.run(input_patterns=[str(dup)], input_format='jsonl', tokenizer_path=model,
+                    shards_output=str(tmp_path / 'dup'), pipeline_args=BEAM_ARGS)
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(shards_output='x'), 'has no document ids'),
+    (dict(heldout_fraction=0.1), 'has no document ids'),
+    (dict(output_path='', shards_output=None), 'no output'),
+])
+def test_bad_shard_options_fail_clearly(token_corpus, tmp_path, overrides, message):
+  _, pattern = token_corpus
+  with pytest.raises(ValueError, match=message):
+    fgrams_beam.run(**_run_kwargs(tmp_path, pattern, **overrides))
