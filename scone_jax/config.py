@@ -42,8 +42,9 @@ def default_config() -> ml_collections.ConfigDict:
   # process reading only its rows of each batch, matching f-grams on the fly, batches built
   # ahead in background threads), 'numpy' (the split tokenized and matched in memory) or
   # 'seqio' (the registered seqio Task streamed through tf.data: tokenize -> EOS -> match ->
-  # pack). 'numpy' and 'seqio' give the same rows; 'shards' packs the documents in the
-  # shards' order (by a hash of their id). Held-out eval always uses the numpy loader.
+  # pack; with data.train_shards set, a Task reading those shards -> match -> pack).
+  # 'numpy' and 'seqio' give the same rows; 'shards' packs the documents in the shards'
+  # order (by a hash of their id). Held-out eval always uses the numpy loader.
   c.input_pipeline = 'shards'
   c.data = ml_collections.ConfigDict()
   c.data.num_shards = 16           # token shard files the training split is prepared into

@@ -1,16 +1,39 @@
 """seqio Tasks over documents with on-the-fly f-gram matching, and their packed batches.
 
-Preprocessors: tokenize -> append EOS -> match f-grams per document; `SconeFeatureConverter`
-packs the stream into rows by the rule in packing.py (the same rows as `packing.Loader`).
-TensorFlow and seqio are imported inside the functions: importing this module is cheap.
+Two kinds of Task, both ending in the f-gram matching preprocessor; `SconeFeatureConverter`
+then packs the stream into rows by the rule in packing.py:
+  * `register_document_task`: in-memory documents -> tokenize -> append EOS -> match.
+    Same rows as `packing.Loader` over `packing.prepare_split` of those documents.
+  * `register_shard_task`: a token-shard directory (token_shards.py; local or gs://), one
+    example per document, EOS already there, in stream order -> match. Same rows as
+    `packing.Loader` over `token_shards.TokenShards` of that directory.
+tests/test_data.py checks both equalities.
+
+seqio's offline cache tool runs on the shard Task: this module registers one on import when
+SCONE_SEQIO_WORKDIR is set (see `register_from_env`):
+
+  SCONE_SEQIO_WORKDIR=/path/to/run python -m seqio.scripts.cache_tasks_main \
+      --module_import=scone_jax.seqio_tasks --tasks=scone_train_shards \
+      --output_cache_dir=/path/to/seqio_cache
+
+The cache holds the documents' tokens (the placeholder is before matching, so f-grams are
+still matched on the fly); read it with `seqio_dataset(..., use_cached=True)` after
+`seqio.add_global_cache_dirs`. The tool shuffles documents as it writes, so cached rows hold
+the same documents packed in another order, not the rows of `TokenShards`.
+TensorFlow and seqio are imported inside the functions: importing this module is cheap
+(unless SCONE_SEQIO_WORKDIR is set).
 """
 import functools
 import hashlib
 import logging
+import os
 from typing import Iterator, Optional
 
 import numpy as np
 
+from scone_jax import fgrams
+from scone_jax import paths
+from scone_jax import token_shards
 from scone_jax.packing import PAD_VALUES
 from scone_jax.packing import BATCH_KEYS
 from scone_jax.packing import BOS_ID
@@ -212,14 +235,143 @@ def register_tasks(cfg, tokenizer, fgram_set=None, *, train_docs=None,
   return names[0], names[1]
 
 
-def seqio_dataset(task_name: str, *, seq_len: int, split: Optional[str] = None):
-  """The task's packed rows (one tf.data element per row, keys BATCH_KEYS), one pass."""
+def shard_document_chunks(shards: token_shards.TokenShards, shard: int,
+                          chunk_tokens: int = 1 << 22) -> Iterator[tuple]:
+  """One shard's documents, in order, as (tokens, ends) per read of ~chunk_tokens tokens.
+
+  tokens (int32) holds whole documents, each ending in EOS; ends are their exclusive ends.
+  A document cut by a chunk boundary is carried into the next chunk, so memory is bounded
+  by chunk_tokens plus the longest document, not by the shard.
+  """
+  starts = np.concatenate([[0], np.cumsum(shards.index['shard_tokens'], dtype=np.int64)])
+  lo, hi = int(starts[shard]), int(starts[shard + 1])
+  carry = []  # reads since the last EOS: a document longer than a read is copied once
+  for a in range(lo, hi, chunk_tokens):
+    chunk = shards.read(a, min(a + chunk_tokens, hi))
+    ends = np.flatnonzero(chunk == shards.eos_id) + 1
+    if not ends.size:
+      carry.append(chunk)
+      continue
+    head = sum(c.size for c in carry)
+    yield np.concatenate(carry + [chunk[:ends[-1]]]), ends + head
+    carry = [chunk[ends[-1]:]]
+  if any(c.size for c in carry):
+    raise ValueError(f'{shards.directory}: shard {shard} does not end with EOS '
+                     f'(id {shards.eos_id}); the shards are damaged. Delete the directory to '
+                     'prepare them again.')
+
+
+def _shard_source(shards: token_shards.TokenShards, split: str, chunk_tokens: int):
+  """A seqio FileDataSource over the shard files: {'targets': document tokens with EOS}.
+
+  One shard at a time (cycle_length 1), in shard order, so an unshuffled read is the
+  packed stream; seqio's cache tool reads one shard per worker. Files are read through
+  TokenShards (paths.py, as training reads them), not tf.io.gfile.
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  num_shards = shards.index['num_shards']
+  files = [paths.join(shards.directory, token_shards.shard_name(s, num_shards))
+           for s in range(num_shards)]
+  shard_of = {f: s for s, f in enumerate(files)}
+  spec = (tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int64))
+
+  def read(file):
+    chunks = tf.data.Dataset.from_generator(
+        lambda f: shard_document_chunks(shards, shard_of[f.decode()], chunk_tokens),
+        args=(file,), output_signature=spec)
+    return chunks.flat_map(lambda tokens, ends: tf.data.Dataset.from_tensor_slices(
+        {'targets': tf.RaggedTensor.from_row_limits(tokens, ends)}))
+
+  return seqio.FileDataSource(read, {split: files},
+                              num_input_examples={split: shards.num_docs},
+                              cycle_length=1, block_length=1)
+
+
+def register_shard_task(name: str, shards_dir: str, fgram_set, tokenizer, *,
+                        split: str = 'train', chunk_tokens: int = 1 << 22) -> str:
+  """Registers (or replaces) a seqio Task over a token-shard directory; returns its name.
+
+  fgram_set: an FGramSet, the path of one (FGramSet.save), or None (no matching).
+  tokenizer: the corpus.Tokenizer the shards were made with (checked against their index);
+  it gives the Task's vocabulary. Examples are documents with their EOS, in stream order
+  unshuffled, so the Task has no tokenize or append_eos step (the feature's add_eos is
+  False and nothing adds a second EOS). Preprocessors: cache placeholder -> match f-grams.
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  if isinstance(fgram_set, (str, os.PathLike)):
+    fgram_set = fgrams.FGramSet.load(fgram_set)
+  shards = token_shards.TokenShards(shards_dir)
+  token_shards.check_tokenizer(shards.index, tokenizer, shards_dir)
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(
+      name, source=_shard_source(shards, split, chunk_tokens),
+      output_features={'targets': seqio.Feature(tokenizer.seqio_vocabulary(), add_eos=False,
+                                                dtype=tf.int32)},
+      preprocessors=[
+          # Before matching: a cache of this Task holds tokens, f-grams stay on the fly.
+          seqio.CacheDatasetPlaceholder(),
+          functools.partial(match_fgrams_preprocessor, fgram_set=fgram_set),
+      ])
+  return name
+
+
+def shard_task_name(shards_dir: str, fgram_set=None) -> str:
+  """A shard Task's name that changes with what its rows depend on (the registry is global)."""
+  index = token_shards.read_index(shards_dir)
+  if index is None:
+    raise FileNotFoundError(f'{shards_dir}: no prepared token shards (no {token_shards.INDEX}).')
+  key = hashlib.sha256('|'.join([
+      shards_dir, index['docs'], str(index['num_tokens']), index['tokenizer'],
+      fgram_set.fingerprint if fgram_set is not None else '']).encode()).hexdigest()
+  return f'scone_train_shards_{key[:12]}'
+
+
+ENV_WORKDIR = 'SCONE_SEQIO_WORKDIR'
+ENV_SHARDS = 'SCONE_SEQIO_SHARDS'
+ENV_TASK = 'SCONE_SEQIO_TASK'
+DEFAULT_SHARD_TASK = 'scone_train_shards'
+
+
+def register_from_env(environ=None) -> Optional[str]:
+  """Registers a run's shard Task from the environment (for seqio's tools); its name or None.
+
+  SCONE_SEQIO_WORKDIR: a run's workdir: its tokenizer.model, fgrams.npz (absent: no
+    matching) and data/train-shards; unset: nothing is registered.
+  SCONE_SEQIO_SHARDS: shards prepared elsewhere (as config.data.train_shards).
+  SCONE_SEQIO_TASK: the Task's name (default scone_train_shards).
+  """
+  from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
+  from scone_jax import corpus  # pylint: disable=g-import-not-at-top
+  environ = os.environ if environ is None else environ
+  workdir = environ.get(ENV_WORKDIR, '')
+  if not workdir:
+    return None
+  shards_dir = environ.get(ENV_SHARDS) or paths.join(workdir, artifacts.DATA_DIR,
+                                                     artifacts.TRAIN_SHARDS_DIR)
+  fgrams_path = paths.join(workdir, artifacts.FGRAMS_FILE)
+  return register_shard_task(
+      environ.get(ENV_TASK) or DEFAULT_SHARD_TASK, shards_dir,
+      fgrams_path if paths.isfile(fgrams_path) else None,
+      corpus.Tokenizer(paths.join(workdir, artifacts.TOKENIZER_FILE)))
+
+
+def seqio_dataset(task_name: str, *, seq_len: int, split: Optional[str] = None,
+                  use_cached: bool = False):
+  """The task's packed rows (one tf.data element per row, keys BATCH_KEYS), one pass.
+
+  use_cached: read the task's offline cache (seqio's cache tool) instead of its source.
+  """
   import seqio  # pylint: disable=g-import-not-at-top
   task = seqio.get_mixture_or_task(task_name)
   split = split or list(task.splits)[0]
   # Documents must not be trimmed to seq_len: rows are cut from the whole stream.
   ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
-                        trim_output_features=False)
+                        trim_output_features=False, use_cached=use_cached)
   converter = feature_converter(fgram_set=task_fgram_set(task))
   return converter(ds, {k: seq_len for k in ('targets', 'fgram_ids', 'fgram_lengths')})
 
@@ -228,7 +380,7 @@ def seqio_batches(task_name: str, *, seq_len: int, batch_size: int,
                   split: Optional[str] = None, shuffle: bool = False, seed: int = 0,
                   eval_mode: bool = False, num_epochs: Optional[int] = None,
                   shuffle_buffer_rows: int = 16384, cache=False, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
+                  process_count: int = 1, use_cached: bool = False) -> Iterator[dict]:
   """numpy batches from a seqio task, sliced for this process like `Loader.batch_at`.
 
   With shuffle off these equal Loader's batches (train mode: rows repeat across epochs;
@@ -237,11 +389,12 @@ def seqio_batches(task_name: str, *, seq_len: int, batch_size: int,
   cache: True keeps the packed rows in memory after the first epoch (~28 bytes per
   token), a path caches them in files there; later epochs then skip tokenization, which
   is what limits this pipeline (matching costs far less, see experiments/bench_data.py).
+  use_cached: read the task's offline cache (see the module docstring).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   local = local_batch_size(batch_size, process_index, process_count)
   lo = process_index * local
-  ds = seqio_dataset(task_name, seq_len=seq_len, split=split)
+  ds = seqio_dataset(task_name, seq_len=seq_len, split=split, use_cached=use_cached)
   if cache:
     ds = ds.cache('' if cache is True else str(cache))
   if eval_mode:
@@ -309,3 +462,7 @@ class SeqioLoader:
   def restore(self, state: dict):
     self._step = int(state['step'])
 
+
+# seqio's tools (cache_tasks_main --module_import=scone_jax.seqio_tasks) find the Task here.
+if os.environ.get(ENV_WORKDIR):
+  register_from_env()

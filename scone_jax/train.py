@@ -422,6 +422,15 @@ def make_loaders(cfg, workdir, run: artifacts.RunArtifacts):
                  cfg.data.workers)
     train_loader = packing.Loader(shards, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                   seed=cfg.seed, shuffle=True, **process)
+  elif cfg.input_pipeline == 'seqio' and run.train_shards:
+    train_task = seqio_tasks.register_shard_task(
+        seqio_tasks.shard_task_name(run.train_shards, run.fgram_set), run.train_shards,
+        run.fgram_set, run.tokenizer)
+    logging.info('training input: seqio task %s over the token shards in %s', train_task,
+                 run.train_shards)
+    train_loader = seqio_tasks.SeqioLoader(train_task, seq_len=cfg.seq_len,
+                                           batch_size=cfg.batch_size, seed=cfg.seed,
+                                           shuffle=True, **process)
   elif cfg.input_pipeline == 'seqio':
     train_task, _ = seqio_tasks.register_tasks(cfg, run.tokenizer, run.fgram_set,
                                                train_docs=run.train_docs,

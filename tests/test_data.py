@@ -5,6 +5,8 @@ matcher (tests/reference.py) and a token-by-token Python packer that follows the
 packing.py's docstring.
 """
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from scone_jax import packing
 from scone_jax import seqio_tasks
 from scone_jax import fgrams
 from scone_jax import step_batch
+from scone_jax import token_shards
 
 SEQ_LEN = 32
 MAX_LEN = 4
@@ -215,6 +218,117 @@ def test_seqio_batches_equal_numpy_batches(setup, with_fgrams, seq_len):
                    process_index=1, process_count=2)
   got = list(seqio_tasks.seqio_batches(name, seq_len=seq_len, batch_size=4, eval_mode=True,
                                 process_index=1, process_count=2))
+  assert len(got) == len(ev)
+  for a, b in zip(got, ev):
+    _assert_batches_equal(a, b)
+
+
+@pytest.fixture(scope='module')
+def shard_dirs(setup):
+  """The fixture's documents as token shards, in 1 and in 3 files."""
+  docs, tok, _, _, root = setup
+  out = {}
+  for n in (1, 3):
+    out[n] = str(root / f'shards-{n}')
+    token_shards.write_shards(docs, tok, out[n], num_shards=n)
+  return out
+
+
+@pytest.mark.parametrize('num_shards,with_fgrams', [(1, True), (1, False), (3, True),
+                                                    (3, False)])
+def test_seqio_shard_task_rows_equal_token_shards(setup, shard_dirs, num_shards, with_fgrams):
+  """The file-based seqio Task and the TF-free TokenShards build the same rows."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  _, tok, fgram_set, docs_tokens, _ = setup
+  fs = fgram_set if with_fgrams else None
+  directory = shard_dirs[num_shards]
+  # Chunks shorter than most documents: documents are stitched across reads.
+  name = seqio_tasks.register_shard_task(f'test_shards_{num_shards}_{with_fgrams}', directory,
+                                         fs, tok, chunk_tokens=8)
+  shards = token_shards.TokenShards(directory, fs)
+  # One example per document, its single EOS included, in stream (shard) order.
+  ds = seqio.get_mixture_or_task(name).get_dataset(sequence_length=None, shuffle=False,
+                                                   trim_output_features=False)
+  got_docs = [ex['targets'] for ex in ds.as_numpy_iterator()]
+  want_docs = list(shards.documents())
+  assert len(got_docs) == len(want_docs) == len(docs_tokens)
+  for a, b in zip(got_docs, want_docs):
+    np.testing.assert_array_equal(a, b)
+  for seq_len in (SEQ_LEN, 5, 7):
+    got = list(seqio_tasks.seqio_batches(name, seq_len=seq_len, batch_size=4, eval_mode=True))
+    ev = packing.Loader(shards, seq_len=seq_len, batch_size=4, shuffle=False, eval_mode=True)
+    assert len(got) == len(ev)
+    for a, b in zip(got, ev):
+      _assert_batches_equal(a, b)
+    rows = {k: np.concatenate([b[k] for b in got])[:ev.num_rows] for k in packing.BATCH_KEYS}
+    _assert_batches_equal(rows, shards.rows(np.arange(ev.num_rows), seq_len))
+    # Every token is a target once: no second EOS was appended.
+    assert rows['loss_mask'].sum() == shards.num_tokens == sum(len(t) + 1 for t in docs_tokens)
+    assert (rows['fgram_ids'] >= 0).any() == with_fgrams
+  # Training order (shuffle off), wrapping past the end like Loader's.
+  loader = packing.Loader(shards, seq_len=5, batch_size=5, shuffle=False)
+  it = seqio_tasks.seqio_batches(name, seq_len=5, batch_size=5)
+  for step in range(loader.num_rows // 5 + 3):
+    _assert_batches_equal(next(it), loader.batch_at(step))
+
+
+def test_shard_task_from_a_fgram_set_path_and_a_wrong_tokenizer(setup, shard_dirs, tmp_path):
+  import seqio  # pylint: disable=g-import-not-at-top
+  _, tok, fgram_set, _, _ = setup
+  path = str(tmp_path / 'fgrams.npz')
+  fgram_set.save(path)
+  name = seqio_tasks.register_shard_task('test_shards_path', shard_dirs[3], path, tok)
+  task = seqio.get_mixture_or_task(name)
+  assert seqio_tasks.task_fgram_set(task).fingerprint == fgram_set.fingerprint
+  other_path = corpus.train_tokenizer(['something else entirely'] * 50, vocab_size=300,
+                                      model_type='bpe', model_path=str(tmp_path / 'o.model'))
+  with pytest.raises(ValueError, match='tokenized with tokenizer'):
+    seqio_tasks.register_shard_task('test_shards_bad', shard_dirs[3], None,
+                                    corpus.Tokenizer(other_path))
+
+
+@pytest.mark.slow
+def test_seqio_cache_tool_runs_on_the_shard_task(setup, shard_dirs, tmp_path):
+  """seqio's cache_tasks_main, pointed at this module, caches the shard Task's documents;
+  the cached Task packs them (in the tool's shuffled order) into the numpy Loader's rows."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
+  _, tok, fgram_set, _, _ = setup
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  shutil.copy(tok.path, workdir / artifacts.TOKENIZER_FILE)
+  fgram_set.save(str(workdir / artifacts.FGRAMS_FILE))
+  env = dict(os.environ, SCONE_SEQIO_WORKDIR=str(workdir), SCONE_SEQIO_SHARDS=shard_dirs[3],
+             SCONE_SEQIO_TASK='test_cached_shards',
+             PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  cache = str(tmp_path / 'cache')
+  subprocess.run([sys.executable, '-m', 'seqio.scripts.cache_tasks_main',
+                  '--module_import=scone_jax.seqio_tasks', '--tasks=test_cached_shards',
+                  f'--output_cache_dir={cache}', '--min_shards=0'], env=env, check=True,
+                 timeout=600)
+  name = seqio_tasks.register_from_env({k: env[k] for k in env if k.startswith('SCONE_')})
+  assert name == 'test_cached_shards'
+  before = seqio.utils.get_global_cache_dirs()
+  seqio.add_global_cache_dirs([cache])
+  try:
+    task = seqio.get_mixture_or_task(name)
+    ds = task.get_dataset(sequence_length=None, shuffle=False, trim_output_features=False,
+                          use_cached=True)
+    cached = [ex['targets'].astype(np.int32) for ex in ds.as_numpy_iterator()]
+    got = list(seqio_tasks.seqio_batches(name, seq_len=SEQ_LEN, batch_size=4, eval_mode=True,
+                                         use_cached=True))
+  finally:
+    seqio.utils.set_global_cache_dirs(before)
+  shards = token_shards.TokenShards(shard_dirs[3])
+  assert sorted(map(tuple, cached)) == sorted(map(tuple, shards.documents()))
+  # F-grams are matched after the cache: packing the cached order gives the same rows.
+  offsets = np.concatenate([[0], np.cumsum([len(d) for d in cached])]).astype(np.int64)
+  tokens = np.concatenate(cached)
+  ids, lens = packing.match_split(tokens, offsets, fgram_set)
+  split = packing.PreparedSplit(tokens, offsets, ids, lens, 0, tok.fingerprint,
+                                fgram_set.fingerprint, fgram_set)
+  ev = packing.Loader(split, seq_len=SEQ_LEN, batch_size=4, shuffle=False, eval_mode=True)
   assert len(got) == len(ev)
   for a, b in zip(got, ev):
     _assert_batches_equal(a, b)

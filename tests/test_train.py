@@ -494,3 +494,27 @@ def test_seqio_pipeline_trains_and_resumes_exactly(tmp_path):
   assert (straight[0]['fgram_ids'] >= 0).any()
   last = train.train(cfg, workdir, run)
   assert np.isfinite(last['loss'])
+
+
+def test_seqio_pipeline_over_given_token_shards(run_setup, tmp_path):
+  """input_pipeline='seqio' with data.train_shards: the shard Task feeds training, and its
+  first epoch is a permutation of the token shards' rows."""
+  from scone_jax import token_shards  # pylint: disable=g-import-not-at-top
+  root, cfg, _ = run_setup
+  cfg = _copy(cfg)
+  cfg.input_pipeline = 'seqio'
+  cfg.data.train_shards = str(root / 'base' / artifacts.DATA_DIR / artifacts.TRAIN_SHARDS_DIR)
+  workdir = str(tmp_path / 'run')
+  run = artifacts.prepare_run(cfg, workdir)
+  assert run.train_shards == cfg.data.train_shards
+  train_loader, _ = train.make_loaders(cfg, workdir, run)
+  assert train_loader.task_name.startswith('scone_train_shards_')
+  shards = token_shards.TokenShards(cfg.data.train_shards, run.fgram_set)
+  num_rows = packing.num_rows(shards, cfg.seq_len)
+  batches = [train_loader.batch_at(s) for s in range(-(-num_rows // cfg.batch_size))]
+  got = np.stack([np.concatenate([b[k] for b in batches])[:num_rows]
+                  for k in packing.BATCH_KEYS], -1)
+  want = np.stack([shards.rows(np.arange(num_rows), cfg.seq_len)[k]
+                   for k in packing.BATCH_KEYS], -1)
+  assert sorted(map(bytes, got)) == sorted(map(bytes, want))
+  assert not np.array_equal(got, want)  # shuffled
