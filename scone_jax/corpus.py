@@ -200,15 +200,20 @@ def load_documents(corpus_cfg, split: str) -> list[Document]:
   elif name == 'text':
     if not corpus_cfg.train_files:
       raise ValueError('corpus.name=text needs --config.corpus.train_files=GLOB[,GLOB...].')
-    train = read_text_documents(_expand_globs(corpus_cfg.train_files, 'corpus.train_files'),
-                                corpus_cfg.decode_errors)
-    if not train:
-      raise ValueError(f'corpus.train_files={corpus_cfg.train_files!r} holds no documents.')
+    train = heldout = []
+    # With eval_files each split reads only its own files (a run training from prepared
+    # shards reads the eval files, not the training corpus).
+    if split == 'train' or not corpus_cfg.eval_files:
+      train = read_text_documents(_expand_globs(corpus_cfg.train_files, 'corpus.train_files'),
+                                  corpus_cfg.decode_errors)
+      if not train:
+        raise ValueError(f'corpus.train_files={corpus_cfg.train_files!r} holds no documents.')
     if corpus_cfg.eval_files:
-      heldout = read_text_documents(_expand_globs(corpus_cfg.eval_files, 'corpus.eval_files'),
-                                    corpus_cfg.decode_errors)
-      if not heldout:
-        raise ValueError(f'corpus.eval_files={corpus_cfg.eval_files!r} holds no documents.')
+      if split == 'heldout':
+        heldout = read_text_documents(
+            _expand_globs(corpus_cfg.eval_files, 'corpus.eval_files'), corpus_cfg.decode_errors)
+        if not heldout:
+          raise ValueError(f'corpus.eval_files={corpus_cfg.eval_files!r} holds no documents.')
     else:
       train, heldout = split_documents(train, corpus_cfg.heldout_fraction)
   else:
