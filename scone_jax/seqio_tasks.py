@@ -388,7 +388,7 @@ def seqio_batches(task_name: str, *, seq_len: int, batch_size: int,
   buffer: deterministic per seed, but not the Loader's permutation.
   cache: True keeps the packed rows in memory after the first epoch (~28 bytes per
   token), a path caches them in files there; later epochs then skip tokenization, which
-  is what limits this pipeline (matching costs far less, see experiments/bench_data.py).
+  is what limits this pipeline (matching costs far less, see experiments/bench_seqio.py).
   use_cached: read the task's offline cache (see the module docstring).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
