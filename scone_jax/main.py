@@ -1,6 +1,6 @@
 """scone_jax command line: extract → train → eval → export → generate / serve.
 
-  python -m scone_jax.main --mode=extract --config=experiments/configs/scone.py --workdir=DIR
+  python -m scone_jax.main --mode=extract --config=experiments/configs/scone.py --workdir=DIR  # tokenizer, f-grams, token shards
   python -m scone_jax.main --mode=train   --config=experiments/configs/scone.py --workdir=DIR
   python -m scone_jax.main --mode=eval    --config=... --workdir=DIR --eval_text=a.txt,b.txt
   python -m scone_jax.main --mode=export  --config=... --workdir=DIR [--export_dir=OUT]
@@ -187,13 +187,18 @@ def main(argv):
   train.validate_config(cfg)
 
   if mode == 'extract':
-    if not cfg.fgrams.enabled:
-      raise app.UsageError('this config has fgrams.enabled=False; use a SCONE config.')
+    # Everything before training: tokenizer, f-gram set, the training split's token shards.
     artifacts.check_config(cfg, workdir)
     artifacts.write_config(cfg, workdir)
     run = artifacts.prepare_run(cfg, workdir)
-    print(artifacts.fgram_summary(run.fgram_set, run.tokenizer), end='')
-    print(f'wrote {paths.join(workdir, artifacts.FGRAMS_FILE)}')
+    if run.fgram_set is not None:
+      print(artifacts.fgram_summary(run.fgram_set, run.tokenizer), end='')
+      print(f'wrote {paths.join(workdir, artifacts.FGRAMS_FILE)}')
+    if run.train_shards:
+      from scone_jax import token_shards  # pylint: disable=g-import-not-at-top
+      index = token_shards.read_index(run.train_shards)
+      print(f'token shards {run.train_shards}: {index["num_docs"]:,} documents, '
+            f'{index["num_tokens"]:,} tokens in {index["num_shards"]} shards')
   elif mode == 'train':
     import jax  # pylint: disable=g-import-not-at-top
     # One writer per run directory (process 0 holds the lock for a multi-host run).
