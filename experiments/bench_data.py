@@ -103,7 +103,7 @@ def generate_corpus(directory, num_words, *, seed=0, words_per_file=20_000_000,
       continue
     rng = np.random.default_rng([seed, k])
     target = min(words_per_file, num_words - k * words_per_file)
-    units_n = int(target / (0.7 + 0.3 * phrase_len.mean())) + 1
+    units_n = int(1.1 * target / (0.7 + 0.3 * phrase_len.mean())) + 1   # cut to target below
     phrase = rng.random(units_n) < 0.3
     units = np.where(phrase, vocab + np.searchsorted(phrase_cdf, rng.random(units_n)),
                      np.searchsorted(word_cdf, rng.random(units_n)))
