@@ -237,6 +237,10 @@ def compile_steps(cfg, topology: str, num_slices: int = 1, devices=None) -> dict
       'topology': topology, 'num_slices': int(num_slices), 'devices': len(devices),
       'device_kind': devices[0].device_kind,
       'mesh': {k: int(v) for k, v in mesh.shape.items()},
+      # Which slices each index of the data axis spans: one each when the data axis crosses
+      # slices (DCN) and fsdp/tensor stay within a slice (ICI).
+      'data_axis_slices': [sorted({int(getattr(d, 'slice_index', 0)) for d in row.flat})
+                           for row in mesh.devices],
       'steps': steps,
   }
 

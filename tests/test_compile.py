@@ -70,3 +70,16 @@ def test_a_config_that_does_not_fit_exits_with_one_error_line():
   assert report is not None and report['fits'] is False
   assert report['steps']['train']['fits'] is False
   assert report['steps']['decode']['fits'] is True  # decode does not depend on the batch
+
+
+@pytest.mark.slow
+def test_two_slices_put_the_data_axis_across_slices():
+  proc, report = _compile(*_SMALL, '--num_slices=2', '--config.mesh.dcn_data=2')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert report['num_slices'] == 2 and report['devices'] == 8
+  assert report['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  # Each data index is one slice: only the data-parallel gradient reduction crosses DCN.
+  assert report['data_axis_slices'] == [[0], [1]]
+  train = report['steps']['train']
+  assert train['fits']
+  assert train['collectives']['all-reduce'] > 0
