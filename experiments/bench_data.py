@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -163,7 +162,17 @@ def input_rate(shards_dir, fgram_path, steps, seq_len, batch_size, num_fgrams, m
   return {'corpus_tokens': shards.num_tokens, 'tokens': tokens,
           'tokens_per_s': round(tokens / wall), 'tokens_per_cpu_s': round(tokens / cpu),
           'match_rate': round(matched / tokens, 4),
-          'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+          'peak_rss_mb': _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+  """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: a child made by
+  fork/vfork + exec inherits its parent's high-water mark there."""
+  with open('/proc/self/status', encoding='ascii') as f:
+    for line in f:
+      if line.startswith('VmHWM:'):
+        return round(int(line.split()[1]) / 1024, 1)
+  raise RuntimeError('no VmHWM in /proc/self/status (Linux only)')
 
 
 def _in_subprocess(fn_name, *args):
@@ -234,20 +243,24 @@ def _time_builds(build, n):
   return (time.perf_counter() - t0) / n
 
 
-def _rss_of(cmd):
-  """Runs cmd under a one-child wrapper; returns (seconds, the child's peak RSS MB, proc)."""
-  wrapper = ('import json, resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); '
-             'print(json.dumps({"rc": p.returncode, "rss_kb": resource.getrusage('
-             'resource.RUSAGE_CHILDREN).ru_maxrss}), file=sys.stderr)')
+def _rss_of(module_args):
+  """Runs `python -m MODULE ARGS` reporting its own peak RSS at exit (VmHWM; see
+  _peak_rss_mb); returns (seconds, peak RSS MB, proc)."""
+  wrapper = ('import atexit, runpy, sys; sys.path.insert(0, %r); import bench_data; '
+             'atexit.register(lambda: print("PEAK_RSS_MB", bench_data._peak_rss_mb(), '
+             'file=sys.stderr)); sys.argv = sys.argv[1:]; '
+             'runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)'
+             % os.path.dirname(os.path.abspath(__file__)))
   t0 = time.time()
-  proc = subprocess.run([sys.executable, '-c', wrapper] + cmd, capture_output=True, text=True,
-                        cwd=_REPO)
+  proc = subprocess.run([sys.executable, '-c', wrapper] + module_args, capture_output=True,
+                        text=True, cwd=_REPO)
   seconds = time.time() - t0
-  report = json.loads(proc.stderr.strip().splitlines()[-1])
-  if report['rc']:
-    raise RuntimeError(f'{" ".join(cmd[:4])} failed:\n{proc.stdout[-2000:]}\n'
+  if proc.returncode:
+    raise RuntimeError(f'{" ".join(module_args[:3])} failed:\n{proc.stdout[-2000:]}\n'
                        f'{proc.stderr[-4000:]}')
-  return seconds, report['rss_kb'] / 1024, proc
+  rss = [float(line.split()[1]) for line in proc.stderr.splitlines()
+         if line.startswith('PEAK_RSS_MB ')]
+  return seconds, rss[-1], proc
 
 
 def main():
@@ -321,7 +334,7 @@ def main():
   result['prepare_in_process'] = prepare
   beam_dir = os.path.join(work, 'shards-beam')
   seconds, _, _ = _rss_of([
-      sys.executable, '-m', 'scone_jax.fgrams_beam', '--input', small_files[0],
+      'scone_jax.fgrams_beam', '--input', small_files[0],
       '--input_format=text', '--tokenizer', tok_path, '--output',
       os.path.join(work, 'fgrams-beam.npz'), '--max_len', str(args.max_len),
       '--num_fgrams', str(args.num_fgrams), '--shards_output', beam_dir,
@@ -368,7 +381,7 @@ def main():
       import shutil  # pylint: disable=g-import-not-at-top
       shutil.rmtree(run_dir)
     seconds, rss, proc = _rss_of([
-        sys.executable, '-m', 'scone_jax.main', '--mode=train', f'--config={_SCONE_CONFIG}',
+        'scone_jax.main', '--mode=train', f'--config={_SCONE_CONFIG}',
         f'--workdir={run_dir}', '--config.corpus.name=text',
         f'--config.corpus.train_files={",".join(files)}',
         f'--config.corpus.eval_files={eval_path}',
