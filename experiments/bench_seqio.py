@@ -125,7 +125,7 @@ def _seqio_cached_second_epoch(name, seq_len, batch_size, steps_per_epoch):
   return n, t
 
 
-def _iterate_loader(split, seq_len, batch_size, fgram_set=None, bucket=256):
+def _iterate_loader(split, seq_len, batch_size, fgram_set=None, pack_len=16, bucket=8):
   loader = packing.Loader(split, seq_len=seq_len, batch_size=batch_size, seed=0)
   steps = int(loader.steps_per_epoch)
   with _Timer() as t:
@@ -133,7 +133,7 @@ def _iterate_loader(split, seq_len, batch_size, fgram_set=None, bucket=256):
     for step in range(steps):
       b = loader.batch_at(step)
       if fgram_set is not None:
-        b = step_batch.dedupe_fgrams(b, fgram_set, bucket=bucket)
+        b = step_batch.dedupe_fgrams(b, fgram_set, pack_len=pack_len, bucket=bucket)
       n += int(b['loss_mask'].sum())
   return n, t
 

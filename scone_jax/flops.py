@@ -4,10 +4,12 @@ Counts are matmul FLOPs (2 per multiply-add), the usual transformer accounting: 
 a dense layer with P weights costs 2P forward and 6P forward+backward; causal attention
 over a row of L tokens costs, per layer, 2 * 2 * (L / 2) * heads * head_dim forward (QK^T
 and AV against the average L/2 earlier positions). Norms, softmax and the embedding
-gather are left out. The f-gram model is trained on every executed window position (the
-bucketed unique windows, padded to K), so its training cost per token depends on the
-batch: pass the measured executed positions per token. At inference the f-gram model is
-gone: a matched position reads a table row, 0 FLOPs.
+gather are left out. The f-gram model is trained on every executed slot (the bucketed
+packed rows × pack_len, slots no window fills included), so its training cost per token
+depends on the batch: pass the measured executed positions per token. Its attention runs
+over a whole packed row (masked to each window), so a slot costs attention over pack_len / 2
+slots, like the main model's L / 2. At inference the f-gram model is gone: a matched
+position reads a table row, 0 FLOPs.
 """
 from scone_jax import model as model_lib
 
@@ -43,28 +45,32 @@ def main_forward_flops_per_token(c: model_lib.ModelConfig, seq_len: int) -> floa
   return 2.0 * dense + attention + 2.0 * c.d_model * c.vocab_size
 
 
-def fgram_forward_flops_per_position(c: model_lib.ModelConfig) -> float:
+def fgram_forward_flops_per_position(c: model_lib.ModelConfig, row_len: int = 0) -> float:
+  """Per executed slot of rows of row_len slots (fgram_model.pack_len; 0: fgram_max_len)."""
   if not c.fgrams_enabled:
     return 0.0
+  row_len = row_len or c.fgram_max_len
   dense = c.fgram_num_layers * (4 * c.d_model * c.fgram_num_heads * c.fgram_head_dim
                                 + (3 if c.mlp_activation == 'swiglu' else 2)
                                 * c.d_model * c.fgram_mlp_dim)
-  attention = c.fgram_num_layers * 2 * 2 * (c.fgram_max_len / 2) * c.fgram_num_heads \
+  attention = c.fgram_num_layers * 2 * 2 * (row_len / 2) * c.fgram_num_heads \
       * c.fgram_head_dim
   return 2.0 * dense + attention
 
 
 def costs(c: model_lib.ModelConfig, seq_len: int, *,
-          fgram_positions_per_token: float = 0.0, num_fgrams: int = 0,
+          fgram_positions_per_token: float = 0.0, fgram_row_len: int = 0, num_fgrams: int = 0,
           table_bytes_per_value: int = 4) -> dict:
   """Parameters, inference and training FLOPs per token, and the table's size.
 
-  fgram_positions_per_token: f-gram model positions executed per training token
-  (windows run per step * K / tokens per step), as measured by the trainer.
+  fgram_positions_per_token: f-gram model slots executed per training token (the trainer's
+  fgram_positions_per_step / tokens per step); fgram_row_len: the slots of one of its rows
+  (fgram_model.pack_len; 0: fgram_max_len, rows of one padded window as before packing).
   """
   params = param_counts(c)
   inference = main_forward_flops_per_token(c, seq_len)
-  fgram_train = 3.0 * fgram_forward_flops_per_position(c) * fgram_positions_per_token
+  fgram_train = (3.0 * fgram_forward_flops_per_position(c, fgram_row_len)
+                 * fgram_positions_per_token)
   return {
       'params_main': params['main_total'],
       'params_main_non_embedding': params['main_blocks'],

@@ -309,18 +309,21 @@ class Decoder(nn.Module):
 
 
 class FGramModel(nn.Module):
-  """A_fgram: causal blocks of width d over embedded f-gram windows, K learned positions."""
+  """A_fgram: causal blocks of width d over f-gram windows packed into rows, K learned positions.
+
+  A row of P slots holds several windows back to back; positions_RxP restart at 0 at each
+  window's first token, so a window is the run of slots from a 0 to the next 0. Attention is
+  causal within a window only (block-diagonal), so a window's outputs are those it would
+  get alone in a row of K slots. Slots no window uses hold position 0 (one-slot windows of
+  their own, never read).
+  """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_UxKxD, lengths_U, deterministic):
+  def __call__(self, x_RxPxD, positions_RxP, select_N, deterministic):
+    """Normalised outputs at the flat slots select_N (row * P + slot), shape select_N + [d]."""
     c = self.config
     dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
-    num_pos = x_UxKxD.shape[1]
-    if num_pos > c.fgram_max_len:
-      raise ValueError(f'f-gram windows have {num_pos} tokens but the f-gram model has '
-                       f'{c.fgram_max_len} positions (fgrams.max_len); rebuild the batch with '
-                       'the run\'s f-gram set.')
     block_cfg = BlockConfig(c.fgram_num_heads, c.fgram_head_dim, c.fgram_mlp_dim,
                             c.mlp_activation, False, c.dropout_rate, dtype, param_dtype,
                             batch_axis='fgram_batch', length_axis='fgram_len')
@@ -328,24 +331,22 @@ class FGramModel(nn.Module):
                          embedding_init=nn.with_logical_partitioning(
                              nn.initializers.normal(0.02), ('fgram_len', 'embed')),
                          name='pos_embed')
-    x_UxKxD = x_UxKxD.astype(dtype) + pos_embed(jnp.arange(num_pos))[None]
-    x_UxKxD = nn.Dropout(c.dropout_rate)(x_UxKxD, deterministic=deterministic)
-    x_UxKxD = nn.with_logical_constraint(x_UxKxD, ('fgram_batch', 'fgram_len', 'embed'))
-    # Causal only: windows are left-aligned, so the 0-padding after the last token never
-    # reaches the output at index length-1.
-    num_rows = x_UxKxD.shape[0]
-    mask_1x1xKxK = jnp.tril(jnp.ones((num_pos, num_pos), jnp.bool_))[None, None]
-    positions_UxK = jnp.broadcast_to(jnp.arange(num_pos), (num_rows, num_pos))
-    x_UxKxD = _run_blocks(block_cfg, c.fgram_num_layers, scan=c.scan_layers, remat=c.remat,
-                          x_BxLxD=x_UxKxD, positions_BxL=positions_UxK,
-                          mask_Bx1xLxL=mask_1x1xKxK,
-                          valid_BxL=jnp.ones((num_rows, num_pos), jnp.bool_),
+    x_RxPxD = x_RxPxD.astype(dtype) + pos_embed(positions_RxP)
+    x_RxPxD = nn.Dropout(c.dropout_rate)(x_RxPxD, deterministic=deterministic)
+    x_RxPxD = nn.with_logical_constraint(x_RxPxD, ('fgram_batch', 'fgram_len', 'embed'))
+    num_rows, num_slots = positions_RxP.shape
+    segments_RxP = jnp.cumsum(positions_RxP == 0, axis=1)
+    causal_PxP = jnp.tril(jnp.ones((num_slots, num_slots), jnp.bool_))
+    mask_Rx1xPxP = (causal_PxP[None, None]
+                    & (segments_RxP[:, None, :, None] == segments_RxP[:, None, None, :]))
+    x_RxPxD = _run_blocks(block_cfg, c.fgram_num_layers, scan=c.scan_layers, remat=c.remat,
+                          x_BxLxD=x_RxPxD, positions_BxL=positions_RxP,
+                          mask_Bx1xLxL=mask_Rx1xPxP,
+                          valid_BxL=jnp.ones((num_rows, num_slots), jnp.bool_),
                           deterministic=deterministic, decode=False)
-    last_U = jnp.clip(lengths_U - 1, 0, num_pos - 1)
-    last_UxD = jnp.take_along_axis(x_UxKxD, last_U[:, None, None], axis=1)[:, 0]
-    # The norm is per position, so normalising only the gathered rows is the same and cheaper.
-    emb_UxD = RMSNorm(dtype, param_dtype, name='final_norm')(last_UxD)
-    return nn.with_logical_constraint(emb_UxD, ('fgram_batch', 'embed'))
+    x_SxD = x_RxPxD.reshape(num_rows * num_slots, -1)
+    # The norm is per position, so normalising only the selected slots is the same and cheaper.
+    return RMSNorm(dtype, param_dtype, name='final_norm')(jnp.take(x_SxD, select_N, axis=0))
 
 
 class SconeLM(nn.Module):
@@ -365,17 +366,22 @@ class SconeLM(nn.Module):
       self.fgram_model = FGramModel(c)
 
   def __call__(self, inputs_BxL, *, positions_BxL=None, segment_ids_BxL=None,
-               fgram_index_BxL=None, fgram_uniq_tokens_UxK=None, fgram_uniq_lengths_U=None,
+               fgram_index_BxL=None, fgram_tokens_RxP=None, fgram_positions_RxP=None,
                deterministic=True, decode=False):
     """Token ids [B, L] → float32 logits [B, L, vocab]."""
-    x_BxLxD = self.embed_inputs(inputs_BxL, fgram_index_BxL, fgram_uniq_tokens_UxK,
-                                fgram_uniq_lengths_U, deterministic=deterministic)
+    x_BxLxD = self.embed_inputs(inputs_BxL, fgram_index_BxL, fgram_tokens_RxP,
+                                fgram_positions_RxP, deterministic=deterministic)
     return self.backbone(x_BxLxD, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL,
                          deterministic=deterministic, decode=decode)
 
-  def embed_inputs(self, inputs_BxL, fgram_index_BxL=None, fgram_uniq_tokens_UxK=None,
-                   fgram_uniq_lengths_U=None, *, deterministic=True):
-    """Input vectors: A_fgram(T[window]) where fgram_index >= 0, else T[token]."""
+  def embed_inputs(self, inputs_BxL, fgram_index_BxL=None, fgram_tokens_RxP=None,
+                   fgram_positions_RxP=None, *, deterministic=True):
+    """Input vectors: A_fgram(T[window]) where fgram_index >= 0, else T[token].
+
+    The windows come packed (`FGramModel`): fgram_tokens_RxP and fgram_positions_RxP, and
+    fgram_index_BxL is the flat slot (row * P + slot) of the last token of the position's
+    window, -1 where nothing matched.
+    """
     c = self.config
     x_BxLxD = self.token_embed(inputs_BxL)
     if c.fgrams_enabled and self.is_initializing() and fgram_index_BxL is None:
@@ -387,21 +393,35 @@ class SconeLM(nn.Module):
       raise ValueError('fgram_index_BxL was given to a model built with fgrams_enabled=False; '
                        'build it from a config with fgrams.enabled=True or drop the f-gram '
                        'inputs.')
-    if fgram_uniq_tokens_UxK is None or fgram_uniq_lengths_U is None:
-      raise ValueError('fgram_index_BxL needs fgram_uniq_tokens_UxK and fgram_uniq_lengths_U.')
-    emb_UxD = self.fgram_embed(fgram_uniq_tokens_UxK, fgram_uniq_lengths_U,
-                               deterministic=deterministic)
+    if fgram_tokens_RxP is None or fgram_positions_RxP is None:
+      raise ValueError('fgram_index_BxL needs fgram_tokens_RxP and fgram_positions_RxP.')
     matched_BxL = fgram_index_BxL >= 0
-    gathered_BxLxD = jnp.take(emb_UxD, jnp.where(matched_BxL, fgram_index_BxL, 0), axis=0)
-    x_BxLxD = jnp.where(matched_BxL[..., None], gathered_BxLxD.astype(x_BxLxD.dtype), x_BxLxD)
+    emb_BxLxD = self.fgram_model(self.token_embed(fgram_tokens_RxP), fgram_positions_RxP,
+                                 jnp.where(matched_BxL, fgram_index_BxL, 0), deterministic)
+    x_BxLxD = jnp.where(matched_BxL[..., None], emb_BxLxD.astype(x_BxLxD.dtype), x_BxLxD)
     return nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed'))
 
   def fgram_embed(self, fgram_tokens_UxK, fgram_lengths_U, deterministic=True):
-    """A_fgram's output rows for left-aligned windows [U, K] (0-padded) of the given lengths."""
-    if not self.config.fgrams_enabled:
+    """A_fgram's output rows for left-aligned windows [U, K] (0-padded) of the given lengths.
+
+    One window per row: the packed computation with P = K, each row's slots after its window
+    being one-slot padding windows.
+    """
+    c = self.config
+    if not c.fgrams_enabled:
       raise ValueError('fgram_embed called on a model built with fgrams_enabled=False.')
-    x_UxKxD = self.token_embed(fgram_tokens_UxK)
-    return self.fgram_model(x_UxKxD, fgram_lengths_U, deterministic)
+    num_rows, width = fgram_tokens_UxK.shape
+    if width > c.fgram_max_len:
+      raise ValueError(f'f-gram windows have {width} tokens but the f-gram model has '
+                       f'{c.fgram_max_len} positions (fgrams.max_len); rebuild the windows with '
+                       'the run\'s f-gram set.')
+    slot_K = jnp.arange(width)
+    lengths_U = jnp.clip(fgram_lengths_U, 1, width)
+    positions_UxK = jnp.where(slot_K < lengths_U[:, None], slot_K, 0)
+    last_U = jnp.arange(num_rows) * width + lengths_U - 1
+    emb_UxD = self.fgram_model(self.token_embed(fgram_tokens_UxK), positions_UxK, last_U,
+                               deterministic)
+    return nn.with_logical_constraint(emb_UxD, ('fgram_batch', 'embed'))
 
   def backbone(self, x_BxLxD, *, positions_BxL=None, segment_ids_BxL=None, deterministic=True,
                decode=False, valid_BxL=None):

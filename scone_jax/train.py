@@ -80,8 +80,8 @@ def _loss_sum(params, model, mb, rng, deterministic):
   logits_BxLxV = model.apply(
       {'params': params}, mb['inputs'], positions_BxL=mb['positions'],
       segment_ids_BxL=mb['segment_ids'], fgram_index_BxL=mb.get('fgram_index'),
-      fgram_uniq_tokens_UxK=mb.get('fgram_uniq_tokens'),
-      fgram_uniq_lengths_U=mb.get('fgram_uniq_lengths'), deterministic=deterministic,
+      fgram_tokens_RxP=mb.get('fgram_tokens'), fgram_positions_RxP=mb.get('fgram_positions'),
+      deterministic=deterministic,
       rngs={'dropout': rng})
   nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, mb['targets'])
   mask_BxL = mb['loss_mask'].astype(jnp.float32)
@@ -138,7 +138,7 @@ class Trainer:
   train_step (state, step_batch, rng) -> (state, metrics) donates `state`; eval_step
   (params, step_batch) -> {'nll_sum', 'tokens'}. Both are jitted once, here, with in/out
   shardings (state_shardings, batch_shardings), so a batch shape seen before never
-  recompiles; only a new unique-window bucket U compiles a new shape.
+  recompiles; only a new bucket of packed f-gram rows R compiles a new shape.
   """
   cfg: ml_collections.ConfigDict
   workdir: str
@@ -167,10 +167,10 @@ def _example_inputs(cfg, with_fgrams):
   rows = cfg.batch_size // cfg.grad_accum_steps
   ex = {'inputs_BxL': jnp.zeros((rows, cfg.seq_len), jnp.int32)}
   if with_fgrams:
-    u = cfg.fgram_model.unique_bucket
+    packed = (cfg.fgram_model.pack_bucket, cfg.fgram_model.pack_len)
     ex['fgram_index_BxL'] = jnp.zeros((rows, cfg.seq_len), jnp.int32)
-    ex['fgram_uniq_tokens_UxK'] = jnp.zeros((u, cfg.fgrams.max_len), jnp.int32)
-    ex['fgram_uniq_lengths_U'] = jnp.ones((u,), jnp.int32)
+    ex['fgram_tokens_RxP'] = jnp.zeros(packed, jnp.int32)
+    ex['fgram_positions_RxP'] = jnp.zeros(packed, jnp.int32)
   return ex
 
 
@@ -495,7 +495,8 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
   last = {}
   t_last, tokens_since, steps_since = time.time(), 0, 0
   t_start = time.time()
-  fgram_stats = {'fgram_matched': 0, 'fgram_unique': 0, 'fgram_rows': 0}
+  fgram_stats = {'fgram_matched': 0, 'fgram_unique': 0, 'fgram_rows': 0, 'fgram_positions': 0,
+                 'fgram_useful': 0}
 
   def finish(done, metrics, logged):
     """Reads step `done`'s metrics, stops on non-finite ones, logs them if it is a log step."""
@@ -517,6 +518,9 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
     if stats['fgram_matched']:
       last['fgram_match_rate'] = stats['fgram_matched'] / max(tokens, 1)
       last['fgram_rows_per_step'] = stats['fgram_rows'] / steps
+      # Executed (packed rows × pack_len, what training FLOPs count) vs needed positions.
+      last['fgram_positions_per_step'] = stats['fgram_positions'] / steps
+      last['fgram_useful_positions_per_step'] = stats['fgram_useful'] / steps
       if cfg.fgram_model.dedupe:
         last['fgram_unique_per_step'] = stats['fgram_unique'] / steps
     logging.info('step %d/%d  loss %.4f  %s tokens/s  lr %.2e  ETA %s', done,

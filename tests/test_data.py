@@ -361,27 +361,62 @@ def test_dedupe_fgrams(setup, dedupe):
   ids = batch['fgram_ids']
   matched = ids >= 0
   assert matched.any()
-  out = step_batch.dedupe_fgrams(batch, fgram_set, bucket=16, dedupe=dedupe)
+  pack_len, bucket = 9, 4
+  out = step_batch.dedupe_fgrams(batch, fgram_set, pack_len=pack_len, bucket=bucket,
+                                 dedupe=dedupe)
   for k in packing.BATCH_KEYS:
     np.testing.assert_array_equal(out[k], batch[k])
-  toks, lens, index = out['fgram_uniq_tokens'], out['fgram_uniq_lengths'], out['fgram_index']
-  assert toks.dtype == lens.dtype == index.dtype == np.int32
-  assert toks.shape[1] == fgram_set.max_len and index.shape == ids.shape
+  toks, pos, index = out['fgram_tokens'], out['fgram_positions'], out['fgram_index']
+  assert toks.dtype == pos.dtype == index.dtype == np.int32
+  assert toks.shape == pos.shape and toks.shape[1] == pack_len and index.shape == ids.shape
+  assert toks.shape[0] % bucket == 0
   n_unique = len(set(ids[matched].tolist()))
   assert int(out['fgram_num_unique']) == n_unique
-  if dedupe:
-    assert toks.shape[0] % 16 == 0 and n_unique <= toks.shape[0] < n_unique + 16
-    assert len(set(index[matched].tolist())) == n_unique
-  else:
-    assert toks.shape[0] == ids.size
+  windows = n_unique if dedupe else int(matched.sum())
+  assert len(set(index[matched].tolist())) == windows
   assert ((index >= 0) == matched).all()
-  np.testing.assert_array_equal(toks[index[matched]], fgram_set.tokens_padded[ids[matched]])
-  np.testing.assert_array_equal(lens[index[matched]], batch['fgram_lengths'][matched])
-  # Rows nothing points at are length-1 dummies.
-  unused = np.setdiff1d(np.arange(toks.shape[0]), index[matched])
-  assert (lens[unused] == 1).all() and (toks[unused] == 0).all()
+  # Each position's slot is the last token of its f-gram's window, whole in one row,
+  # positions 0..n-1.
+  lens = batch['fgram_lengths'][matched]
+  last = index[matched]
+  assert ((last - lens + 1) // pack_len == last // pack_len).all()
+  for j in range(fgram_set.max_len):
+    has = lens > j
+    slot = (last - lens + 1 + j)[has]
+    np.testing.assert_array_equal(toks.reshape(-1)[slot],
+                                  fgram_set.tokens_padded[ids[matched][has], j])
+    np.testing.assert_array_equal(pos.reshape(-1)[slot], j)
+  # Windows do not overlap; every other slot is unused (token 0, position 0).
+  used = np.zeros(toks.size, bool)
+  firsts = np.unique(last - lens + 1)
+  useful = int(out['fgram_useful'])
+  assert (pos.reshape(-1)[firsts] == 0).all() and (pos > 0).sum() == useful - windows
+  for f in firsts:
+    n = int(lens[(last - lens + 1) == f][0])
+    assert not used[f:f + n].any()
+    used[f:f + n] = True
+  assert used.sum() == useful
+  assert (toks.reshape(-1)[~used] == 0).all() and (pos.reshape(-1)[~used] == 0).all()
+  # Next-fit packing wastes fewer than max_len slots a row; then one bucket at most.
+  rows_needed = -(-useful // (pack_len - fgram_set.max_len + 1))
+  assert toks.shape[0] < rows_needed + bucket
   empty = dict(batch, fgram_ids=np.full_like(ids, -1))
-  assert step_batch.dedupe_fgrams(empty, fgram_set, bucket=16)['fgram_uniq_tokens'].shape[0] == 16
+  assert step_batch.dedupe_fgrams(empty, fgram_set, pack_len=pack_len,
+                                  bucket=bucket)['fgram_tokens'].shape == (bucket, pack_len)
+
+
+@pytest.mark.parametrize('pack_len', [5, 8, 16, 33])
+def test_pack_windows_fills_rows_without_overlap(pack_len):
+  rng = np.random.default_rng(pack_len)
+  lengths = rng.integers(2, 6, size=500)
+  row, start, num_rows = step_batch.pack_windows(lengths, pack_len)
+  assert ((start >= 0) & (start + lengths <= pack_len) & (row < num_rows)).all()
+  slots = np.concatenate([r * pack_len + s + np.arange(n) for r, s, n in zip(row, start, lengths)])
+  assert len(np.unique(slots)) == lengths.sum()
+  assert num_rows <= -(-lengths.sum() // (pack_len - lengths.max() + 1))
+  assert step_batch.pack_windows(np.zeros(0, np.int32), pack_len)[2] == 0
+  with pytest.raises(ValueError, match='pack_len'):
+    step_batch.pack_windows([pack_len + 1], pack_len)
 
 
 def test_sotu_smoke(tmp_path):

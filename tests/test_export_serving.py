@@ -185,14 +185,13 @@ def _full_forward_logits(setup, prompt, generated):
   length = 64  # right-padded; one shape for every row
   pad = length - inputs.size
   batch = {'fgram_ids': np.pad(ids, (0, pad), constant_values=-1)[None]}
-  deduped = step_batch.dedupe_fgrams(batch, setup.run.fgram_set, bucket=64)
+  deduped = step_batch.dedupe_fgrams(batch, setup.run.fgram_set, pack_len=8, bucket=8)
   logits = setup.trainer.model.apply(
       {'params': setup.params}, np.pad(inputs, (0, pad))[None],
       positions_BxL=np.arange(length, dtype=np.int32)[None],
       segment_ids_BxL=(np.arange(length) < inputs.size).astype(np.int32)[None],
       fgram_index_BxL=deduped['fgram_index'],
-      fgram_uniq_tokens_UxK=deduped['fgram_uniq_tokens'],
-      fgram_uniq_lengths_U=deduped['fgram_uniq_lengths'])
+      fgram_tokens_RxP=deduped['fgram_tokens'], fgram_positions_RxP=deduped['fgram_positions'])
   return np.asarray(logits[0, len(prompt):inputs.size])  # predictions of generated[0..]
 
 

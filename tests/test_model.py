@@ -11,6 +11,7 @@ from scone_jax import step_batch
 
 VOCAB = 50
 K = 4
+P = 8  # packed row slots
 
 
 def _config(**overrides):
@@ -36,13 +37,38 @@ def _batch(fgram_set, rng, batch=3, length=24, dedupe=True):
   tokens_BxL = rng.integers(1, 5, size=(batch, length)).astype(np.int32)
   ids, lens = zip(*(fgram_set.match(row) for row in tokens_BxL))
   b = {'inputs': tokens_BxL, 'fgram_ids': np.stack(ids), 'fgram_lengths': np.stack(lens)}
-  return step_batch.dedupe_fgrams(b, fgram_set, bucket=16, dedupe=dedupe)
+  return step_batch.dedupe_fgrams(b, fgram_set, pack_len=P, bucket=4, dedupe=dedupe)
 
 
 def _scone_kwargs(b):
   return dict(fgram_index_BxL=jnp.asarray(b['fgram_index']),
-              fgram_uniq_tokens_UxK=jnp.asarray(b['fgram_uniq_tokens']),
-              fgram_uniq_lengths_U=jnp.asarray(b['fgram_uniq_lengths']))
+              fgram_tokens_RxP=jnp.asarray(b['fgram_tokens']),
+              fgram_positions_RxP=jnp.asarray(b['fgram_positions']))
+
+
+class PaddedFGramModel(nn.Module):
+  """A_fgram as it ran before packing: one window per row of K slots, 0-padded after it,
+  causal only, its output read at index length - 1. The reference the packed rows must match."""
+  config: model_lib.ModelConfig
+
+  @nn.compact
+  def __call__(self, x_UxKxD, lengths_U):
+    c = self.config
+    block_cfg = model_lib.BlockConfig(c.fgram_num_heads, c.fgram_head_dim, c.fgram_mlp_dim,
+                                      c.mlp_activation, False, 0.0, jnp.dtype(c.dtype),
+                                      jnp.dtype(c.param_dtype), batch_axis='fgram_batch',
+                                      length_axis='fgram_len')
+    num_rows, num_pos = x_UxKxD.shape[:2]
+    pos_embed = nn.Embed(c.fgram_max_len, c.d_model, dtype=jnp.dtype(c.dtype), name='pos_embed')
+    x_UxKxD = x_UxKxD.astype(c.dtype) + pos_embed(jnp.arange(num_pos))[None]
+    x_UxKxD = model_lib._run_blocks(  # pylint: disable=protected-access
+        block_cfg, c.fgram_num_layers, scan=c.scan_layers, remat=False, x_BxLxD=x_UxKxD,
+        positions_BxL=jnp.broadcast_to(jnp.arange(num_pos), (num_rows, num_pos)),
+        mask_Bx1xLxL=jnp.tril(jnp.ones((num_pos, num_pos), jnp.bool_))[None, None],
+        valid_BxL=jnp.ones((num_rows, num_pos), jnp.bool_), deterministic=True, decode=False)
+    last_UxD = jnp.take_along_axis(x_UxKxD, (lengths_U - 1)[:, None, None], axis=1)[:, 0]
+    return model_lib.RMSNorm(jnp.dtype(c.dtype), jnp.dtype(c.param_dtype),
+                             name='final_norm')(last_UxD)
 
 
 @pytest.fixture(scope='module')
@@ -107,6 +133,43 @@ def test_fgram_output_ignores_window_padding(setup):
   np.testing.assert_allclose(np.asarray(out[0]), np.asarray(out[1]), rtol=1e-6, atol=1e-6)
 
 
+def _padded_reference(model, params, ids_W, fgram_set):
+  """Today's-before-packing outputs of windows ids_W: the PaddedFGramModel over [W, K]."""
+  x_WxKxD = jnp.take(params['token_embed']['embedding'],
+                     jnp.asarray(fgram_set.tokens_padded[ids_W]), axis=0)
+  return np.asarray(PaddedFGramModel(model.config).apply(
+      {'params': params['fgram_model']}, x_WxKxD, jnp.asarray(fgram_set.lengths[ids_W])))
+
+
+@pytest.mark.parametrize('pack_len,dedupe', [(K, True), (P, True), (P, False), (13, True)])
+def test_packed_windows_equal_the_padded_computation(setup, pack_len, dedupe):
+  """Several windows to a row, block-diagonal attention: each window's output is what it got
+  alone in a row of K slots, with the same parameters."""
+  _, model, params, _ = setup
+  rng = np.random.default_rng(11)
+  grams = sorted({tuple(int(t) for t in rng.integers(1, VOCAB, size=n))
+                  for n in rng.integers(2, K + 1, size=200)})
+  fs = fgrams.FGramSet.from_ngrams(grams, np.arange(len(grams), 0, -1), max_len=K)
+  ids_BxL = rng.integers(-len(grams) // 2, len(grams), size=(3, 40)).astype(np.int32)
+  ids_BxL[ids_BxL < 0] = -1
+  raw = {'inputs': np.zeros(ids_BxL.shape, np.int32), 'fgram_ids': ids_BxL}
+  b = step_batch.dedupe_fgrams(raw, fs, pack_len=pack_len, bucket=4, dedupe=dedupe)
+  assert b['fgram_tokens'].shape[0] * pack_len < 1.25 * int(b['fgram_useful']) + 4 * pack_len
+  x = np.asarray(model.apply({'params': params}, jnp.asarray(raw['inputs']),
+                             *(_scone_kwargs(b).values()), method=model_lib.SconeLM.embed_inputs))
+  matched = ids_BxL >= 0
+  lengths = np.asarray(fs.lengths)[ids_BxL[matched]]
+  assert set(lengths.tolist()) == set(range(2, K + 1))
+  want = _padded_reference(model, params, ids_BxL[matched], fs)
+  np.testing.assert_allclose(x[matched], want, rtol=1e-5, atol=1e-5)
+  # The export path (one padded window per row) is the same computation.
+  got = model.apply({'params': params}, jnp.asarray(fs.tokens_padded),
+                    jnp.asarray(fs.lengths), method=model_lib.SconeLM.fgram_embed)
+  np.testing.assert_allclose(np.asarray(got), _padded_reference(model, params,
+                                                                np.arange(len(fs)), fs),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_dedupe_does_not_change_logits(setup):
   fs, model, params, _ = setup
   rng = np.random.default_rng(5)
@@ -115,7 +178,7 @@ def test_dedupe_does_not_change_logits(setup):
   raw = {'inputs': tokens, 'fgram_ids': np.stack(ids), 'fgram_lengths': np.stack(lens)}
   outs = []
   for dedupe in (True, False):
-    b = step_batch.dedupe_fgrams(raw, fs, bucket=16, dedupe=dedupe)
+    b = step_batch.dedupe_fgrams(raw, fs, pack_len=P, bucket=4, dedupe=dedupe)
     outs.append(np.asarray(model.apply({'params': params}, jnp.asarray(tokens),
                                        **_scone_kwargs(b))))
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
@@ -261,5 +324,5 @@ def test_bad_inputs_are_refused():
   toks = jnp.zeros((1, 8), jnp.int32)
   params = base.init({'params': jax.random.PRNGKey(0)}, toks)
   with pytest.raises(ValueError, match='fgrams_enabled=False'):
-    base.apply(params, toks, fgram_index_BxL=toks, fgram_uniq_tokens_UxK=jnp.zeros((1, K), jnp.int32),
-               fgram_uniq_lengths_U=jnp.ones((1,), jnp.int32))
+    base.apply(params, toks, fgram_index_BxL=toks, fgram_tokens_RxP=jnp.zeros((1, P), jnp.int32),
+               fgram_positions_RxP=jnp.zeros((1, P), jnp.int32))

@@ -258,7 +258,7 @@ def test_eval_step_compiles_once_across_evaluate_calls(run_setup):
   trainer = train.create_trainer(cfg, '/unused', run)
   _, eval_loader = train.make_loaders(cfg, str(root / 'evalonce'), run)
   shapes = {step_batch.make_step_batch(b, run.fgram_set, cfg, grad_accum_steps=1)[0][
-      'fgram_uniq_tokens'].shape for b in eval_loader}
+      'fgram_tokens'].shape for b in eval_loader}
   with _Compiles('eval_step') as first:
     a = train.evaluate(trainer, eval_loader)
   with _Compiles('eval_step') as again:
@@ -276,7 +276,7 @@ def test_train_step_compiles_once_per_batch_shape(run_setup):
   loader, _ = train.make_loaders(cfg, str(run_setup_workdir(cfg)), run)
   batches = [step_batch.make_step_batch(loader.batch_at(s), run.fgram_set, cfg)[0]
              for s in range(6)]
-  shapes = {b['fgram_uniq_tokens'].shape for b in batches}
+  shapes = {b['fgram_tokens'].shape for b in batches}
   rng = jax.random.PRNGKey(1)
   with _Compiles('train_step') as compiles:
     for _ in range(2):

@@ -57,7 +57,7 @@ def tiny_config(corpus_dir, *, fgrams=True, steps=8):
   c.fgram_model.num_heads = 2
   c.fgram_model.head_dim = 16
   c.fgram_model.mlp_dim = 64
-  c.fgram_model.unique_bucket = 64
+  c.fgram_model.pack_bucket = 8
   c.seq_len = 32
   c.batch_size = 8
   c.num_train_steps = steps
