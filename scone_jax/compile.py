@@ -22,6 +22,7 @@ import numpy as np
 
 from scone_jax import config as config_lib
 from scone_jax import export as export_lib
+from scone_jax import flops as flops_lib
 from scone_jax import model as model_lib
 from scone_jax import serving
 from scone_jax import sharding
@@ -206,8 +207,17 @@ def compile_steps(cfg, topology: str, num_slices: int = 1, devices=None) -> dict
 
   logging.info('compiling the train step for %s (mesh %s)', topology, dict(mesh.shape))
   steps['train'] = _compile('train', lambda: train_step.lower(state, batch, rng), hbm)
+  fgram_positions = num_rows * cfg.fgram_model.pack_len if with_fgrams else 0
   steps['train'].update(tokens=tokens_per_step, fgram_rows=num_rows,
-                        fgram_positions=num_rows * cfg.fgram_model.pack_len if with_fgrams else 0)
+                        fgram_positions=fgram_positions)
+  # XLA's cost analysis counts a loop body once (scanned layers, micro-batches), so its FLOPs
+  # undercount a scanned model by the trip counts; the model's own count (flops.py: matmuls,
+  # 6 per parameter per token for training, no rematerialisation) is the number to plan by.
+  per_token = flops_lib.costs(
+      model_lib.ModelConfig.from_config(cfg, vocab), cfg.seq_len,
+      fgram_positions_per_token=fgram_positions * cfg.grad_accum_steps / tokens_per_step,
+      fgram_row_len=cfg.fgram_model.pack_len)['train_flops_per_token']
+  steps['train']['model_flops_per_device'] = per_token * tokens_per_step / len(devices)
 
   steps['export'] = None
   if with_fgrams:
@@ -295,7 +305,10 @@ def summary_lines(report: dict) -> list:
         f'{gib(m["arguments"])}, outputs {gib(m["outputs"])}, aliased {gib(m["aliased"])}, '
         f'temporaries {gib(m["temporaries"])}, total {gib(m["total"])} of {gib(m["hbm"])} '
         f'HBM ({100 * m["fraction_of_hbm"]:.0f}%); {s["flops_per_device"] / 1e12:.3f} TFLOP '
-        f'per device per step; collectives: {colls}')
+        f'per device per step by XLA\'s cost analysis (a loop body once)'
+        + (f', {s["model_flops_per_device"] / 1e12:.3f} by the model\'s count'
+           if 'model_flops_per_device' in s else '')
+        + f'; collectives: {colls}')
   return lines
 
 
