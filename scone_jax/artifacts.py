@@ -122,6 +122,9 @@ class RunLock:
 
   A second trainer on the same workdir is refused; a lock left by a process that is gone
   (same host, pid not running) is taken over. On several processes, process 0 holds it.
+  Local and gs:// alike: the lock is created exclusively (O_EXCL; on Cloud Storage an upload
+  that fails if the object exists). A holder on another host cannot be checked, so its lock
+  stays until someone deletes it.
   """
 
   def __init__(self, workdir: str):
@@ -132,35 +135,36 @@ class RunLock:
     import json  # pylint: disable=g-import-not-at-top
     import os  # pylint: disable=g-import-not-at-top
     import socket  # pylint: disable=g-import-not-at-top
+    import uuid  # pylint: disable=g-import-not-at-top
+    # token: this acquire, told apart from any other (a retried upload finds its own lock).
     me = {'host': socket.gethostname(), 'pid': os.getpid(),
-          'start': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
-    if paths.is_cloud(self.path):
-      # No exclusive create on object storage: the holder is recorded, not enforced.
-      paths.write_json_atomic(self.path, me)
-      self._held = True
-      return self
+          'start': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'token': uuid.uuid4().hex}
     for _ in range(3):
-      if not paths.create_exclusive(self.path, json.dumps(me)):
+      created = paths.create_exclusive(self.path, json.dumps(me))
+      holder = me if created else self._holder()
+      if holder == me:  # also when gcsfs retried our upload after a lost response (412)
+        self._held = True
+        return self
+      if holder.get('host') == me['host'] and not pid_alive(holder.get('pid')):
+        logging.warning('taking over the stale lock %s of process %s (no longer running)',
+                        self.path, holder.get('pid'))
         try:
-          holder = paths.read_json(self.path)
-        except (OSError, ValueError):
-          holder = {}
-        if holder.get('host') == me['host'] and not pid_alive(holder.get('pid')):
-          logging.warning('taking over the stale lock %s of process %s (no longer running)',
-                          self.path, holder.get('pid'))
-          try:
-            paths.remove(self.path)
-          except FileNotFoundError:
-            pass
-          continue
-        raise RuntimeError(
-            f'{self.path}: another training process (host {holder.get("host")}, pid '
-            f'{holder.get("pid")}, started {holder.get("start")}) is writing this run; wait '
-            'for it or stop it, or use another --workdir. If it is dead on another host, '
-            'delete the lock file.') from None
-      self._held = True
-      return self
+          paths.remove(self.path)
+        except FileNotFoundError:
+          pass
+        continue
+      raise RuntimeError(
+          f'{self.path}: another training process (host {holder.get("host")}, pid '
+          f'{holder.get("pid")}, started {holder.get("start")}) is writing this run; wait '
+          'for it or stop it, or use another --workdir. If it is dead on another host, '
+          'delete the lock file.') from None
     raise RuntimeError(f'{self.path}: could not take the run lock; try again.')
+
+  def _holder(self) -> dict:
+    try:
+      return paths.read_json(self.path)
+    except (OSError, ValueError):
+      return {}
 
   def release(self):
     if self._held:

@@ -116,7 +116,8 @@ def set_aside(directory: str, step: int) -> str:
   """Renames a damaged step to `<step>.unreadable[.n]`, which orbax neither lists nor deletes.
 
   Kept for inspection: a step that failed to read may still hold the only copy of hours of
-  training (e.g. a transient storage error). Returns the new path.
+  training (e.g. a transient storage error). Returns the new path. On gs:// it is a copy of
+  every object, then a delete (`paths.replace`).
   """
   src = paths.join(directory, str(step))
   dst = paths.join(directory, f'{step}.unreadable')

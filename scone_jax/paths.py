@@ -142,8 +142,20 @@ def rmtree(path: PathLike) -> None:
 
 
 def replace(src: PathLike, dst: PathLike) -> None:
-  """Renames src to dst, replacing dst (atomic on a local filesystem)."""
+  """Renames src to dst, replacing dst (atomic on a local filesystem).
+
+  A gs:// directory (objects under a prefix: Cloud Storage renames no directories) is
+  copied whole to a dst that must not exist, then deleted: an interrupted move leaves the
+  original intact beside a partial copy, never its objects split between the two names.
+  """
   src, dst = check(src), check(dst)
+  if is_cloud(src) and is_cloud(dst) and isdir(src):
+    if exists(dst):
+      raise FileExistsError(f'{dst} exists; the directory {src} is moved only to a new name.')
+    fs = _fsspec(src)
+    fs.copy(src, dst, recursive=True)
+    fs.rm(src, recursive=True)
+    return
   if is_cloud(src) or is_cloud(dst):
     as_epath(src).rename(dst)
   else:
@@ -231,20 +243,35 @@ def atomic_write(path: PathLike, data: Union[bytes, str]) -> str:
 
 
 def create_exclusive(path: PathLike, data: Union[bytes, str]) -> bool:
-  """Creates a local file holding data unless one exists (O_EXCL); False if it existed.
+  """Creates a file holding data unless one exists; False if it existed.
 
-  Object storage has no exclusive create through epath; callers decide what to do there.
+  Local: O_EXCL. gs://: one upload with the precondition `ifGenerationMatch=0`, which Cloud
+  Storage refuses (412) when the object exists, so of several hosts racing exactly one wins.
   """
   path = check(path)
+  payload = data.encode('utf-8') if isinstance(data, str) else data
   if is_cloud(path):
-    raise ValueError(f'{path}: exclusive create needs a local path.')
+    try:
+      _fsspec(path).pipe_file(path, payload, mode='create')
+    except FileExistsError:  # gcsfs's translation of 412 Precondition Failed
+      return False
+    return True
   try:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
   except FileExistsError:
     return False
   with os.fdopen(fd, 'wb') as f:
-    f.write(data.encode('utf-8') if isinstance(data, str) else data)
+    f.write(payload)
   return True
+
+
+def _fsspec(path: str):
+  """The fsspec filesystem (gcsfs for gs://) epath uses for path, its listing cache too.
+
+  For what epath does not do: exclusive create, a directory copy.
+  """
+  from etils.epath import backend  # pylint: disable=g-import-not-at-top
+  return backend.fsspec_backend.fs(path)
 
 
 def write_json_atomic(path: PathLike, obj, **kwargs) -> str:

@@ -7,7 +7,9 @@ table, and orbax's arrays) by TENSORSTORE_GCS_HTTP_URL. Then corpus (a gs:// glo
 tokenizer, f-gram set, data caches, checkpoints, metrics, export and serving all live in
 the bucket: extract, train, SIGKILL, resume, export, eval and generate from the export;
 the same run on local paths must give bitwise equal parameters, the same eval JSON and
-the same generated text.
+the same generated text. Fast tests before it: the emulator refuses an exclusive create
+over an existing object as Cloud Storage does, the run lock holds on gs://, and a damaged
+checkpoint is set aside there (a directory rename on object storage).
 """
 import json
 import os
@@ -15,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 
@@ -132,6 +135,118 @@ def _run(env_extra, workdir, config, corpus_args, eval_file, kill=None):
   got_eval = _last_json(_finish(p_eval, 'eval from export')[0])
   text = _finish(p_gen, 'generate from export')[0]
   return got_eval, text[text.index("=== 'The nation'"):]
+
+
+def _in_emulated_process(url: str, code: str) -> str:
+  """Runs code in a fresh Python pointed at the emulator (fsspec reads its token setting at
+  import, epath keeps the filesystem it first made); returns stdout."""
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', **emulator_env(url))
+  proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc.stdout
+
+
+def test_emulator_refuses_create_over_an_existing_object(gcs):
+  """As Cloud Storage does (412, FileExistsError in gcsfs), for each upload gcsfs makes."""
+  _, fs = gcs
+  path = f'{BUCKET}/create_test/obj'
+  fs.pipe_file(path, b'first', mode='create')  # multipart upload
+  with pytest.raises(FileExistsError):
+    fs.pipe_file(path, b'second', mode='create')
+  big = os.urandom(3 * 2**18)  # over the block size: a resumable upload
+  with pytest.raises(FileExistsError):  # refused when it starts
+    with fs.open(path, 'xb', block_size=2**18) as f:
+      f.write(big)
+  assert fs.cat(path) == b'first'
+  late = f'{BUCKET}/create_test/late'
+  with pytest.raises(FileExistsError):  # refused at a chunk: the object appeared meanwhile
+    with fs.open(late, 'xb', block_size=2**18) as f:
+      f.write(big[:2**18 + 1])
+      f.flush()  # starts the upload, sends the first chunk
+      fs.pipe_file(late, b'other writer')
+      f.write(big[2**18 + 1:])
+  fs.invalidate_cache()
+  assert fs.cat(late) == b'other writer'
+  with fs.open(f'{BUCKET}/create_test/new', 'xb', block_size=2**18) as f:
+    f.write(big)
+  assert fs.cat(f'{BUCKET}/create_test/new') == big
+
+
+def test_run_lock_is_exclusive_on_gcs(gcs):
+  url, fs = gcs
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  out = _in_emulated_process(url, f"""
+      import json, socket
+      from scone_jax import artifacts, paths
+      path = 'gs://{BUCKET}/lock_test/once'
+      assert paths.create_exclusive(path, 'first') is True
+      assert paths.create_exclusive(path, 'second') is False
+      assert paths.read_text(path) == 'first'
+
+      workdir = 'gs://{BUCKET}/lock_test/run'
+      lock = artifacts.RunLock(workdir).acquire()
+      held = paths.read_json(lock.path)
+      assert held['host'] == socket.gethostname(), held
+      try:  # a second trainer on this host, its holder alive
+        artifacts.RunLock(workdir).acquire()
+        raise AssertionError('a second lock was granted')
+      except RuntimeError as e:
+        print('LIVE:', e)
+      lock.release()
+      assert not paths.exists(lock.path)
+
+      # A holder on another host cannot be checked: refused, whatever its pid.
+      paths.atomic_write(lock.path, json.dumps({{'host': 'other-host', 'pid': 1,
+                                                'start': 'then'}}))
+      try:
+        artifacts.RunLock(workdir).acquire()
+        raise AssertionError('the lock of another host was taken')
+      except RuntimeError as e:
+        print('OTHER:', e)
+
+      # A dead process on this host: taken over, then released.
+      paths.atomic_write(lock.path, json.dumps({{'host': socket.gethostname(),
+                                                'pid': {dead.pid}, 'start': 'then'}}))
+      with artifacts.RunLock(workdir) as lock:
+        print('TAKEN:', json.dumps(paths.read_json(lock.path)))
+      assert not paths.exists(lock.path)
+      """)
+  lines = dict(line.split(': ', 1) for line in out.splitlines())
+  for key in ('LIVE', 'OTHER'):
+    assert 'another training process' in lines[key] and 'delete the lock file' in lines[key]
+  assert 'host other-host, pid 1' in lines['OTHER']
+  taken = json.loads(lines['TAKEN'])
+  assert taken['host'] == socket.gethostname() and taken['pid'] != dead.pid
+
+
+def test_damaged_checkpoint_is_set_aside_on_gcs(gcs):
+  url, fs = gcs
+  ckpts = f'{BUCKET}/aside_test/checkpoints'
+  files = {'5/state/manifest.ocdbt': b'manifest', '5/state/d/0a1b': bytes(range(256)) * 9,
+           '5/_CHECKPOINT_METADATA': b'{"step": 5}', '5/commit_success.txt': b'ok',
+           '4/commit_success.txt': b'ok'}
+  fs.pipe({f'{ckpts}/{rel}': data for rel, data in files.items()})
+  out = _in_emulated_process(url, f"""
+      from scone_jax import checkpoints, paths
+      ckpts = 'gs://{ckpts}'
+      first = checkpoints.set_aside(ckpts, 5)
+      print(first)
+      for rel, path in paths.walk_files(first):  # a later run wrote step 5 again, also damaged
+        paths.copy(path, paths.join(ckpts, '5', rel))
+      print(checkpoints.set_aside(ckpts, 5))
+      """)
+  assert out.split()[-2:] == [f'gs://{ckpts}/5.unreadable', f'gs://{ckpts}/5.unreadable.1']
+
+  def tree(step_dir):
+    return {p[len(f'{ckpts}/{step_dir}/'):]: fs.cat(p)
+            for p in fs.find(f'{ckpts}/{step_dir}')}
+
+  fs.invalidate_cache()
+  step_5 = {rel[2:]: data for rel, data in files.items() if rel.startswith('5/')}
+  assert tree('5.unreadable') == step_5 and tree('5.unreadable.1') == step_5
+  assert tree('5') == {} and tree('4') == {'commit_success.txt': b'ok'}
 
 
 @pytest.mark.slow
