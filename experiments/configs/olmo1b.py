@@ -46,6 +46,9 @@ def get_config(fgram_model='0.6b'):
   c.fgram_model.num_heads = 16
   c.fgram_model.head_dim = 128
   c.fgram_model.mlp_dim = 8192
+  # Packed f-gram rows come in multiples of this; it must divide over the batch shards (16
+  # on v5e:4x4).
+  c.fgram_model.pack_bucket = 64
   c.batch_size = 256
   c.grad_accum_steps = 16
   c.learning_rate = 4e-4
