@@ -28,8 +28,9 @@ framing and no per-record index to load, and nothing a reader holds grows with t
 except the per-shard token counts. Any tool can read the files (`np.fromfile`).
 
 index.json: {"version", "dtype", "eos_id", "num_shards", "shard_tokens": [...],
-"num_tokens", "num_docs", "num_bytes", "tokenizer" (fingerprint), "docs" (digest of the
-documents' ids and texts, or of what the Beam pipeline read), "writer"}.
+"num_tokens", "num_docs", "num_bytes", "tokenizer" (fingerprint), "docs" (a digest of the
+documents), "request" (what made them: `prepare` reuses shards of an equal request),
+"writer" ('in-process' or 'beam')}.
 """
 import hashlib
 import logging
