@@ -312,9 +312,7 @@ def write_token_shards(documents: Iterable[Sequence[int]], out_prefix: str,
   return paths
 
 
-def document_digest(doc_id: str, text: str) -> bytes:
-  """sha256 of one document as `packing.documents_digest` hashes it (id NUL text NUL)."""
-  return hashlib.sha256(doc_id.encode('utf-8') + b'\0' + text.encode('utf-8') + b'\0').digest()
+document_digest = token_shards.document_digest
 
 
 class _TokenizeFn(beam.DoFn):
@@ -405,24 +403,8 @@ class _WriteTokenShardFn(beam.DoFn):
     yield stats
 
 
-def shards_digest(docs, num_shards: int) -> str:
-  """The `docs` digest of Beam-written token shards, computed in process from documents.
-
-  `packing.documents_digest` hashes the documents in corpus order, a sequential hash a
-  distributed pipeline cannot compute without a second pass in that order. The Beam writer
-  hashes in shard order instead: per shard, sha256 over the `document_digest`s of its
-  documents in (doc_key, id) order; then sha256 over the shards' digests in shard order.
-  """
-  shards = [[] for _ in range(num_shards)]
-  for d in docs:
-    key = token_shards.doc_key(d.id)
-    shards[key % num_shards].append((key, d.id, document_digest(d.id, d.text)))
-  return _combine_shard_digests(
-      [hashlib.sha256(b''.join(x[2] for x in sorted(s))).hexdigest() for s in shards])
-
-
-def _combine_shard_digests(digests: Sequence[str]) -> str:
-  return hashlib.sha256(b''.join(bytes.fromhex(d) for d in digests)).hexdigest()
+shards_digest = token_shards.shards_digest
+_combine_shard_digests = token_shards.combine_shard_digests
 
 
 # ---------------------------------------------------------------------- key filters

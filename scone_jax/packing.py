@@ -263,6 +263,47 @@ def padding_rows(num: int, seq_len: int) -> dict:
   return {k: np.full((num, seq_len), PAD_VALUES[k], np.int32) for k in BATCH_KEYS}
 
 
+_FEISTEL_ROUNDS = 6
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+  """splitmix64's finaliser: a well-mixed 64-bit function of x (uint64, wrapping)."""
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def permute(idx: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
+  """A pseudo-random permutation of [0, n) applied to idx, in O(len(idx)) memory.
+
+  A balanced Feistel network over the smallest even-bit domain 2^(2h) >= n, one round per
+  key, is a bijection there; cycle-walking (re-applying it until the value falls below n)
+  restricts it to a bijection of [0, n). Nothing of size n is ever built, so a loader's
+  memory does not grow with the corpus (a stored permutation costs 8 bytes per row).
+  """
+  idx = np.asarray(idx, np.int64)
+  if n <= 1:
+    return np.zeros_like(idx)
+  half = max(1, (int(n - 1).bit_length() + 1) // 2)
+  low = np.uint64((1 << half) - 1)
+  shift = np.uint64(half)
+
+  def once(x):
+    left, right = x >> shift, x & low
+    for k in keys:
+      left, right = right, left ^ (_mix(right ^ k) & low)
+    return (left << shift) | right
+
+  with np.errstate(over='ignore'):
+    out = once(idx.astype(np.uint64))
+    todo = out >= np.uint64(n)
+    while todo.any():
+      out[todo] = once(out[todo])
+      todo = out >= np.uint64(n)
+  return out.astype(np.int64)
+
+
 def local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
   """Rows of each global batch one process loads; ValueError when they do not split evenly."""
   if batch_size % process_count:
@@ -278,8 +319,9 @@ class Loader:
 
   split: a PreparedSplit (in memory) or `token_shards.TokenShards` (prepared files, read
   by row, matched on the fly): anything with num_tokens, num_bytes and rows(row_ids, L).
-  Train mode repeats forever, shuffling rows with a fresh permutation per epoch
-  (numpy Generator seeded by (seed, epoch)) when shuffle is set. Eval mode makes one
+  Train mode repeats forever, shuffling rows with a fresh permutation per epoch when
+  shuffle is set (`permute`, keyed by a numpy Generator seeded by (seed, epoch); computed
+  per row, never stored, so memory does not grow with the number of rows). Eval mode makes one
   in-order pass whose last batch is padded with rows of loss_mask 0; `num_bytes` and
   `num_tokens` (prediction targets) of the whole split give bits per byte.
   Each process gets its contiguous slice of each global batch's rows, and reads only those.
@@ -307,7 +349,7 @@ class Loader:
     self.process_index = process_index
     self.process_count = process_count
     self.num_rows = num_rows(split, seq_len)
-    self._perms = {}
+    self._epoch_keys = {}
     self._step = 0
 
   @property
@@ -332,13 +374,13 @@ class Loader:
       raise TypeError('a training Loader repeats forever; use steps_per_epoch.')
     return self.num_batches
 
-  def _perm(self, epoch: int) -> np.ndarray:
-    if epoch not in self._perms:
-      if len(self._perms) >= 4:
-        self._perms.pop(min(self._perms))
+  def _keys(self, epoch: int) -> np.ndarray:
+    if epoch not in self._epoch_keys:
+      if len(self._epoch_keys) >= 4:
+        self._epoch_keys.pop(min(self._epoch_keys))
       rng = np.random.default_rng([self.seed, epoch])
-      self._perms[epoch] = rng.permutation(self.num_rows)
-    return self._perms[epoch]
+      self._epoch_keys[epoch] = rng.integers(0, 1 << 63, _FEISTEL_ROUNDS, dtype=np.uint64)
+    return self._epoch_keys[epoch]
 
   def global_rows(self, step: int) -> np.ndarray:
     """Row ids of the whole global batch at step (-1 = padding row)."""
@@ -351,7 +393,7 @@ class Loader:
     rows = np.empty_like(idx)
     for e in np.unique(epoch):
       sel = epoch == e
-      rows[sel] = self._perm(int(e))[idx[sel]]
+      rows[sel] = permute(idx[sel], self.num_rows, self._keys(int(e)))
     return rows
 
   def batch_at(self, step: int) -> dict:

@@ -28,8 +28,8 @@ framing and no per-record index to load, and nothing a reader holds grows with t
 except the per-shard token counts. Any tool can read the files (`np.fromfile`).
 
 index.json: {"version", "dtype", "eos_id", "num_shards", "shard_tokens": [...],
-"num_tokens", "num_docs", "num_bytes", "tokenizer" (fingerprint), "docs" (a digest of the
-documents), "request" (what made them: `prepare` reuses shards of an equal request),
+"num_tokens", "num_docs", "num_bytes", "tokenizer" (fingerprint), "docs" (`shards_digest`
+of the documents), "request" (what made them: `prepare` reuses shards of an equal request),
 "writer" ('in-process' or 'beam')}.
 """
 import hashlib
@@ -56,6 +56,28 @@ def shard_name(shard: int, num_shards: int) -> str:
 def doc_key(doc_id: str) -> int:
   """A document's place: 64 bits of sha256(id); shard = key % num_shards."""
   return int.from_bytes(hashlib.sha256(doc_id.encode('utf-8')).digest()[:8], 'little')
+
+
+def document_digest(doc_id: str, text: str) -> bytes:
+  """sha256 of one document as `packing.documents_digest` hashes it (id NUL text NUL)."""
+  return hashlib.sha256(doc_id.encode('utf-8') + b'\0' + text.encode('utf-8') + b'\0').digest()
+
+
+def shards_digest(docs, num_shards: int) -> str:
+  """The index's `docs` digest: of the documents in shard order, so a distributed writer
+  (the Beam pipeline) computes it too. Per shard, sha256 over the `document_digest`s of its
+  documents in (doc_key, id) order; then sha256 over the shards' digests in shard order.
+  It depends on the set of documents, not on the order they were read in."""
+  shards = [[] for _ in range(num_shards)]
+  for d in docs:
+    key = doc_key(d.id)
+    shards[key % num_shards].append((key, d.id, document_digest(d.id, d.text)))
+  return combine_shard_digests(
+      [hashlib.sha256(b''.join(x[2] for x in sorted(s))).hexdigest() for s in shards])
+
+
+def combine_shard_digests(digests) -> str:
+  return hashlib.sha256(b''.join(bytes.fromhex(d) for d in digests)).hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -128,7 +150,7 @@ def write_shards(docs, tokenizer, directory: str, *, num_shards: int, request=No
   shard_tokens = [write_shard(directory, s, num_shards, b) for s, b in enumerate(buckets)]
   index = write_index(directory, dtype=dtype.str, eos_id=eos, num_shards=num_shards,
                       shard_tokens=shard_tokens, num_docs=num_docs, num_bytes=num_bytes,
-                      tokenizer=tokenizer.fingerprint, docs=packing.documents_digest(docs),
+                      tokenizer=tokenizer.fingerprint, docs=shards_digest(docs, num_shards),
                       request=request, writer='in-process')
   seconds = time.time() - t0
   logging.info('prepared %s: %d documents, %d tokens in %d shards (%.1fs, %.0f tokens/s)',

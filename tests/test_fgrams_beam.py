@@ -401,10 +401,10 @@ def test_shards_output_matches_write_shards(shard_corpus, tmp_path, input_format
       assert a.read() == b.read(), name
   index = token_shards.read_index(got_dir)
   for key in ('version', 'dtype', 'eos_id', 'num_shards', 'shard_tokens', 'num_tokens',
-              'num_docs', 'num_bytes', 'tokenizer'):
+              'num_docs', 'num_bytes', 'tokenizer', 'docs'):
     assert index[key] == want_index[key], key
   assert index['writer'] == 'beam' and index['num_docs'] == len(train)
-  assert index['docs'] == fgrams_beam.shards_digest(train, num_shards)
+  assert index['docs'] == token_shards.shards_digest(train, num_shards)
   assert index['request']['heldout_fraction'] == fraction
 
   # F-grams counted over the training documents only.
