@@ -6,7 +6,8 @@ documents), at two sizes (`--small_tokens`, default 10M, and `--tokens`, default
 SentencePiece tokens; the small corpus is a prefix of the large one):
   * prepare: the training split tokenized into token shards, in process (`token_shards.
     write_shards`) on both corpora, and through the Beam pipeline (`fgrams_beam
-    --shards_output`, FnApiRunner here) on the small one; tokens/s;
+    --shards_output`, FnApiRunner with a worker process per CPU here, counting the f-grams
+    in the same pass) on `--beam_corpus` (small by default); tokens/s;
   * training input per host core: `Loader` over the shards (read by row, match on the fly,
     pack) + step-batch building (micro-batches, dedupe), tokens per second of wall time
     and per CPU second, in a fresh process per corpus, which also reports its peak RSS
@@ -273,7 +274,9 @@ def main():
   parser.add_argument('--workdir', default='/tmp/scone_bench_data')
   parser.add_argument('--tokens', type=int, default=200_000_000)
   parser.add_argument('--small_tokens', type=int, default=10_000_000)
-  parser.add_argument('--beam_tokens', type=int, default=0, help='default: small_tokens')
+  parser.add_argument('--beam_corpus', default='small', choices=('small', 'large'),
+                      help='the corpus the Beam prepare runs on (FnApiRunner, one worker '
+                      'process per host CPU)')
   parser.add_argument('--vocab_size', type=int, default=8000)
   parser.add_argument('--num_fgrams', type=int, default=100_000)
   parser.add_argument('--max_len', type=int, default=5)
@@ -338,21 +341,25 @@ def main():
     logging.info('prepare %s: %s', name, prepare[name])
   result['prepare_in_process'] = prepare
   beam_dir = os.path.join(work, 'shards-beam')
+  beam_files = sizes[args.beam_corpus]
   seconds, _, _ = _rss_of([
-      'scone_jax.fgrams_beam', '--input', small_files[0],
+      'scone_jax.fgrams_beam', '--input', ','.join(beam_files),
       '--input_format=text', '--tokenizer', tok_path, '--output',
       os.path.join(work, 'fgrams-beam.npz'), '--max_len', str(args.max_len),
       '--num_fgrams', str(args.num_fgrams), '--shards_output', beam_dir,
-      '--num_token_shards', str(args.num_shards), '--runner=FnApiRunner'])
+      '--num_token_shards', str(args.num_shards), '--runner=FnApiRunner',
+      f'--direct_num_workers={result["host_cpus"]}', '--direct_running_mode=multi_processing'])
   beam_index = token_shards.read_index(beam_dir)
   same = all(
       open(os.path.join(beam_dir, token_shards.shard_name(s, args.num_shards)), 'rb').read()
-      == open(os.path.join(work, 'shards-small', token_shards.shard_name(s, args.num_shards)),
-              'rb').read() for s in range(args.num_shards))
-  result['prepare_beam_small'] = {
-      'tokens': beam_index['num_tokens'], 'seconds': round(seconds, 1),
-      'tokens_per_s': round(beam_index['num_tokens'] / seconds),
-      'also_counted_fgrams': True, 'shards_equal_in_process': same}
+      == open(os.path.join(work, f'shards-{args.beam_corpus}',
+                           token_shards.shard_name(s, args.num_shards)), 'rb').read()
+      for s in range(args.num_shards))
+  result['prepare_beam'] = {
+      'corpus': args.beam_corpus, 'tokens': beam_index['num_tokens'],
+      'seconds': round(seconds, 1), 'tokens_per_s': round(beam_index['num_tokens'] / seconds),
+      'workers': result['host_cpus'], 'also_counted_fgrams': True,
+      'shards_equal_in_process': same}
 
   # 4. Training input per host core, and peak RSS, in a fresh process per corpus.
   rates = {}
