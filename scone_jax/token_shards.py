@@ -32,7 +32,9 @@ index.json: {"version", "dtype", "eos_id", "num_shards", "shard_tokens": [...],
 of the documents), "request" (what made them: `prepare` reuses shards of an equal request),
 "writer" ('in-process' or 'beam')}.
 """
+import collections
 import hashlib
+import itertools
 import logging
 import os
 import threading
@@ -96,17 +98,47 @@ def document_tokens(ids: Sequence[int], eos_id: int, dtype, where: str) -> np.nd
   return out
 
 
-def write_shard(directory: str, shard: int, num_shards: int, keyed_docs) -> int:
-  """Writes one shard from (key, doc_id, tokens-with-EOS) triples; returns its token count."""
-  ordered = sorted(keyed_docs, key=lambda t: (t[0], t[1]))
-  data = b''.join(np.ascontiguousarray(t[2]).tobytes() for t in ordered)
-  itemsize = ordered[0][2].dtype.itemsize if ordered else 1
-  paths.atomic_write(paths.join(directory, shard_name(shard, num_shards)), data)
-  return len(data) // itemsize
+ShardDocument = collections.namedtuple('ShardDocument',
+                                       ['key', 'id', 'ids', 'num_bytes', 'digest'])
+ShardDocument.__doc__ = """A tokenized document on its way into a shard: `doc_key(id)`, the id,
+its token ids (without EOS), the UTF-8 byte count of its text and its `document_digest`."""
 
 
-def write_index(directory: str, **fields) -> dict:
+def shard_document(doc_id: str, text: str, ids) -> ShardDocument:
+  return ShardDocument(doc_key(doc_id), doc_id, ids, len(text.encode('utf-8')),
+                       document_digest(doc_id, text))
+
+
+def shard_contents(docs: Iterable[ShardDocument], eos_id: int, dtype) -> tuple[bytes, dict]:
+  """The bytes of one shard file and its stats: the one place a shard is built.
+
+  Both writers (`write_shards` in process, the Beam pipeline's shard writer) hand a shard's
+  documents here and only put the bytes in a file. Documents are ordered by (doc_key, id),
+  each followed by EOS; a repeated id fails naming it. Stats: num_tokens, num_docs,
+  num_bytes and `docs` (sha256 over the documents' digests in that order).
+  """
+  docs = sorted(docs, key=lambda d: (d.key, d.id))
+  for a, b in zip(docs, docs[1:]):
+    if a.id == b.id:
+      raise ValueError(f'document id {a.id!r} appears twice; token shards place documents '
+                       'by id, so ids must be unique (give records distinct "id"s, or none: '
+                       'then ids are <file>#<n>).')
+  dtype = np.dtype(dtype)
+  data = b''.join(document_tokens(d.ids, eos_id, dtype, d.id).tobytes() for d in docs)
+  stats = {'num_tokens': len(data) // dtype.itemsize, 'num_docs': len(docs),
+           'num_bytes': int(sum(d.num_bytes for d in docs)),
+           'docs': hashlib.sha256(b''.join(d.digest for d in docs)).hexdigest()}
+  return data, stats
+
+
+def write_index(directory: str, *, shard_stats: Sequence[dict], **fields) -> dict:
+  """index.json (written last: a directory without one is unfinished) from the per-shard
+  stats of `shard_contents`, in shard order, plus `fields` (dtype, eos_id, tokenizer, ...)."""
   index = dict(version=VERSION, **fields)
+  index.update(shard_tokens=[int(s['num_tokens']) for s in shard_stats],
+               num_docs=int(sum(s['num_docs'] for s in shard_stats)),
+               num_bytes=int(sum(s['num_bytes'] for s in shard_stats)),
+               docs=combine_shard_digests([s['docs'] for s in shard_stats]))
   index['num_tokens'] = int(sum(index['shard_tokens']))
   paths.write_json_atomic(paths.join(directory, INDEX), index, indent=1)
   return index
@@ -114,7 +146,8 @@ def write_index(directory: str, **fields) -> dict:
 
 def write_shards(docs, tokenizer, directory: str, *, num_shards: int, request=None,
                  batch_docs: int = 4096) -> dict:
-  """Tokenizes documents (objects with .id and .text) into token shards in `directory`.
+  """Tokenizes documents (objects with .id and .text; any iterable, read once in batches)
+  into token shards in `directory`; memory holds the token ids, not the texts.
 
   In process; `fgrams_beam` writes the same files for corpora beyond one machine.
   `request` (JSON) is recorded in the index: what `prepare` compares to reuse the shards.
@@ -129,29 +162,27 @@ def write_shards(docs, tokenizer, directory: str, *, num_shards: int, request=No
   if paths.exists(index_path):
     paths.remove(index_path)
   buckets = [[] for _ in range(num_shards)]
-  seen = set()
-  num_docs = num_bytes = 0
+  num_docs = 0
   t0 = last = time.time()
-  for lo in range(0, len(docs), batch_docs):
-    chunk = docs[lo:lo + batch_docs]
+  docs = iter(docs)
+  while chunk := list(itertools.islice(docs, batch_docs)):
     for d, ids in zip(chunk, tokenizer.encode_batch([d.text for d in chunk])):
-      if d.id in seen:
-        raise ValueError(f'document id {d.id!r} appears twice; token shards place documents '
-                         'by id.')
-      seen.add(d.id)
-      key = doc_key(d.id)
-      buckets[key % num_shards].append((key, d.id, document_tokens(ids, eos, dtype, d.id)))
-      num_bytes += len(d.text.encode('utf-8'))
+      doc = shard_document(d.id, d.text, np.asarray(ids, dtype))
+      buckets[doc.key % num_shards].append(doc)
     num_docs += len(chunk)
     if time.time() - last > 10:
       last = time.time()
-      logging.info('prepare %s: %d/%d documents tokenized (%.0f docs/s)', directory, num_docs,
-                   len(docs), num_docs / (last - t0))
-  shard_tokens = [write_shard(directory, s, num_shards, b) for s, b in enumerate(buckets)]
+      logging.info('prepare %s: %d documents tokenized (%.0f docs/s)', directory, num_docs,
+                   num_docs / (last - t0))
+  stats = []
+  for s, bucket in enumerate(buckets):
+    data, one = shard_contents(bucket, eos, dtype)
+    paths.atomic_write(paths.join(directory, shard_name(s, num_shards)), data)
+    stats.append(one)
+    bucket.clear()
   index = write_index(directory, dtype=dtype.str, eos_id=eos, num_shards=num_shards,
-                      shard_tokens=shard_tokens, num_docs=num_docs, num_bytes=num_bytes,
-                      tokenizer=tokenizer.fingerprint, docs=shards_digest(docs, num_shards),
-                      request=request, writer='in-process')
+                      shard_stats=stats, tokenizer=tokenizer.fingerprint, request=request,
+                      writer='in-process')
   seconds = time.time() - t0
   logging.info('prepared %s: %d documents, %d tokens in %d shards (%.1fs, %.0f tokens/s)',
                directory, num_docs, index['num_tokens'], num_shards, seconds,

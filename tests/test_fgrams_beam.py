@@ -12,6 +12,8 @@ import sentencepiece as spm
 from scone_jax import corpus
 from scone_jax import fgrams
 from scone_jax import fgrams_beam
+from scone_jax.fgrams_beam import filters as beam_filters
+from scone_jax.fgrams_beam import readers as beam_readers
 
 # FnApiRunner is the in-process DirectRunner engine; naming it skips the default
 # DirectRunner's attempt to fetch the Prism binary (no network here, and it would be
@@ -107,21 +109,21 @@ def test_filters_have_no_false_negatives():
   inside, outside = rows[::2], rows[1::2]
   keys = np.ascontiguousarray(inside.astype('<i4')).view('V12').ravel()
   for kind in fgrams_beam.PRUNE_FILTERS:
-    fn = fgrams_beam._BuildFilterFn(3, kind, bloom_bits_log2=14, bloom_num_hashes=4)
+    fn = beam_filters.BuildFilterFn(3, kind, bloom_bits_log2=14, bloom_num_hashes=4)
     # Two accumulators merged, as a runner would after combiner lifting.
     accs = [fn.add_input(fn.create_accumulator(), (part, np.ones(part.size, np.int64)))
             for part in (keys[:400], keys[400:])]
     filt = fn.extract_output(fn.merge_accumulators(accs))
-    assert filt.contains(fgrams_beam._hash_rows(inside)).all(), kind
-    false_positive_rate = filt.contains(fgrams_beam._hash_rows(outside)).mean()
+    assert filt.contains(beam_filters.hash_rows(inside)).all(), kind
+    false_positive_rate = filt.contains(beam_filters.hash_rows(outside)).mean()
     assert false_positive_rate < (0.001 if kind == 'hashes' else 0.05), kind
 
 
 def test_candidate_rows_prune_exactly_prefix_and_suffix():
   tokens = np.array([1, 2, 3, 1, 2, 4], '<i4')
   frequent = {(1, 2), (2, 3), (3, 1)}
-  hashes = np.unique(fgrams_beam._hash_rows(np.array(sorted(frequent), np.int32)))
-  rows = fgrams_beam.candidate_rows(tokens, 3, fgrams_beam._HashSetFilter(hashes))
+  hashes = np.unique(beam_filters.hash_rows(np.array(sorted(frequent), np.int32)))
+  rows = fgrams_beam.candidate_rows(tokens, 3, beam_filters.HashSetFilter(hashes))
   got = [tuple(r) for r in rows.tolist()]
   want = [tuple(tokens[i:i + 3].tolist()) for i in range(len(tokens) - 2)
           if tuple(tokens[i:i + 2].tolist()) in frequent
@@ -362,12 +364,12 @@ def _beam_read(reader, path):
 
 def test_beam_readers_give_corpus_ids(shard_corpus):
   root, _ = shard_corpus
-  for name, reader in (('a.txt', fgrams_beam._read_text_file),
-                       ('c.jsonl', fgrams_beam._read_jsonl_file)):
+  for name, reader in (('a.txt', beam_readers._read_text_file),
+                       ('c.jsonl', beam_readers._read_jsonl_file)):
     path = str(root / name)
     want = [(d.id, d.text) for d in corpus.read_text_documents([path])]
     assert _beam_read(reader, path) == want
-  ids = [i for i, _ in _beam_read(fgrams_beam._read_jsonl_file, str(root / 'c.jsonl'))]
+  ids = [i for i, _ in _beam_read(beam_readers._read_jsonl_file, str(root / 'c.jsonl'))]
   assert ids[:3] == ['c.jsonl#1', 'doc-1', 'doc-2'] and 'c.jsonl#8' in ids  # after a blank line
 
 

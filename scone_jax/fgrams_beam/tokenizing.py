@@ -1,0 +1,61 @@
+"""Held-out documents are dropped, the rest tokenized: (id, text) -> ShardDocument."""
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import Metrics
+import numpy as np
+
+from scone_jax import corpus
+from scone_jax import token_shards
+from scone_jax.fgrams_beam._common import METRICS_NAMESPACE
+
+
+def tokenize_documents(texts, tokenizer_path: str, heldout_fraction: float):
+  """(id, text) -> the training documents as `token_shards.ShardDocument`s whose ids are
+  int32 LE bytes (held-out ones dropped before tokenizing)."""
+  if heldout_fraction > 0:
+    texts = texts | 'DropHeldOut' >> beam.ParDo(_DropHeldOutFn(heldout_fraction))
+  return texts | 'Tokenize' >> beam.ParDo(_TokenizeFn(tokenizer_path))
+
+
+def doc_tokens(doc: token_shards.ShardDocument) -> bytes:
+  return doc.ids
+
+
+class _TokenizeFn(beam.DoFn):
+  """(id, text) -> ShardDocument with int32 LE token bytes; the tokenizer is loaded once
+  per instance."""
+
+  def __init__(self, tokenizer_path: str):
+    self._tokenizer_path = tokenizer_path
+    self._sp = None
+    self._docs = Metrics.counter(METRICS_NAMESPACE, 'documents')
+    self._tokens = Metrics.counter(METRICS_NAMESPACE, 'tokens')
+
+  def setup(self):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    # Read through FileSystems so gs:// and other remote paths work on workers.
+    with FileSystems.open(self._tokenizer_path, mime_type='application/octet-stream',
+                          compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      self._sp = spm.SentencePieceProcessor(model_proto=f.read())
+
+  def process(self, doc: tuple[str, str]):
+    doc_id, text = doc
+    ids = np.asarray(self._sp.encode(text), dtype='<i4')
+    self._docs.inc()
+    self._tokens.inc(ids.size)
+    yield token_shards.shard_document(doc_id, text, ids.tobytes())
+
+
+class _DropHeldOutFn(beam.DoFn):
+  """Keeps the training documents: (id, text) whose corpus.heldout_score(id) >= fraction."""
+
+  def __init__(self, heldout_fraction: float):
+    self._fraction = heldout_fraction
+    self._heldout = Metrics.counter(METRICS_NAMESPACE, 'heldout_documents')
+
+  def process(self, doc: tuple[str, str]):
+    if corpus.heldout_score(doc[0]) < self._fraction:
+      self._heldout.inc()
+      return
+    yield doc
