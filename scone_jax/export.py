@@ -28,6 +28,7 @@ from scone_jax import checkpoints
 from scone_jax import model as model_lib
 from scone_jax import paths
 from scone_jax import sharding
+from scone_jax import tokenizer as tokenizer_lib
 from scone_jax.table import FGRAMS_FILE
 from scone_jax.table import FORMAT_VERSION
 from scone_jax.table import METADATA_FILE
@@ -193,6 +194,10 @@ def _request(cfg, workdir, run, step, layout) -> dict:
       'checkpoint': _checkpoint_identity(workdir, step),
       'fgram_fingerprint': run.fgram_set.fingerprint,
       'tokenizer_fingerprint': run.tokenizer.fingerprint,
+      # How serving loads the tokenizer file it finds beside the table.
+      'tokenizer_kind': run.tokenizer.kind,
+      'tokenizer_file': tokenizer_lib.FILES[run.tokenizer.kind],
+      'tokenizer_special_ids': dict(run.tokenizer.overrides),
       'layout': layout.to_json(),
   }
 
@@ -283,7 +288,8 @@ def _export(cfg, workdir: str, run: artifacts.RunArtifacts, export_dir: str, *,
     paths.makedirs(partial_dir)
     write_json_atomic(request_path, request)
     fgram_set.save(paths.join(partial_dir, FGRAMS_FILE))
-    _copy_file_atomic(run.tokenizer.path, paths.join(partial_dir, TOKENIZER_FILE))
+    _copy_file_atomic(run.tokenizer.path,
+                      paths.join(partial_dir, tokenizer_lib.FILES[run.tokenizer.kind]))
     write_json_atomic(paths.join(partial_dir, MODEL_CONFIG_FILE),
                       model_config_json(cfg, trainer.model.config))
     open_table(table_dir, layout, create=True)

@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from scone_jax import corpus
+from scone_jax import tokenizer as tokenizer_lib
 from scone_jax import packing
 from scone_jax import paths
 from scone_jax import fgrams as fgrams_lib
@@ -161,9 +162,11 @@ def load(export_dir: str, table_storage: str = 'ram', *, cache_rows: int = 1 << 
   def path(name):
     return paths.join(export_dir, name)
 
-  tokenizer = corpus.Tokenizer(path(table_lib.TOKENIZER_FILE))
+  tokenizer_file = path(meta.get('tokenizer_file', table_lib.TOKENIZER_FILE))
+  tokenizer = tokenizer_lib.load(tokenizer_file, meta.get('tokenizer_kind', 'sentencepiece'),
+                                 meta.get('tokenizer_special_ids'))
   if tokenizer.fingerprint != meta['tokenizer_fingerprint']:
-    raise _mismatch('tokenizer', path(table_lib.TOKENIZER_FILE), tokenizer.fingerprint,
+    raise _mismatch('tokenizer', tokenizer_file, tokenizer.fingerprint,
                     meta['tokenizer_fingerprint'])
   fgram_set = fgrams_lib.FGramSet.load(path(table_lib.FGRAMS_FILE))
   if fgram_set.fingerprint != meta['fgram_fingerprint']:

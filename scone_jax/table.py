@@ -343,6 +343,8 @@ def read_metadata(export_dir: str) -> dict:
     raise ValueError(f'{export_dir} has export format {version}, this scone_jax reads '
                      f'{FORMAT_VERSION}; re-export with this version.')
   for name, what in _PIECES:
+    if name == TOKENIZER_FILE:   # tokenizer.json for a Hugging Face tokenizer
+      name = meta.get('tokenizer_file', TOKENIZER_FILE)
     if not paths.exists(paths.join(export_dir, name)):
       raise FileNotFoundError(f'{export_dir} lacks {name} ({what}); the export is incomplete '
                               'or was altered: re-run --mode=export.')

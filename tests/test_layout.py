@@ -10,7 +10,7 @@ import pytest
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scone_jax')
 
 # Data-flow order: a module may import only modules listed before it.
-ORDER = ['paths', 'config', 'fgrams', 'corpus', 'packing', 'token_shards', 'beam_dask',
+ORDER = ['paths', 'config', 'tokenizer', 'fgrams', 'corpus', 'packing', 'token_shards', 'beam_dask',
          'fgrams_beam', 'artifacts', 'seqio_tasks', 'model', 'sharding', 'flops', 'metrics',
          'checkpoints', 'table', 'step_batch', 'preemption', 'train', 'export', 'serving',
          'engine', 'server', 'compile', 'main']

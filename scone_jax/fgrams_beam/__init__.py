@@ -75,8 +75,8 @@ Inputs (`input_format`), read with the ids `corpus.read_text_documents` gives:
   'tokens'  `.npz` shards holding `tokens` (int32, all documents concatenated) and
             `offsets` (int64, num_docs + 1); `write_token_shards` writes them. No ids, so
             neither token shards nor a held-out split.
-Text is tokenized by SentencePiece (`encode(text)`, ids as encoded, nothing appended),
-the model loaded once per DoFn instance in `setup()`.
+Text is tokenized by `tokenizer.load(...).encode(text)` (ids as encoded, nothing appended),
+the tokenizer loaded once per DoFn instance in `setup()`.
 
 Held-out documents (`--heldout_fraction=F`, default 0: every document trains): a document
 whose `corpus.heldout_score(id) < F` is dropped before tokenizing, so neither the f-gram
@@ -104,10 +104,11 @@ heldout_fraction, tokenizer, N), and `docs`, a digest in shard order (`shards_di
 `packing.documents_digest` hashes in corpus order, a sequential hash a distributed
 pipeline cannot compute without a second ordered pass). Document ids must be unique (a
 duplicate fails naming the id); the f-gram counting alone does not need ids. Without
---output only the shards are written. The tokenizer must have pad 0 and EOS 1
-(`corpus.Tokenizer`; `corpus.train_tokenizer` makes such models). Train from them with
+--output only the shards are written. The tokenizer is any `tokenizer.load` accepts: a
+SentencePiece .model or a Hugging Face tokenizer.json (--tokenizer_kind, by the file name
+when left out; --tokenizer_eos_id etc. as the config's tokenizer.eos_id). Train from them with
   --config.data.train_shards=DIR --config.tokenizer.path=TOKENIZER
-  --config.fgrams.path=FGRAMS.npz
+  [--config.tokenizer.kind=huggingface] --config.fgrams.path=FGRAMS.npz
 plus the corpus flags for the held-out split evaluation reads in process (eval files, or
 the same train files and corpus.heldout_fraction=F).
 

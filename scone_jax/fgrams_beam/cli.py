@@ -27,6 +27,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--min_count', type=int, default=2)
   parser.add_argument('--num_fgrams', type=int, default=None, help='required with --output')
   parser.add_argument('--tokenizer', default=None, help="tokenizer: SentencePiece .model or Hugging Face tokenizer.json")
+  parser.add_argument('--tokenizer_kind', default='', choices=('', 'sentencepiece', 'huggingface'),
+                      help="'' = by the file name (.json: huggingface)")
+  for name in ('eos_id', 'bos_id', 'pad_id', 'unk_id'):
+    parser.add_argument(f'--tokenizer_{name}', type=int, default=-1,
+                        help='special id in the file\'s numbering; -1 = read from the file')
   parser.add_argument('--temp_dir', default=None)
   parser.add_argument('--prune_filter', default='hashes', choices=PRUNE_FILTERS)
   parser.add_argument('--bloom_bits_log2', type=int, default=30)
@@ -50,7 +55,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                   prune_filter=args.prune_filter, bloom_bits_log2=args.bloom_bits_log2,
                   num_key_shards=args.num_key_shards, shards_output=args.shards_output,
                   num_token_shards=args.num_token_shards,
-                  heldout_fraction=args.heldout_fraction, keep_temp=args.keep_temp)
+                  heldout_fraction=args.heldout_fraction, keep_temp=args.keep_temp,
+                  tokenizer_kind=args.tokenizer_kind,
+                  tokenizer_special_ids={n: getattr(args, f'tokenizer_{n}') for n in
+                                         ('eos_id', 'bos_id', 'pad_id', 'unk_id')})
   summary = {'output': args.output, 'seconds': round(time.time() - t0, 2)}
   if fgram_set is not None:
     summary.update(num_fgrams=len(fgram_set), fingerprint=fgram_set.fingerprint)

@@ -20,10 +20,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineState
 
-from scone_jax import corpus
 from scone_jax import fgrams
 from scone_jax import paths as paths_lib
 from scone_jax import token_shards
+from scone_jax import tokenizer as tokenizer_lib
 from scone_jax.fgrams_beam import counting
 from scone_jax.fgrams_beam import filters
 from scone_jax.fgrams_beam import readers
@@ -54,6 +54,8 @@ class Request:
   shards_output: Optional[str]
   num_token_shards: int
   heldout_fraction: float
+  tokenizer_kind: str = ''
+  tokenizer_special_ids: tuple = ()   # sorted (name, id) pairs
 
   def check(self):
     """ValueError naming the first bad argument."""
@@ -75,7 +77,7 @@ class Request:
     if self.input_format != 'tokens':
       if not self.tokenizer_path:
         raise ValueError(f'input_format={self.input_format!r} needs tokenizer_path '
-                         '(--tokenizer=PATH.model, a SentencePiece model)')
+                         '(--tokenizer=PATH: a SentencePiece .model or a tokenizer.json)')
       if not FileSystems.exists(self.tokenizer_path):
         raise ValueError(f'tokenizer_path {self.tokenizer_path!r} does not exist')
     elif self.shards_output or self.heldout_fraction:
@@ -108,7 +110,9 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str,
         shards_output: Optional[str] = None,
         num_token_shards: int = 16,
         heldout_fraction: float = 0.0,
-        keep_temp: bool = False) -> Optional['fgrams.FGramSet']:
+        keep_temp: bool = False,
+        tokenizer_kind: str = '',
+        tokenizer_special_ids: Optional[dict] = None) -> Optional['fgrams.FGramSet']:
   """Extracts the f-gram set with a Beam pipeline and saves it to `output_path`; with
   `shards_output`, the same pass also writes the training documents as token shards.
 
@@ -142,6 +146,8 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str,
       dropped before tokenizing: neither counted nor written (see the package docstring
       for how this differs from `corpus.split_documents`).
     keep_temp: keep the shard files (for inspection) instead of deleting them.
+    tokenizer_kind: 'sentencepiece' | 'huggingface' ('' = by the file name).
+    tokenizer_special_ids: {'eos_id': ID, ...} overriding the file's (`tokenizer.load`).
 
   Returns:
     The FGramSet, identical to `fgrams.extract` over the same token documents (None
@@ -152,12 +158,14 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str,
   request = Request(tuple(input_patterns or ()), input_format, output_path, max_len,
                     min_count, num_fgrams, tokenizer_path, prune_filter, bloom_bits_log2,
                     bloom_num_hashes, num_key_shards, max_buffered_rows, shards_output,
-                    num_token_shards, heldout_fraction)
+                    num_token_shards, heldout_fraction, tokenizer_kind,
+                    tuple(sorted((tokenizer_special_ids or {}).items())))
   request.check()
   paths = readers.expand_input_patterns(request.input_patterns)
   # Loaded here (project IO layer) for what the shards' index records; fails early on a
   # tokenizer training cannot use.
-  tokenizer = corpus.Tokenizer(tokenizer_path) if shards_output else None
+  tokenizer = (tokenizer_lib.load(tokenizer_path, tokenizer_kind, tokenizer_special_ids)
+               if shards_output else None)
   options, runner_instance, temp_dir, own_temp = _runner_setup(pipeline_args, temp_dir)
   work_dir = _make_work_dir(temp_dir)
   if shards_output:
@@ -235,7 +243,9 @@ def _build_and_run(request: Request, paths, tokenizer, options, runner_instance,
   p = beam.Pipeline(runner=runner_instance, options=options)
   docs = readers.read_documents(p, paths, request.input_format)
   if request.input_format != 'tokens':
-    docs = tokenizing.tokenize_documents(docs, request.tokenizer_path, request.heldout_fraction)
+    docs = tokenizing.tokenize_documents(docs, request.tokenizer_path, request.heldout_fraction,
+                                         request.tokenizer_kind,
+                                         dict(request.tokenizer_special_ids))
   # Fusion break: tokenize once, rebalance, then two branches of the same PCollection.
   docs = docs | 'Rebalance' >> beam.Reshuffle()
   if request.shards_output:
