@@ -3,15 +3,19 @@
 Layout of a workdir:
   config.json            resolved config of the run; a resume may change only schedule fields
   run.lock               held by the one training process writing here (host, pid, start)
-  tokenizer.model        SentencePiece model trained on the training split
+  tokenizer.model        SentencePiece model trained on the training split, or the given
+                         one (tokenizer.json for tokenizer.kind=huggingface)
   fgrams.npz             the FGramSet (absent for the baseline)
   fgrams.json            how the set was made: tokenizer fingerprint, sizes, timing
   fgrams_summary.txt     counts by length and the top f-grams, detokenized
-  data/                  tokenized + matched splits (cached, keyed by fingerprints)
+  data/                  tokenized + matched splits (cached, keyed by fingerprints);
+                         train-shards/ (token shards), heldout.jsonl (+ .request.json: the
+                         held-out documents, written once, read instead of the corpus)
   checkpoints/           orbax CheckpointManager directory
   metrics.jsonl          one JSON object per logged train/eval step
 """
 import collections
+import json
 import logging
 import time
 from typing import Optional
@@ -33,6 +37,7 @@ LOCK_FILE = 'run.lock'
 CHECKPOINT_DIR = 'checkpoints'
 DATA_DIR = 'data'
 TRAIN_SHARDS_DIR = 'train-shards'
+HELDOUT_FILE = 'heldout.jsonl'
 METRICS_FILE = 'metrics.jsonl'
 
 
@@ -100,7 +105,6 @@ def check_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   Schedule fields may change (logged); any other change is refused with one message
   listing each field, old -> new, and what to do.
   """
-  import json  # pylint: disable=g-import-not-at-top
   path = paths.join(workdir, CONFIG_FILE)
   if not (paths.isfile(path) and paths.isdir(paths.join(workdir, CHECKPOINT_DIR))):
     return
@@ -132,7 +136,6 @@ class RunLock:
     self._held = False
 
   def acquire(self) -> 'RunLock':
-    import json  # pylint: disable=g-import-not-at-top
     import os  # pylint: disable=g-import-not-at-top
     import socket  # pylint: disable=g-import-not-at-top
     import uuid  # pylint: disable=g-import-not-at-top
@@ -232,7 +235,7 @@ def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
 def _prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
   paths.makedirs(workdir)
   t0 = time.time()
-  heldout_docs = corpus.load_documents(cfg.corpus, 'heldout')
+  heldout_docs = load_heldout(cfg, workdir)
   logging.info('corpus %s: %d held-out documents (%.1fs)', cfg.corpus.name, len(heldout_docs),
                time.time() - t0)
 
@@ -253,6 +256,27 @@ def _prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
                                         cfg.data.train_shards):
     run.train_shards = prepare_shards(cfg, workdir, run)
   return run
+
+
+def load_heldout(cfg, workdir: str) -> list:
+  """The held-out documents. Eval files are read as they are; a split of the training
+  corpus is made once, at prepare time (streaming the corpus, `corpus.load_documents`), into
+  <workdir>/data/heldout.jsonl, which every later run and every other host of a pod reads
+  instead of the training corpus."""
+  if cfg.corpus.name == 'text' and cfg.corpus.eval_files:
+    return corpus.load_documents(cfg.corpus, 'heldout')
+  path = paths.join(workdir, DATA_DIR, HELDOUT_FILE)
+  request_path = path + '.request.json'
+  request = {'corpus': cfg.corpus.to_dict()}
+  if paths.isfile(path) and paths.isfile(request_path):
+    if paths.read_json(request_path) == request:
+      return corpus.read_text_documents([path])
+  docs = corpus.load_documents(cfg.corpus, 'heldout')
+  paths.makedirs(paths.join(workdir, DATA_DIR))
+  paths.atomic_write(path, ''.join(json.dumps({'id': d.id, 'text': d.text}, ensure_ascii=False)
+                                   + '\n' for d in docs))
+  paths.write_json_atomic(request_path, request)
+  return docs
 
 
 def prepare_shards(cfg, workdir: str, run: RunArtifacts) -> str:

@@ -364,12 +364,13 @@ def _beam_read(reader, path):
 
 def test_beam_readers_give_corpus_ids(shard_corpus):
   root, _ = shard_corpus
-  for name, reader in (('a.txt', beam_readers._read_text_file),
-                       ('c.jsonl', beam_readers._read_jsonl_file)):
+  for name, reader in (('a.txt', lambda f: beam_readers._read_file(f, 'text')),
+                       ('c.jsonl', lambda f: beam_readers._read_file(f, 'jsonl'))):
     path = str(root / name)
     want = [(d.id, d.text) for d in corpus.read_text_documents([path])]
     assert _beam_read(reader, path) == want
-  ids = [i for i, _ in _beam_read(beam_readers._read_jsonl_file, str(root / 'c.jsonl'))]
+  ids = [i for i, _ in _beam_read(lambda f: beam_readers._read_file(f, 'jsonl'),
+                                  str(root / 'c.jsonl'))]
   assert ids[:3] == ['c.jsonl#1', 'doc-1', 'doc-2'] and 'c.jsonl#8' in ids  # after a blank line
 
 

@@ -59,22 +59,27 @@ For example:
     --runner=DataflowRunner --project=p --region=r --temp_location=gs://b/tmp \
     --setup_file=./pyproject.toml --worker_machine_type=n2-highmem-8
 
-Inputs (`input_format`), read with the ids `corpus.read_text_documents` gives:
-  'text'    UTF-8 files, optionally compressed (.gz/.bz2/... by extension), each read
-            whole by one worker. Documents are blocks separated by one or more blank
-            lines, split by `corpus.split_text_documents` (the in-process reader's rule):
-            '\\r\\n', '\\r' -> '\\n'; a blank line is empty or only ' \\t\\r\\f\\v'; a block
-            loses leading/trailing '\\n' and is dropped when only whitespace; inner lines
-            are kept as they are. Documents never span files. Ids '<basename>#<n>', n from 0.
-  'jsonl'   one JSON object per line, each file streamed line by line by one worker (line
-            numbers need the file in order); its "text" field is one document; blank
-            lines and whitespace-only texts are skipped (`corpus.parse_jsonl_record`).
-            Ids: the record's "id" (as str), else '<basename>#<lineno>', lineno from 1.
-            (The in-process reader treats a file as JSONL by its `.jsonl` name: give
-            such files --input_format=jsonl for the same documents.)
-  'tokens'  `.npz` shards holding `tokens` (int32, all documents concatenated) and
-            `offsets` (int64, num_docs + 1); `write_token_shards` writes them. No ids, so
-            neither token shards nor a held-out split.
+Inputs (`input_format`): every text format is read by `corpus.iter_file_documents`, the
+in-process reader itself, through Beam's FileSystems: each file streamed by one worker
+(memory does not grow with the file; many files parallelize, one file does not), giving
+the documents and ids the in-process path gives (tests/test_corpus.py checks one corpus
+in every format against both):
+  'text'        UTF-8 files, optionally compressed (.gz/.zst/.bz2 by extension); documents
+                are blocks separated by one or more blank lines (`corpus.split_text_documents`'
+                rule, applied line by line). Ids '<basename>#<n>', n from 0.
+  'jsonl'       one JSON object per line (.gz/.zst/.bz2 too), its `--text_field` ("text")
+                one document; blank lines and whitespace-only texts are skipped. Ids: the
+                record's "id" (as str), else '<basename>#<lineno>', lineno from 1.
+  'parquet'     the `--text_field` column, by row batches; ids from an 'id' column, else
+                '<basename>#<row>'.
+  'arrow'       Arrow IPC files, e.g. the data-*.arrow of a `datasets.save_to_disk`
+                directory (--input='DIR/*.arrow'); ids as for Parquet.
+  'arrayrecord' one document per record (a JSON object like a JSONL line, or UTF-8 text).
+  'auto'        each file's format by its name (`corpus.file_format`), as the in-process
+                corpus.train_files reads them.
+  'tokens'      `.npz` shards holding `tokens` (int32, all documents concatenated) and
+                `offsets` (int64, num_docs + 1); `write_token_shards` writes them. No ids,
+                so neither token shards nor a held-out split.
 Text is tokenized by `tokenizer.load(...).encode(text)` (ids as encoded, nothing appended),
 the tokenizer loaded once per DoFn instance in `setup()`.
 

@@ -3,18 +3,10 @@
 Code that runs on workers reads and writes through Beam's `FileSystems`, the IO layer every
 runner's workers have (the launching process uses `scone_jax.paths`).
 """
-import posixpath
-
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 METRICS_NAMESPACE = 'fgrams_beam'
-
-
-def basename(path: str) -> str:
-  # Beam paths are '/'-separated on every filesystem (gs://b/x.txt -> x.txt), as
-  # corpus names documents after paths.basename.
-  return posixpath.basename(path.rstrip('/'))
 
 
 def read_file(path: str, mime_type: str = 'application/octet-stream') -> bytes:

@@ -32,6 +32,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   for name in ('eos_id', 'bos_id', 'pad_id', 'unk_id'):
     parser.add_argument(f'--tokenizer_{name}', type=int, default=-1,
                         help='special id in the file\'s numbering; -1 = read from the file')
+  parser.add_argument('--text_field', default='text',
+                      help='text field / column of JSONL, Parquet, Arrow, ArrayRecord input')
   parser.add_argument('--temp_dir', default=None)
   parser.add_argument('--prune_filter', default='hashes', choices=PRUNE_FILTERS)
   parser.add_argument('--bloom_bits_log2', type=int, default=30)
@@ -56,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                   num_key_shards=args.num_key_shards, shards_output=args.shards_output,
                   num_token_shards=args.num_token_shards,
                   heldout_fraction=args.heldout_fraction, keep_temp=args.keep_temp,
-                  tokenizer_kind=args.tokenizer_kind,
+                  tokenizer_kind=args.tokenizer_kind, text_field=args.text_field,
                   tokenizer_special_ids={n: getattr(args, f'tokenizer_{n}') for n in
                                          ('eos_id', 'bos_id', 'pad_id', 'unk_id')})
   summary = {'output': args.output, 'seconds': round(time.time() - t0, 2)}

@@ -56,6 +56,7 @@ class Request:
   heldout_fraction: float
   tokenizer_kind: str = ''
   tokenizer_special_ids: tuple = ()   # sorted (name, id) pairs
+  text_field: str = 'text'
 
   def check(self):
     """ValueError naming the first bad argument."""
@@ -83,7 +84,7 @@ class Request:
     elif self.shards_output or self.heldout_fraction:
       raise ValueError(f'input_format={self.input_format!r} has no document ids: token shards '
                        '(shards_output) and the held-out split (heldout_fraction) place '
-                       'documents by id; use text or jsonl input')
+                       'documents by id; use a text input format')
     if not 0.0 <= self.heldout_fraction < 1.0:
       raise ValueError(f'heldout_fraction={self.heldout_fraction} must be in [0, 1)')
     if self.num_token_shards < 1:
@@ -112,7 +113,8 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str,
         heldout_fraction: float = 0.0,
         keep_temp: bool = False,
         tokenizer_kind: str = '',
-        tokenizer_special_ids: Optional[dict] = None) -> Optional['fgrams.FGramSet']:
+        tokenizer_special_ids: Optional[dict] = None,
+        text_field: str = 'text') -> Optional['fgrams.FGramSet']:
   """Extracts the f-gram set with a Beam pipeline and saves it to `output_path`; with
   `shards_output`, the same pass also writes the training documents as token shards.
 
@@ -148,6 +150,8 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str,
     keep_temp: keep the shard files (for inspection) instead of deleting them.
     tokenizer_kind: 'sentencepiece' | 'huggingface' ('' = by the file name).
     tokenizer_special_ids: {'eos_id': ID, ...} overriding the file's (`tokenizer.load`).
+    text_field: the text field / column of JSONL, Parquet, Arrow and ArrayRecord input
+      (`corpus.text_field`).
 
   Returns:
     The FGramSet, identical to `fgrams.extract` over the same token documents (None
@@ -159,7 +163,7 @@ def run(*, input_patterns: Union[str, Sequence[str]], input_format: str,
                     min_count, num_fgrams, tokenizer_path, prune_filter, bloom_bits_log2,
                     bloom_num_hashes, num_key_shards, max_buffered_rows, shards_output,
                     num_token_shards, heldout_fraction, tokenizer_kind,
-                    tuple(sorted((tokenizer_special_ids or {}).items())))
+                    tuple(sorted((tokenizer_special_ids or {}).items())), text_field)
   request.check()
   paths = readers.expand_input_patterns(request.input_patterns)
   # Loaded here (project IO layer) for what the shards' index records; fails early on a
@@ -241,7 +245,7 @@ def _build_and_run(request: Request, paths, tokenizer, options, runner_instance,
   """
   t0 = time.time()
   p = beam.Pipeline(runner=runner_instance, options=options)
-  docs = readers.read_documents(p, paths, request.input_format)
+  docs = readers.read_documents(p, paths, request.input_format, request.text_field)
   if request.input_format != 'tokens':
     docs = tokenizing.tokenize_documents(docs, request.tokenizer_path, request.heldout_fraction,
                                          request.tokenizer_kind,
@@ -296,7 +300,8 @@ def _finish_token_shards(request: Request, tokenizer, work_dir: str, metrics: di
   shards.write_token_index(
       request.shards_output, work_dir, request.num_token_shards, tokenizer,
       {'writer': 'fgrams_beam', 'inputs': list(request.input_patterns),
-       'input_format': request.input_format, 'heldout_fraction': request.heldout_fraction,
+       'input_format': request.input_format, 'text_field': request.text_field,
+       'heldout_fraction': request.heldout_fraction,
        'tokenizer_fingerprint': tokenizer.fingerprint, 'num_shards': request.num_token_shards})
   if (request.heldout_fraction > 0 and 'documents' in metrics
       and not metrics.get('heldout_documents')):

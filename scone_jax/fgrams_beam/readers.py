@@ -15,10 +15,10 @@ import numpy as np
 
 from scone_jax import corpus
 from scone_jax import paths as paths_lib
-from scone_jax.fgrams_beam._common import basename
 from scone_jax.fgrams_beam._common import write_file
 
-INPUT_FORMATS = ('text', 'jsonl', 'tokens')
+# 'auto': each file's format by its name (corpus.file_format); 'tokens': .npz token shards.
+INPUT_FORMATS = ('text', 'jsonl', 'parquet', 'arrayrecord', 'arrow', 'auto', 'tokens')
 
 
 def expand_input_patterns(input_patterns: Sequence[str]) -> list[str]:
@@ -32,60 +32,33 @@ def expand_input_patterns(input_patterns: Sequence[str]) -> list[str]:
   return sorted(paths)
 
 
-def read_documents(p, paths: Sequence[str], input_format: str):
-  """The pipeline's first stage: (id, text) documents, or int32 LE token bytes ('tokens')."""
+def read_documents(p, paths: Sequence[str], input_format: str, text_field: str = 'text'):
+  """The pipeline's first stage: (id, text) documents, or int32 LE token bytes ('tokens').
+  One file is read by one worker, as a stream."""
   files = p | 'InputFiles' >> beam.Create(paths) | 'Open' >> fileio.ReadMatches()
   if input_format == 'tokens':
     return files | 'ReadTokenShards' >> beam.FlatMap(_read_token_shard)
-  reader = _read_jsonl_file if input_format == 'jsonl' else _read_text_file
-  return files | 'ReadDocuments' >> beam.FlatMap(reader)
+  return files | 'ReadDocuments' >> beam.FlatMap(_read_file, input_format, text_field)
 
 
-def _text_documents(f, path: str) -> list[str]:
-  # corpus's rule, so in-process and Beam extraction see the same documents
-  # (tests/test_fgrams_beam.py checks that the two readers agree).
-  try:
-    text = f.read().decode('utf-8')
-  except UnicodeDecodeError as e:
-    raise ValueError(f'{path} is not valid UTF-8 ({e}); text inputs must be UTF-8') from e
-  return corpus.split_text_documents(text)
+def _open(path: str):
+  return FileSystems.open(path, mime_type='application/octet-stream',
+                          compression_type=CompressionTypes.UNCOMPRESSED)
 
 
 def read_text_documents(path: str) -> list[str]:
   """The documents of one text file (any Beam filesystem), as the 'text' pipeline reads them."""
-  with FileSystems.open(path, mime_type='application/octet-stream') as f:
-    return _text_documents(f, path)
+  return [d.text for d in corpus.iter_file_documents(path, open_fn=_open, fmt='text')]
 
 
-def _read_text_file(readable_file) -> Iterator[tuple[str, str]]:
-  """(id, text) of one text file's documents, ids '<basename>#<n>' as corpus assigns them."""
-  # Whole file at once: the split rule is a regex over the file's text (keep files to a
-  # size a worker holds comfortably; many files parallelize, one file does not).
-  path = readable_file.metadata.path
-  base = basename(path)
-  with readable_file.open(mime_type='application/octet-stream') as f:
-    for i, text in enumerate(_text_documents(f, path)):
-      yield f'{base}#{i}', text
-
-
-def _read_jsonl_file(readable_file) -> Iterator[tuple[str, str]]:
-  """(id, text) of one .jsonl file's records, as corpus.read_text_documents reads them:
-  id = the record's "id" (as str) or '<basename>#<lineno>'; whitespace-only texts skipped."""
-  # Line by line (one file per worker, streamed): line numbers need the file read in
-  # order, which a splittable text source cannot give.
-  path = readable_file.metadata.path
-  base = basename(path)
-  with readable_file.open(mime_type='application/octet-stream') as f:
-    for lineno, raw in enumerate(iter(f.readline, b''), 1):
-      where = f'{path}:{lineno}'
-      try:
-        line = raw.decode('utf-8')
-      except UnicodeDecodeError as e:
-        raise ValueError(f'{where} is not valid UTF-8 ({e}); text inputs must be UTF-8') from e
-      record = corpus.parse_jsonl_record(line, where)
-      if record is None or not record['text'].strip():
-        continue
-      yield str(record.get('id', f'{base}#{lineno}')), record['text']
+def _read_file(readable_file, input_format: str, text_field: str = 'text',
+               decode_errors: str = 'strict') -> Iterator[tuple[str, str]]:
+  """(id, text) of one file's documents: `corpus.iter_file_documents`, the in-process
+  reader itself (same documents, same ids), streamed through Beam's FileSystems."""
+  fmt = '' if input_format == 'auto' else input_format
+  for d in corpus.iter_file_documents(readable_file.metadata.path, text_field=text_field,
+                                      decode_errors=decode_errors, open_fn=_open, fmt=fmt):
+    yield d.id, d.text
 
 
 def _load_token_shard(data: bytes, path: str) -> tuple[np.ndarray, np.ndarray]:
