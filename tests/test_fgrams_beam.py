@@ -12,6 +12,7 @@ import sentencepiece as spm
 from scone_jax import corpus
 from scone_jax import fgrams
 from scone_jax import fgrams_beam
+from scone_jax import tokenizer as tokenizer_lib
 from scone_jax.fgrams_beam import filters as beam_filters
 from scone_jax.fgrams_beam import readers as beam_readers
 
@@ -188,8 +189,11 @@ def test_text_and_jsonl_match_extract(sp_model, tmp_path):
                for d in fgrams_beam.read_text_documents(str(tmp_path / f'part{f}.txt'))]
   assert read_back == docs
 
-  sp = spm.SentencePieceProcessor(model_file=sp_model)
-  token_docs = [sp.encode(d) for d in docs]
+  # A stock SentencePiece model (unk 0, bos 1, eos 2, no byte fallback): the pipeline
+  # tokenizes as the in-process tokenizer does, in the model's numbering (ids + 1 here).
+  tok = tokenizer_lib.load(sp_model)
+  assert tok.id_offset == 1 and tok.eos_id == 3
+  token_docs = [tok.encode(d) for d in docs]
   want = fgrams.extract(token_docs, max_len=4, min_count=2, num_fgrams=60, progress=False)
   assert len(want) == 60
   for fmt in ('text', 'jsonl'):
