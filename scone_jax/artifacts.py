@@ -252,7 +252,7 @@ def _prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
     run.fgram_set = prepare_fgrams(cfg, workdir, run.tokenizer, lambda: run.train_docs)
   # 'seqio' reads token shards only when given them (prepared elsewhere); without, its
   # Task tokenizes the training documents itself.
-  if cfg.input_pipeline == 'shards' or (cfg.input_pipeline == 'seqio' and
+  if cfg.input_pipeline in ('shards', 'grain') or (cfg.input_pipeline == 'seqio' and
                                         cfg.data.train_shards):
     run.train_shards = prepare_shards(cfg, workdir, run)
   return run

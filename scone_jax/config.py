@@ -43,6 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
   # ahead in background threads), 'numpy' (the split tokenized and matched in memory) or
   # 'seqio' (the registered seqio Task streamed through tf.data: tokenize -> EOS -> match ->
   # pack; with data.train_shards set, a Task reading those shards -> match -> pack).
+  # 'grain' (the token shards as a grain RandomAccessDataSource: the rows of 'shards', with
+  # grain's read-ahead threads and checkpointable iterator state).
   # 'numpy' and 'seqio' give the same rows; 'shards' packs the documents in the shards'
   # order (by a hash of their id). Held-out eval always uses the numpy loader.
   c.input_pipeline = 'shards'
@@ -235,9 +237,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: Optional[int] = None):
   if cfg.tokenizer.kind not in ('sentencepiece', 'huggingface'):
     raise ValueError(f'config.tokenizer.kind={cfg.tokenizer.kind!r}; use sentencepiece or '
                      'huggingface.')
-  if cfg.input_pipeline not in ('shards', 'numpy', 'seqio'):
-    raise ValueError(f'config.input_pipeline={cfg.input_pipeline!r}; use shards, numpy or '
-                     'seqio.')
+  if cfg.input_pipeline not in ('shards', 'grain', 'numpy', 'seqio'):
+    raise ValueError(f'config.input_pipeline={cfg.input_pipeline!r}; use shards, grain, numpy '
+                     'or seqio.')
   if cfg.data.num_shards < 1 or cfg.data.prefetch < 0 or cfg.data.workers < 1:
     raise ValueError(f'config.data: num_shards={cfg.data.num_shards} and workers='
                      f'{cfg.data.workers} must be >= 1, prefetch={cfg.data.prefetch} >= 0.')

@@ -38,6 +38,7 @@ import io
 import itertools
 import json
 import logging
+import threading
 import time
 from typing import Iterator, Optional
 
@@ -350,6 +351,7 @@ class Loader:
     self.process_count = process_count
     self.num_rows = num_rows(split, seq_len)
     self._epoch_keys = {}
+    self._keys_lock = threading.Lock()
     self._step = 0
 
   @property
@@ -375,16 +377,22 @@ class Loader:
     return self.num_batches
 
   def _keys(self, epoch: int) -> np.ndarray:
-    if epoch not in self._epoch_keys:
-      if len(self._epoch_keys) >= 4:
-        self._epoch_keys.pop(min(self._epoch_keys))
-      rng = np.random.default_rng([self.seed, epoch])
-      self._epoch_keys[epoch] = rng.integers(0, 1 << 63, _FEISTEL_ROUNDS, dtype=np.uint64)
-    return self._epoch_keys[epoch]
+    with self._keys_lock:   # input threads (prefetch, grain) ask at once
+      if epoch not in self._epoch_keys:
+        if len(self._epoch_keys) >= 4:
+          self._epoch_keys.pop(min(self._epoch_keys))
+        rng = np.random.default_rng([self.seed, epoch])
+        self._epoch_keys[epoch] = rng.integers(0, 1 << 63, _FEISTEL_ROUNDS, dtype=np.uint64)
+      return self._epoch_keys[epoch]
 
   def global_rows(self, step: int) -> np.ndarray:
     """Row ids of the whole global batch at step (-1 = padding row)."""
-    g = step * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+    return self.rows_at(step * self.batch_size + np.arange(self.batch_size, dtype=np.int64))
+
+  def rows_at(self, g: np.ndarray) -> np.ndarray:
+    """Row ids at global stream slots g (slot step * batch_size + j is row j of the global
+    batch at step): the order every input pipeline reads the rows in."""
+    g = np.asarray(g, np.int64)
     if self.eval_mode:
       return np.where(g < self.num_rows, g, -1)
     epoch, idx = np.divmod(g, self.num_rows)

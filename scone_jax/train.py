@@ -422,6 +422,14 @@ def make_loaders(cfg, workdir, run: artifacts.RunArtifacts):
                  cfg.data.workers)
     train_loader = packing.Loader(shards, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                   seed=cfg.seed, shuffle=True, **process)
+  elif cfg.input_pipeline == 'grain':
+    from scone_jax import grain_input  # pylint: disable=g-import-not-at-top
+    shards = token_shards.TokenShards(run.train_shards, run.fgram_set)
+    logging.info('training input: grain over %d token shards in %s',
+                 shards.index['num_shards'], run.train_shards)
+    train_loader = grain_input.GrainLoader(
+        shards, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True,
+        prefetch=cfg.data.prefetch, workers=cfg.data.workers, **process)
   elif cfg.input_pipeline == 'seqio' and run.train_shards:
     train_task = seqio_tasks.register_shard_task(
         seqio_tasks.shard_task_name(run.train_shards, run.fgram_set), run.train_shards,
