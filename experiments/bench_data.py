@@ -21,8 +21,20 @@ SentencePiece tokens; the small corpus is a prefix of the large one):
 The f-gram set (`--num_fgrams`) is extracted from the small corpus and used for both: what
 input throughput depends on is the set's size and match rate, not where it came from.
 
+`--only=formats` (or the `formats` entry of a full run) measures prepare by corpus format:
+`--format_tokens` tokens of the small corpus written as text, JSONL.zst and Parquet, then,
+per format, the read + tokenize stage (`corpus.iter_documents` streamed in batches into
+`encode_batch`) with a Hugging Face byte-level BPE tokenizer.json trained here and with the
+SentencePiece model, and the whole in-process prepare (`token_shards.write_shards`); tokens
+per second of wall time and per CPU second (all the process's threads: the Hugging Face
+tokenizer batches over cores). Text is the baseline, in the same run. And the peak RSS of a
+fresh process streaming a Parquet file of `--parquet_mb` (and of one a quarter that size:
+memory must not grow with the file), next to the same process's RSS before reading.
+
   python experiments/bench_data.py [--tokens 200000000] [--small_tokens 10000000] \
       [--workdir /tmp/scone_bench_data]
+  python experiments/bench_data.py --only=formats --small_tokens 2000000 \
+      --format_tokens 2000000 --parquet_mb 2000
 
 Generated files are reused across runs (delete the workdir to regenerate). The last line
 printed is one JSON object.
@@ -269,6 +281,167 @@ def _rss_of(module_args):
   return seconds, rss[-1], proc
 
 
+# ----------------------------------------------------------------------------- formats
+
+
+def train_hf_tokenizer(texts, path, vocab_size):
+  """A GPT-2-style byte-level BPE tokenizer.json (the `tokenizers` trainer, Rust)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False))
+  tok.add_special_tokens(['<|endoftext|>'])
+  tok.save(path)
+  return path
+
+
+def write_formats(docs, directory):
+  """The documents as one text file, one JSONL.zst file and one Parquet file."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  import zstandard  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  out = {'text': os.path.join(directory, 'corpus.txt'),
+         'jsonl.zst': os.path.join(directory, 'corpus.jsonl.zst'),
+         'parquet': os.path.join(directory, 'corpus.parquet')}
+  if all(os.path.isfile(p) for p in out.values()):
+    return out
+  with open(out['text'], 'w', encoding='utf-8') as f:
+    f.write('\n\n'.join(d.text for d in docs) + '\n')
+  with open(out['jsonl.zst'], 'wb') as f:
+    with zstandard.ZstdCompressor(level=3).stream_writer(f) as w:
+      for d in docs:
+        w.write((json.dumps({'id': d.id, 'text': d.text}) + '\n').encode('utf-8'))
+  pq.write_table(pa.table({'id': [d.id for d in docs], 'text': [d.text for d in docs]}),
+                 out['parquet'], row_group_size=4096)
+  return out
+
+
+def read_tokenize_rate(path, tokenizer_path, batch_docs=1024):
+  """The read + tokenize stage over one file: streamed documents, batched encode."""
+  tok = corpus.Tokenizer(tokenizer_path)
+  t0, c0 = time.perf_counter(), time.process_time()
+  tokens = docs = 0
+  batch = []
+  for d in corpus.iter_documents([path]):
+    batch.append(d.text)
+    if len(batch) == batch_docs:
+      tokens += sum(x.size for x in tok.encode_batch(batch))
+      docs += len(batch)
+      batch = []
+  if batch:
+    tokens += sum(x.size for x in tok.encode_batch(batch))
+    docs += len(batch)
+  wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+  return {'tokens': tokens, 'documents': docs, 'wall_s': round(wall, 2),
+          'cpu_s': round(cpu, 2), 'tokens_per_s': round(tokens / wall),
+          'tokens_per_cpu_s': round(tokens / cpu)}
+
+
+def prepare_rate(path, tokenizer_path, directory, num_shards):
+  """The whole in-process prepare of one file: read, tokenize, write token shards."""
+  tok = corpus.Tokenizer(tokenizer_path)
+  t0, c0 = time.perf_counter(), time.process_time()
+  index = token_shards.write_shards(corpus.iter_documents([path]), tok, directory,
+                                    num_shards=num_shards)
+  wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+  return {'tokens': index['num_tokens'], 'wall_s': round(wall, 2), 'cpu_s': round(cpu, 2),
+          'tokens_per_s': round(index['num_tokens'] / wall),
+          'tokens_per_cpu_s': round(index['num_tokens'] / cpu), 'docs_digest': index['docs']}
+
+
+def parquet_read_rss(path):
+  """Peak RSS of streaming every document of a Parquet file (this fresh process)."""
+  import pyarrow.parquet  # pylint: disable=g-import-not-at-top,unused-import
+  before = _peak_rss_mb()
+  t0 = time.perf_counter()
+  docs = chars = 0
+  for d in corpus.iter_documents([path]):
+    docs += 1
+    chars += len(d.text)
+  return {'file_mb': round(os.path.getsize(path) / 2**20, 1), 'documents': docs,
+          'text_chars': chars, 'seconds': round(time.perf_counter() - t0, 1),
+          'rss_before_read_mb': before, 'peak_rss_mb': _peak_rss_mb()}
+
+
+def write_big_parquet(docs, path, target_mb):
+  """A Parquet file of about target_mb, the documents repeated under fresh ids, written a
+  row group at a time (4,096 rows, as `write_formats`)."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(path) and os.path.getsize(path) >= 0.9 * target_mb * 2**20:
+    return path
+  texts = [d.text for d in docs]
+  tmp = path + '.tmp'
+  with pq.ParquetWriter(tmp, pa.schema([('id', pa.string()), ('text', pa.string())])) as w:
+    rep = 0
+    while rep == 0 or os.path.getsize(tmp) < target_mb * 2**20:
+      for lo in range(0, len(texts), 4096):
+        part = texts[lo:lo + 4096]
+        w.write_table(pa.table({'id': [f'r{rep}-{lo + i}' for i in range(len(part))],
+                                'text': part}))
+      rep += 1
+  os.replace(tmp, path)
+  return path
+
+
+def formats_bench(work, small_files, args):
+  """Prepare by corpus format (text baseline, JSONL.zst, Parquet), two tokenizers; peak RSS
+  of reading a large Parquet file."""
+  docs = corpus.read_text_documents(small_files)
+  # About --format_tokens tokens (~1.15 tokens per word here).
+  words = np.cumsum([d.text.count(' ') + 1 for d in docs])
+  docs = docs[:max(1, int(np.searchsorted(words, args.format_tokens / 1.15)))]
+  fdir = os.path.join(work, f'formats-{len(docs)}')
+  files = write_formats(docs, fdir)
+  hf_path = os.path.join(work, f'hf-bpe{args.vocab_size}.json')
+  if not os.path.isfile(hf_path):
+    train_hf_tokenizer([d.text for d in docs[:3000]], hf_path, args.vocab_size)
+  sp_path = os.path.join(work, f'sp{args.vocab_size}.model')
+  if not os.path.isfile(sp_path):
+    corpus.train_tokenizer([d.text for d in docs[:3000]], vocab_size=args.vocab_size,
+                           model_type='bpe', model_path=sp_path)
+  out = {'documents': len(docs), 'file_mb': {k: round(os.path.getsize(p) / 2**20, 1)
+                                             for k, p in files.items()},
+         'read_tokenize': {}, 'prepare': {}}
+  for tname, tpath in (('huggingface', hf_path), ('sentencepiece', sp_path)):
+    for fmt, path in files.items():
+      out['read_tokenize'][f'{fmt}/{tname}'] = _in_subprocess('read_tokenize_rate', path, tpath)
+      logging.info('read+tokenize %s/%s: %s', fmt, tname, out['read_tokenize'][f'{fmt}/{tname}'])
+  for fmt, path in files.items():
+    out['prepare'][f'{fmt}/huggingface'] = _in_subprocess(
+        'prepare_rate', path, hf_path, os.path.join(fdir, f'shards-{fmt}'), args.num_shards)
+  # Text files carry no ids ('<file>#<n>'), so only the formats with an id field must agree.
+  digests = {k.split('/')[0]: v.pop('docs_digest') for k, v in out['prepare'].items()}
+  out['prepare_same_shards_jsonl_zst_and_parquet'] = digests['jsonl.zst'] == digests['parquet']
+  rt = out['read_tokenize']
+  out['hf_tokens_per_cpu_s_vs_text'] = {
+      fmt: round(rt[f'{fmt}/huggingface']['tokens_per_cpu_s'] /
+                 rt['text/huggingface']['tokens_per_cpu_s'], 3) for fmt in files}
+  big = write_big_parquet(docs, os.path.join(work, f'big-{args.parquet_mb}mb.parquet'),
+                          args.parquet_mb)
+  quarter = write_big_parquet(docs, os.path.join(work, f'big-{args.parquet_mb // 4}mb.parquet'),
+                              args.parquet_mb // 4)
+  out['parquet_rss'] = {'large': _in_subprocess('parquet_read_rss', big),
+                        'quarter': _in_subprocess('parquet_read_rss', quarter)}
+  return out
+
+
+def _machine() -> dict:
+  import platform  # pylint: disable=g-import-not-at-top
+  model = ''
+  with open('/proc/cpuinfo', encoding='ascii', errors='replace') as f:
+    for line in f:
+      if line.startswith('model name'):
+        model = line.split(':', 1)[1].strip()
+        break
+  return {'cpu': model, 'cpus': len(os.sched_getaffinity(0)), 'python': platform.python_version(),
+          'note': 'shared host: other jobs ran at the same time'}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', default='/tmp/scone_bench_data')
@@ -287,6 +460,11 @@ def main():
   parser.add_argument('--overlap_steps', type=int, default=20)
   parser.add_argument('--overlap_rounds', type=int, default=3)
   parser.add_argument('--cli_steps', type=int, default=30)
+  parser.add_argument('--only', default='all', choices=('all', 'formats'),
+                      help='formats: only the prepare-by-format and Parquet RSS measurements')
+  parser.add_argument('--out', default='', help='also write the JSON result to this file')
+  parser.add_argument('--format_tokens', type=int, default=5_000_000)
+  parser.add_argument('--parquet_mb', type=int, default=2000)
   args = parser.parse_args()
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   work = args.workdir
@@ -296,12 +474,21 @@ def main():
   # 1. Corpora: the small one is a prefix (whole files) of the large one.
   per_file = max(1, min(20_000_000, int(args.small_tokens * _WORDS_PER_TOKEN)))
   t0 = time.time()
+  total = args.small_tokens if args.only == 'formats' else args.tokens
   big_files = generate_corpus(os.path.join(work, 'corpus'),
-                              int(args.tokens * _WORDS_PER_TOKEN), words_per_file=per_file)
+                              int(total * _WORDS_PER_TOKEN), words_per_file=per_file)
   result['generate_s'] = round(time.time() - t0, 1)
   small_files = big_files[:1]
   sizes = {'small': small_files, 'large': big_files}
   result['corpus_bytes'] = {k: sum(os.path.getsize(f) for f in v) for k, v in sizes.items()}
+  result['formats'] = formats_bench(work, small_files, args)
+  logging.info('formats: %s', result['formats'])
+  if args.only == 'formats':
+    result['machine'] = _machine()
+    if args.out:
+      paths.write_json_atomic(args.out, result, indent=1)
+    print(json.dumps(result))
+    return
 
   # 2. Tokenizer (a sample of the small corpus) and f-grams (the small corpus).
   tok_path = os.path.join(work, f'sp{args.vocab_size}.model')
