@@ -1,6 +1,7 @@
 """One corpus written in every format: the same documents and ids, the same held-out split,
 the same FGramSet and byte-identical token shards, in process and in the Beam pipeline."""
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -15,6 +16,8 @@ import zstandard
 from scone_jax import corpus
 from scone_jax import fgrams
 from scone_jax import token_shards
+import test_gcs
+from test_gcs import gcs  # pylint: disable=unused-import  (the emulator fixture)
 import tiny
 
 HELDOUT = 0.15
@@ -204,3 +207,51 @@ def test_beam_pipeline_reads_every_format_alike(corpus_files, tok, tmp_path, fmt
   assert got.fingerprint == want_set.fingerprint
   assert _shard_bytes(out) == _shard_bytes(want_dir)
   assert token_shards.read_index(out)['docs'] == token_shards.read_index(want_dir)['docs']
+
+
+@pytest.mark.slow
+def test_every_format_reads_alike_from_gcs(corpus_files, gcs):  # pylint: disable=redefined-outer-name
+  # Cloud Storage through the IO layer (an emulator on 127.0.0.1): the same documents.
+  docs, files = corpus_files
+  url, fs = gcs
+  remote = {}
+  for fmt, path in files.items():
+    dest = f'{test_gcs.BUCKET}/formats/{os.path.basename(path)}'
+    fs.put(path, dest, recursive=os.path.isdir(path))
+    remote[fmt] = f'gs://{dest}'
+  out = test_gcs._in_emulated_process(url, f'''
+      import hashlib, json
+      from scone_jax import corpus
+      for fmt, path in {remote!r}.items():
+        got = [[d.id, d.text] for d in corpus.read_text_documents(corpus._expand_globs(path, 'x'))]
+        print(fmt, hashlib.sha256(json.dumps(got).encode()).hexdigest())
+  ''')
+  want = hashlib.sha256(json.dumps([[d.id, d.text] for d in docs]).encode()).hexdigest()
+  lines = dict(line.split() for line in out.strip().splitlines())
+  assert lines == {fmt: want for fmt in files}
+
+
+@pytest.mark.slow
+def test_beam_pipeline_with_a_huggingface_tokenizer(corpus_files, tmp_path):
+  from scone_jax import fgrams_beam  # pylint: disable=g-import-not-at-top
+  from scone_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  import test_tokenizer  # pylint: disable=g-import-not-at-top
+  docs, files = corpus_files
+  path = test_tokenizer.train_byte_level_bpe(str(tmp_path / 'tokenizer.json'),
+                                             [d.text for d in docs])
+  tok = tokenizer_lib.load(path)
+  assert tok.id_offset == 1
+  train, _ = corpus.split_documents(docs, HELDOUT)
+  token_shards.write_shards(train, tok, str(tmp_path / 'want'), num_shards=NUM_SHARDS)
+  want_set = fgrams.extract([tok.encode(d.text) for d in train], max_len=3, min_count=2,
+                            num_fgrams=50, progress=False)
+  fgrams_beam.main([f'--input={files["parquet"]}', '--input_format=parquet',
+                          f'--tokenizer={path}', '--tokenizer_kind=huggingface',
+                          f'--output={tmp_path / "f.npz"}', '--max_len=3', '--min_count=2',
+                          '--num_fgrams=50', f'--shards_output={tmp_path / "beam"}',
+                          f'--num_token_shards={NUM_SHARDS}', f'--heldout_fraction={HELDOUT}',
+                          '--num_key_shards=2', '--runner=FnApiRunner',
+                          '--direct_num_workers=1', '--direct_running_mode=in_memory'])
+  assert fgrams.FGramSet.load(str(tmp_path / 'f.npz')).fingerprint == want_set.fingerprint
+  assert _shard_bytes(str(tmp_path / 'beam')) == _shard_bytes(str(tmp_path / 'want'))
+  assert token_shards.read_index(str(tmp_path / 'beam'))['tokenizer'] == tok.fingerprint
