@@ -116,7 +116,7 @@ def default_config() -> ml_collections.ConfigDict:
   # bucketed shape, compiled when first seen, counted as train/fgram_overflow_batches).
   c.fgram_model.rows = 0
   c.fgram_model.rows_sample_batches = 16
-  c.fgram_model.rows_headroom = 0.25
+  c.fgram_model.rows_headroom = 0.1
 
   # Training.
   c.seq_len = 128
