@@ -105,6 +105,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Both apply to the main model's and the f-gram model's blocks.
   c.model.remat = False            # recompute each block's activations in the backward pass
   c.model.scan_layers = False      # nn.scan over blocks: params get a leading 'layers' axis
+  # Attention of both models outside the decode cache: jax.nn.dot_product_attention with
+  # 'auto' (cuDNN fused attention on a GPU in bf16/fp16, XLA elsewhere), 'xla' or 'cudnn',
+  # or 'einsum' (the explicit einsum/softmax path, the reference the others are tested on).
+  c.model.attention = 'auto'
 
   # F-gram model: decoder blocks of width model.d_model over at most fgrams.max_len tokens.
   c.fgram_model = ml_collections.ConfigDict()
@@ -118,6 +122,13 @@ def default_config() -> ml_collections.ConfigDict:
   # ends but attend over more (masked) slots.
   c.fgram_model.pack_len = 16
   c.fgram_model.pack_bucket = 8        # packed rows per micro-batch are multiples of this
+  # Packed rows per micro-batch, fixed for the run so the train step compiles once: 0 = the
+  # most rows any of rows_sample_batches training batches fills, × (1 + rows_headroom),
+  # rounded up to pack_bucket. A batch that needs more still trains exactly (its own
+  # bucketed shape, compiled when first seen, counted as train/fgram_overflow_batches).
+  c.fgram_model.rows = 0
+  c.fgram_model.rows_sample_batches = 16
+  c.fgram_model.rows_headroom = 0.1
 
   # Training.
   c.seq_len = 128
@@ -135,6 +146,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 100
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  # JAX's persistent compilation cache: a resumed or repeated run on this machine loads its
+  # compiled steps instead of compiling them. --config.compilation_cache=False turns it off.
+  c.compilation_cache = True
+  c.compilation_cache_dir = '~/.cache/scone_jax/jax_compilation_cache'  # local or gs://
+  # 'A,B': a jax.profiler trace of steps A..B-1 (1-based: step A is the A-th step run) in
+  # WORKDIR/profile (TensorBoard's profile plugin or Perfetto read it); '' = none.
+  c.profile_steps = ''
+  # Peak FLOP/s of one chip for train/mfu; 0 = from flops.PEAK_FLOPS by device kind
+  # (no MFU where the kind is not listed, e.g. CPUs).
+  c.peak_flops_per_chip = 0.0
 
   # Mesh: product must equal the device count; one -1 is filled in.
   c.mesh = ml_collections.ConfigDict()
@@ -197,7 +218,8 @@ _POSITIVE = ('seq_len', 'batch_size', 'num_train_steps', 'grad_accum_steps', 'lo
              'model.mlp_dim', 'tokenizer.vocab_size', 'compile.num_slices',
              'compile.decode_batch', 'fgram_model.pack_len', 'fgram_model.pack_bucket')
 _BOOLS = ('model.remat', 'model.scan_layers', 'fgrams.enabled', 'fgram_model.dedupe',
-          'async_checkpointing')
+          'async_checkpointing', 'compilation_cache')
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'einsum')
 _DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -240,6 +262,22 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: Optional[int] = None):
   if cfg.input_pipeline not in ('shards', 'grain', 'numpy', 'seqio'):
     raise ValueError(f'config.input_pipeline={cfg.input_pipeline!r}; use shards, grain, numpy '
                      'or seqio.')
+  if cfg.model.attention not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'config.model.attention={cfg.model.attention!r}; use '
+                     f'{", ".join(ATTENTION_IMPLEMENTATIONS)}.')
+  fm = cfg.fgram_model
+  if (not isinstance(fm.rows, int) or fm.rows < 0 or not isinstance(fm.rows_sample_batches, int)
+      or fm.rows_sample_batches < 1 or fm.rows_headroom < 0):
+    raise ValueError(f'config.fgram_model: rows={fm.rows!r} must be >= 0 (0 = from the data), '
+                     f'rows_sample_batches={fm.rows_sample_batches!r} >= 1 and rows_headroom='
+                     f'{fm.rows_headroom!r} >= 0.')
+  parse_profile_steps(cfg.profile_steps)
+  if cfg.peak_flops_per_chip < 0:
+    raise ValueError(f'config.peak_flops_per_chip={cfg.peak_flops_per_chip} must be >= 0 '
+                     '(0 = from the peak table).')
+  if cfg.compilation_cache and not cfg.compilation_cache_dir:
+    raise ValueError('config.compilation_cache is True but config.compilation_cache_dir is '
+                     "''; set a directory or --config.compilation_cache=False.")
   if cfg.data.num_shards < 1 or cfg.data.prefetch < 0 or cfg.data.workers < 1:
     raise ValueError(f'config.data: num_shards={cfg.data.num_shards} and workers='
                      f'{cfg.data.workers} must be >= 1, prefetch={cfg.data.prefetch} >= 0.')
@@ -260,6 +298,21 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: Optional[int] = None):
   if cfg.fgrams.enabled and cfg.fgram_model.pack_bucket % batch_shards:
     raise ValueError(f'config.fgram_model.pack_bucket={cfg.fgram_model.pack_bucket} must '
                      f'be a multiple of mesh data × fsdp = {batch_shards}.')
+
+
+def parse_profile_steps(value: str):
+  """'A,B' -> (A, B) with 1 <= A < B; '' -> None."""
+  if not value:
+    return None
+  parts = str(value).split(',')
+  try:
+    first, end = (int(p) for p in parts)
+  except ValueError:
+    first, end = 0, 0
+  if len(parts) != 2 or not 1 <= first < end:
+    raise ValueError(f'config.profile_steps={value!r}: give two step numbers A,B with '
+                     '1 <= A < B (steps A..B-1 are traced), e.g. 10,15.')
+  return first, end
 
 
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict:

@@ -82,3 +82,29 @@ def costs(c: model_lib.ModelConfig, seq_len: int, *,
       'table_rows': int(num_fgrams),
       'table_bytes': int(num_fgrams) * c.d_model * table_bytes_per_value,
   }
+
+
+# Peak dense bf16 FLOP/s of one chip, by jax's device_kind (first matching prefix wins;
+# H100/H200 are the SXM parts). MFU = model FLOPs per token × tokens/s ÷ (peak × chips).
+# No entry for CPUs: no MFU there. config.peak_flops_per_chip overrides the table (e.g.
+# with a measured peak: the issue's H200 reached 790e12 in a bf16 matmul).
+PEAK_FLOPS = (
+    ('TPU v4', 275e12),
+    ('TPU v5 lite', 197e12),   # v5e
+    ('TPU v5e', 197e12),
+    ('TPU v5p', 459e12),
+    ('TPU v5', 459e12),        # v5p reports 'TPU v5'
+    ('TPU v6 lite', 918e12),   # v6e (Trillium)
+    ('TPU v6e', 918e12),
+    ('NVIDIA H200', 989e12),
+    ('NVIDIA H100', 989e12),
+    ('NVIDIA A100', 312e12),
+)
+
+
+def peak_flops(device_kind: str) -> float:
+  """Peak FLOP/s of one chip of this jax device_kind; 0.0 when unknown (e.g. a CPU)."""
+  for prefix, value in PEAK_FLOPS:
+    if device_kind.startswith(prefix):
+      return value
+  return 0.0

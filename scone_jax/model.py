@@ -24,6 +24,7 @@ import jax.numpy as jnp
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 _NORM_EPS = 1e-6
 _ROPE_MAX_WAVELENGTH = 10_000.0
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'einsum')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ModelConfig:
   fgram_mlp_dim: int = 1024
   remat: bool = False            # rematerialise each block in the backward pass
   scan_layers: bool = False      # nn.scan over blocks (params get a leading 'layers' axis)
+  attention: str = 'auto'        # 'auto' | 'xla' | 'cudnn' | 'einsum' (see `attend`)
 
   def __post_init__(self):
     if self.mlp_activation not in ('gelu', 'swiglu'):
@@ -61,6 +63,9 @@ class ModelConfig:
       if getattr(self, name) not in ('float32', 'bfloat16', 'float16'):
         raise ValueError(f'model.{name}={getattr(self, name)!r}; use float32, bfloat16 or '
                          'float16.')
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f'model.attention={self.attention!r}; use '
+                       f'{", ".join(ATTENTION_IMPLEMENTATIONS)}.')
     if self.fgrams_enabled and self.fgram_max_len < 1:
       raise ValueError(f'fgrams.max_len={self.fgram_max_len} must be positive.')
 
@@ -75,7 +80,8 @@ class ModelConfig:
         dropout_rate=float(m.dropout_rate), dtype=m.dtype, param_dtype=m.param_dtype,
         fgrams_enabled=bool(cfg.fgrams.enabled), fgram_max_len=cfg.fgrams.max_len,
         fgram_num_layers=f.num_layers, fgram_num_heads=f.num_heads, fgram_head_dim=f.head_dim,
-        fgram_mlp_dim=f.mlp_dim, remat=bool(m.remat), scan_layers=bool(m.scan_layers))
+        fgram_mlp_dim=f.mlp_dim, remat=bool(m.remat), scan_layers=bool(m.scan_layers),
+        attention=m.attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +97,7 @@ class BlockConfig:
   param_dtype: Any
   batch_axis: str = 'batch'      # logical names of the activations' leading axes
   length_axis: str = 'length'
+  attention: str = 'auto'
 
 
 def _dense_init(names, in_axis=-2, out_axis=-1):
@@ -144,8 +151,45 @@ def apply_rope(x_BxLxHxK, positions_BxL):
   return out.astype(x_BxLxHxK.dtype)
 
 
+def attention_implementation(name: str, dtype, head_dim: int) -> str:
+  """'auto' -> 'cudnn' on a GPU where cuDNN's fused attention takes the shapes, else 'xla'."""
+  if name != 'auto':
+    return name
+  fused = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+           and head_dim % 8 == 0 and head_dim <= 128)
+  return 'cudnn' if fused else 'xla'
+
+
+def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, *, implementation: str, dtype):
+  """Causal attention within mask_Bx1xLxS (True = may attend; causality is added here).
+
+  'einsum': explicit logits, mask and softmax in float32; 'xla' / 'cudnn':
+  `jax.nn.dot_product_attention` with is_causal (cuDNN's fused kernel takes the causal
+  mask natively and the segment / valid-key mask as a bias).
+  """
+  head_dim = q_BxLxHxK.shape[-1]
+  if implementation == 'einsum':
+    length, slots = q_BxLxHxK.shape[1], k_BxSxHxK.shape[1]
+    causal_LxS = jnp.tril(jnp.ones((length, slots), jnp.bool_))
+    q_BxLxHxK = q_BxLxHxK * jnp.asarray(head_dim ** -0.5, q_BxLxHxK.dtype)
+    logits_BxHxLxS = jnp.einsum('blhk,bshk->bhls', q_BxLxHxK, k_BxSxHxK,
+                                preferred_element_type=jnp.float32)
+    logits_BxHxLxS = jnp.where(mask_Bx1xLxS & causal_LxS, logits_BxHxLxS, _NEG_INF)
+    probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(dtype)
+    return jnp.einsum('bhls,bshk->blhk', probs_BxHxLxS, v_BxSxHxK.astype(dtype))
+  return jax.nn.dot_product_attention(
+      q_BxLxHxK.astype(dtype), k_BxSxHxK.astype(dtype), v_BxSxHxK.astype(dtype),
+      mask=jnp.broadcast_to(mask_Bx1xLxS, (q_BxLxHxK.shape[0], 1) + mask_Bx1xLxS.shape[2:]),
+      is_causal=True, scale=head_dim ** -0.5, implementation=implementation)
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with an optional flax-style KV cache ('cache' collection)."""
+  """Multi-head self-attention with an optional flax-style KV cache ('cache' collection).
+
+  mask_Bx1xLxL says which keys each query may see besides causality (same segment, valid
+  key); causality is applied in `attend`. A filled decode cache builds its own full mask
+  and attends with the einsum path (keys of other slots, not a square causal block).
+  """
   cfg: BlockConfig
 
   @nn.compact
@@ -162,6 +206,7 @@ class Attention(nn.Module):
       q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL)
       k_BxLxHxK = apply_rope(k_BxLxHxK, positions_BxL)
 
+    from_cache = decode and self.has_variable('cache', 'cached_key')
     mask = mask_Bx1xLxL
     if decode:
       # Keys are cached after rope, so a cached entry never needs its position again.
@@ -197,12 +242,17 @@ class Attention(nn.Module):
         mask = causal_BxLxS[:, None] & valid_BxS[:, None, None, :]
         k_BxLxHxK, v_BxLxHxK = k_BxSxHxK, v_BxSxHxK
 
-    q_BxLxHxK = q_BxLxHxK * jnp.asarray(c.head_dim ** -0.5, q_BxLxHxK.dtype)
-    logits_BxHxLxS = jnp.einsum('blhk,bshk->bhls', q_BxLxHxK, k_BxLxHxK,
-                                preferred_element_type=jnp.float32)
-    logits_BxHxLxS = jnp.where(mask, logits_BxHxLxS, _NEG_INF)
-    probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(c.dtype)
-    out_BxLxHxK = jnp.einsum('bhls,bshk->blhk', probs_BxHxLxS, v_BxLxHxK.astype(c.dtype))
+    if from_cache:
+      q_BxLxHxK = q_BxLxHxK * jnp.asarray(c.head_dim ** -0.5, q_BxLxHxK.dtype)
+      logits_BxHxLxS = jnp.einsum('blhk,bshk->bhls', q_BxLxHxK, k_BxLxHxK,
+                                  preferred_element_type=jnp.float32)
+      logits_BxHxLxS = jnp.where(mask, logits_BxHxLxS, _NEG_INF)
+      probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(c.dtype)
+      out_BxLxHxK = jnp.einsum('bhls,bshk->blhk', probs_BxHxLxS, v_BxLxHxK.astype(c.dtype))
+    else:
+      out_BxLxHxK = attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask, dtype=c.dtype,
+                           implementation=attention_implementation(c.attention, c.dtype,
+                                                                   c.head_dim))
     out_BxLxHxK = nn.with_logical_constraint(out_BxLxHxK, act)
     return Projection('blhk,hkd->bld', (c.num_heads, c.head_dim, x_BxLxD.shape[-1]),
                       ('heads', 'kv', 'embed'), (0, 1), 2, c.dtype, c.param_dtype,
@@ -284,7 +334,8 @@ class Decoder(nn.Module):
     c = self.config
     dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
     block_cfg = BlockConfig(c.num_heads, c.head_dim, c.mlp_dim, c.mlp_activation,
-                            c.position == 'rope', c.dropout_rate, dtype, param_dtype)
+                            c.position == 'rope', c.dropout_rate, dtype, param_dtype,
+                            attention=c.attention)
     x_BxLxD = x_BxLxD.astype(dtype)
     if c.position == 'learned':
       pos_embed = nn.Embed(c.max_seq_len, c.d_model, dtype=dtype, param_dtype=param_dtype,
@@ -294,13 +345,11 @@ class Decoder(nn.Module):
       x_BxLxD = x_BxLxD + pos_embed(positions_BxL)
     x_BxLxD = nn.Dropout(c.dropout_rate)(x_BxLxD, deterministic=deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed'))
-    # Causal, same segment (0 = padding attends only to padding, so no row is empty), and
-    # only to valid keys. Under decode with a filled cache, Attention builds its own mask.
+    # Same segment (0 = padding attends only to padding, so no row is empty) and only valid
+    # keys; Attention adds causality. Under decode with a filled cache it builds its own mask.
     seg_BxL = segment_ids_BxL
-    causal_LxL = jnp.tril(jnp.ones((x_BxLxD.shape[1],) * 2, jnp.bool_))
     same_segment_Bx1xLxL = seg_BxL[:, None, :, None] == seg_BxL[:, None, None, :]
-    mask_Bx1xLxL = (causal_LxL[None, None] & same_segment_Bx1xLxL
-                    & valid_BxL[:, None, None, :])
+    mask_Bx1xLxL = same_segment_Bx1xLxL & valid_BxL[:, None, None, :]
     x_BxLxD = _run_blocks(block_cfg, c.num_layers, scan=c.scan_layers, remat=c.remat,
                           x_BxLxD=x_BxLxD, positions_BxL=positions_BxL,
                           mask_Bx1xLxL=mask_Bx1xLxL, valid_BxL=valid_BxL,
@@ -326,7 +375,8 @@ class FGramModel(nn.Module):
     dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
     block_cfg = BlockConfig(c.fgram_num_heads, c.fgram_head_dim, c.fgram_mlp_dim,
                             c.mlp_activation, False, c.dropout_rate, dtype, param_dtype,
-                            batch_axis='fgram_batch', length_axis='fgram_len')
+                            batch_axis='fgram_batch', length_axis='fgram_len',
+                            attention=c.attention)
     pos_embed = nn.Embed(c.fgram_max_len, c.d_model, dtype=dtype, param_dtype=param_dtype,
                          embedding_init=nn.with_logical_partitioning(
                              nn.initializers.normal(0.02), ('fgram_len', 'embed')),
@@ -335,10 +385,9 @@ class FGramModel(nn.Module):
     x_RxPxD = nn.Dropout(c.dropout_rate)(x_RxPxD, deterministic=deterministic)
     x_RxPxD = nn.with_logical_constraint(x_RxPxD, ('fgram_batch', 'fgram_len', 'embed'))
     num_rows, num_slots = positions_RxP.shape
+    # The windows as segment ids: block-diagonal; Attention adds causality.
     segments_RxP = jnp.cumsum(positions_RxP == 0, axis=1)
-    causal_PxP = jnp.tril(jnp.ones((num_slots, num_slots), jnp.bool_))
-    mask_Rx1xPxP = (causal_PxP[None, None]
-                    & (segments_RxP[:, None, :, None] == segments_RxP[:, None, None, :]))
+    mask_Rx1xPxP = segments_RxP[:, None, :, None] == segments_RxP[:, None, None, :]
     x_RxPxD = _run_blocks(block_cfg, c.fgram_num_layers, scan=c.scan_layers, remat=c.remat,
                           x_BxLxD=x_RxPxD, positions_BxL=positions_RxP,
                           mask_Bx1xLxL=mask_Rx1xPxP,

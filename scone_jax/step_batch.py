@@ -8,6 +8,8 @@ tokens, not K per window. Device side (`device_put_batch`): assemble global arra
 process's rows in the step's shardings; with several processes the packed rows are padded
 to one agreed count and the slot indices made global.
 """
+import math
+
 from flax import linen as nn
 import jax
 import numpy as np
@@ -53,7 +55,7 @@ def pack_windows(lengths_W, pack_len: int):
 
 
 def dedupe_fgrams(batch: dict, fgram_set, *, pack_len: int, bucket: int,
-                  dedupe: bool = True) -> dict:
+                  dedupe: bool = True, min_rows: int = 0) -> dict:
   """Adds the packed f-gram windows the f-gram model must run on, and where each position reads.
 
   Adds fgram_tokens [R, P] and fgram_positions [R, P] (P = pack_len: windows back to back,
@@ -63,7 +65,8 @@ def dedupe_fgrams(batch: dict, fgram_set, *, pack_len: int, bucket: int,
   matched ids) and fgram_useful (tokens of the windows run: the positions A_fgram needs).
   dedupe: one window per distinct id. Without dedupe: one window per matched position, as
   a naive implementation would. R is rounded up to a multiple of bucket (at least one
-  bucket) so the step compiles for few shapes.
+  bucket) so the step compiles for few shapes, and is at least min_rows (the run's fixed
+  capacity, so every batch that fits it has one shape).
   """
   ids_BxL = np.asarray(batch['fgram_ids'])
   matched_BxL = ids_BxL >= 0
@@ -74,7 +77,7 @@ def dedupe_fgrams(batch: dict, fgram_set, *, pack_len: int, bucket: int,
   window_ids = uniq if dedupe else ids_BxL.reshape(-1)[flat]
   lens_W = lengths_S[window_ids].astype(np.int64)
   row_W, start_W, used = pack_windows(lens_W, pack_len)
-  rows = max(1, -(-used // bucket)) * bucket
+  rows = max(min_rows, max(1, -(-used // bucket)) * bucket)
   first_W = row_W * pack_len + start_W
   # Every token of every window: its flat slot and its offset in the window.
   offset_T = np.arange(int(lens_W.sum())) - np.repeat(np.cumsum(lens_W) - lens_W, lens_W)
@@ -95,15 +98,19 @@ def dedupe_fgrams(batch: dict, fgram_set, *, pack_len: int, bucket: int,
   return out
 
 
-def make_step_batch(batch: dict, fgram_set, cfg, *, grad_accum_steps=None):
+def make_step_batch(batch: dict, fgram_set, cfg, *, grad_accum_steps=None, fgram_rows=0):
   """Host-side: splits a batch into micro-batches and dedupes and packs their f-grams.
 
   Returns (step_batch, stats). Every array gets a leading micro-batch axis A
   (cfg.grad_accum_steps, or grad_accum_steps when given: eval uses 1). The micro-batches
-  share one packed row count R so they stack; R is bucketed so the step compiles for few
-  shapes. stats: host-side f-gram counts summed over the micro-batches: matched positions,
-  unique ids, packed rows run, positions run (rows × pack_len) and positions needed
-  (tokens of the windows).
+  share one packed row count R so they stack. fgram_rows: the run's fixed capacity
+  (`fgram_row_capacity`): R is exactly that for every batch that fits it, so the step
+  compiles once; a batch that needs more gets R rounded up to a multiple of pack_bucket
+  (a new shape, compiled when first seen; stats['fgram_overflow'] = 1). fgram_rows=0: R is
+  only bucketed. stats: host-side f-gram counts summed over the micro-batches: matched
+  positions, unique ids, packed rows run, positions run (rows × pack_len), positions
+  needed (tokens of the windows) and rows the windows fill (`fgram_rows_used`, the
+  largest micro-batch's).
   """
   accum = cfg.grad_accum_steps if grad_accum_steps is None else grad_accum_steps
   rows = batch['inputs'].shape[0]
@@ -114,12 +121,12 @@ def make_step_batch(batch: dict, fgram_set, cfg, *, grad_accum_steps=None):
             if isinstance(v, np.ndarray) and v.ndim == 2} for i in range(accum)]
   out = {k: np.stack([m[k] for m in micro]) for k in ROW_KEYS}
   stats = {'fgram_matched': 0, 'fgram_unique': 0, 'fgram_rows': 0, 'fgram_positions': 0,
-           'fgram_useful': 0}
+           'fgram_useful': 0, 'fgram_overflow': 0}
   if fgram_set is None:
     return out, stats
   pack_len = cfg.fgram_model.pack_len
   deduped = [dedupe_fgrams(m, fgram_set, pack_len=pack_len, bucket=cfg.fgram_model.pack_bucket,
-                           dedupe=cfg.fgram_model.dedupe) for m in micro]
+                           dedupe=cfg.fgram_model.dedupe, min_rows=fgram_rows) for m in micro]
   size = max(d['fgram_tokens'].shape[0] for d in deduped)
   for k in FGRAM_KEYS:
     # Extra rows are unused slots (token 0, position 0), nothing points at them.
@@ -131,7 +138,42 @@ def make_step_batch(batch: dict, fgram_set, cfg, *, grad_accum_steps=None):
     stats['fgram_useful'] += int(d['fgram_useful'])
   stats['fgram_rows'] = size * accum
   stats['fgram_positions'] = size * accum * pack_len
+  stats['fgram_overflow'] = int(bool(fgram_rows) and size > fgram_rows)
   return out, stats
+
+
+def rows_needed(batch: dict, fgram_set, cfg, *, grad_accum_steps=None) -> int:
+  """Packed rows the largest micro-batch of `batch` fills (before any bucketing)."""
+  accum = cfg.grad_accum_steps if grad_accum_steps is None else grad_accum_steps
+  ids = np.asarray(batch['fgram_ids'])
+  size = ids.shape[0] // accum
+  lengths_S = np.asarray(fgram_set.lengths)
+  most = 0
+  for i in range(accum):
+    ids_BxL = ids[i * size:(i + 1) * size]
+    matched = ids_BxL[ids_BxL >= 0]
+    window_ids = np.unique(matched) if cfg.fgram_model.dedupe else matched
+    most = max(most, pack_windows(lengths_S[window_ids], cfg.fgram_model.pack_len)[2])
+  return int(most)
+
+
+def fgram_row_capacity(batches, fgram_set, cfg, *, grad_accum_steps=None,
+                       headroom=None) -> int:
+  """The run's fixed packed-row count R per micro-batch, from sample batches of its data.
+
+  cfg.fgram_model.rows when set; else the most rows any sample batch fills, times
+  (1 + headroom, default fgram_model.rows_headroom), rounded up to a multiple of
+  pack_bucket. A later batch
+  that needs more still trains correctly (`make_step_batch` gives it a bigger shape).
+  """
+  fm = cfg.fgram_model
+  if fm.rows:
+    return -(-int(fm.rows) // fm.pack_bucket) * fm.pack_bucket
+  most = max([rows_needed(b, fgram_set, cfg, grad_accum_steps=grad_accum_steps)
+              for b in batches] or [0])
+  headroom = fm.rows_headroom if headroom is None else headroom
+  want = math.ceil(most * (1.0 + headroom))
+  return max(1, -(-want // fm.pack_bucket)) * fm.pack_bucket
 
 
 def batch_shardings_for(mesh, rules, *, with_fgrams: bool) -> dict:
@@ -140,14 +182,14 @@ def batch_shardings_for(mesh, rules, *, with_fgrams: bool) -> dict:
   return {k: _sharding(k, _NDIM[k], mesh, rules) for k in keys}
 
 
-def abstract_step_batch(cfg, shardings: dict, *, num_rows: int) -> dict:
+def abstract_step_batch(cfg, shardings: dict, *, num_rows: int, grad_accum_steps=None) -> dict:
   """ShapeDtypeStructs of one training step batch, placed in `shardings` (for AOT compile).
 
-  num_rows: R, the packed f-gram rows per micro-batch; the step compiles one program per R
-  bucket, the largest being every position of the micro-batch matched by a distinct
-  K-token f-gram.
+  num_rows: R, the packed f-gram rows per micro-batch (global: summed over processes); a
+  run fixes it (`fgram_row_capacity`), the worst case being every position of the
+  micro-batch matched by a distinct K-token f-gram. grad_accum_steps: A (eval: 1).
   """
-  accum = cfg.grad_accum_steps
+  accum = cfg.grad_accum_steps if grad_accum_steps is None else grad_accum_steps
   rows = cfg.batch_size // accum
   shapes = {k: (accum, rows, cfg.seq_len) for k in ROW_KEYS}
   packed = (accum, num_rows, cfg.fgram_model.pack_len)

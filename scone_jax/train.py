@@ -11,10 +11,12 @@ checkpoint cadence, eval, metrics, non-finite and disk-full handling) read as on
 the pieces that stand alone already live elsewhere (`step_batch`, `checkpoints`,
 `metrics`, `sharding`).
 """
+import collections
 import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from typing import Any, Callable
 
@@ -29,6 +31,7 @@ import orbax.checkpoint as ocp
 from scone_jax import artifacts
 from scone_jax import checkpoints
 from scone_jax import config as config_lib
+from scone_jax import flops
 from scone_jax import metrics
 from scone_jax import packing
 from scone_jax import paths
@@ -38,6 +41,10 @@ from scone_jax import token_shards
 from scone_jax import model as model_lib
 from scone_jax import sharding
 from scone_jax import step_batch as step_batch_lib
+
+
+# jax.profiler traces of config.profile_steps, under the run directory.
+PROFILE_DIR = 'profile'
 
 
 @flax.struct.dataclass
@@ -138,7 +145,10 @@ class Trainer:
   train_step (state, step_batch, rng) -> (state, metrics) donates `state`; eval_step
   (params, step_batch) -> {'nll_sum', 'tokens'}. Both are jitted once, here, with in/out
   shardings (state_shardings, batch_shardings), so a batch shape seen before never
-  recompiles; only a new bucket of packed f-gram rows R compiles a new shape.
+  recompiles. fgram_rows / eval_fgram_rows: the fixed packed f-gram rows per micro-batch of
+  train and eval batches (0: bucketed per batch), set by the loop before its first step so
+  each step has one shape (`precompile` compiles both before step 1); only a batch that
+  overflows them compiles another shape.
   """
   cfg: ml_collections.ConfigDict
   workdir: str
@@ -153,6 +163,8 @@ class Trainer:
   batch_shardings: dict
   train_step: Callable
   eval_step: Callable
+  fgram_rows: int = 0
+  eval_fgram_rows: int = 0
 
   @property
   def fgram_set(self):
@@ -320,7 +332,8 @@ def evaluate(trainer: Trainer, loader, *, max_batches=0) -> dict:
   for batch in loader:
     # Eval batches are not split for accumulation.
     sb, _ = step_batch_lib.make_step_batch(batch, trainer.fgram_set, trainer.cfg,
-                                           grad_accum_steps=1)
+                                           grad_accum_steps=1,
+                                           fgram_rows=trainer.eval_fgram_rows)
     out = trainer.eval_step(trainer.state.params,
                             step_batch_lib.device_put_batch(sb, trainer.batch_shardings))
     # Each batch's sums are read after the next one is dispatched: the device never waits
@@ -337,6 +350,123 @@ def evaluate(trainer: Trainer, loader, *, max_batches=0) -> dict:
 
 
 eval_metrics = metrics.eval_metrics
+
+
+# ----------------------------------------------------------------------------- compiles
+
+
+def enable_compilation_cache(cfg):
+  """Turns JAX's persistent compilation cache on in cfg.compilation_cache_dir (or off).
+
+  Every compile is cached (no minimum compile time), so a resumed or repeated run on this
+  machine loads its steps instead of compiling them. Process-wide: the last run's setting
+  wins.
+  """
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  directory = None
+  if cfg.compilation_cache:
+    directory = cfg.compilation_cache_dir
+    if not paths.is_cloud(directory):
+      directory = os.path.abspath(os.path.expanduser(directory))
+      os.makedirs(directory, exist_ok=True)
+  if jax.config.jax_compilation_cache_dir != directory:
+    jax.config.update('jax_compilation_cache_dir', directory)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    cc.reset_cache()  # the cache binds its directory at first use; rebind it
+  return directory
+
+
+_STEP_PROGRAMS = ('jit(train_step)', 'jit(eval_step)')
+
+
+class CompileCounter:
+  """XLA compiles in this process while it is open: count, seconds, persistent-cache hits.
+
+  A cache hit still counts as a compile (a fast one: its seconds are the load); `compiles`
+  minus `cache_hits` were compiled from scratch.
+  """
+
+  def __init__(self):
+    self.compiles, self.seconds, self.cache_hits = 0, 0.0, 0
+    self.names = collections.Counter()  # compiled functions by name
+    jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+    jax.monitoring.register_event_listener(self._on_event)
+
+  def _on_duration(self, event, duration, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      self.compiles += 1
+      self.seconds += duration
+      self.names[str(kwargs.get('fun_name', '?'))] += 1
+
+  def _on_event(self, event, **_):
+    if event == '/jax/compilation_cache/cache_hits':
+      self.cache_hits += 1
+
+  def snapshot(self) -> dict:
+    return {'compiles': self.compiles, 'compile_s': self.seconds,
+            'compile_cache_hits': self.cache_hits, 'step_compiles': self.step_compiles()}
+
+  def step_compiles(self) -> int:
+    """Compiles of the train and eval steps (the rest: small helpers, orbax's slicing)."""
+    return sum(n for name, n in self.names.items() if name in _STEP_PROGRAMS)
+
+  def close(self):
+    jax.monitoring.unregister_event_duration_listener(self._on_duration)
+    jax.monitoring.unregister_event_listener(self._on_event)
+
+
+def set_fgram_rows(trainer: Trainer, train_loader, eval_loader, start: int):
+  """Fixes the packed f-gram rows of train and eval batches for the run (see Trainer).
+
+  Train: from cfg.fgram_model.rows_sample_batches batches from `start` on (with several
+  processes, the most any process needs); eval: exactly what the eval batches need.
+  """
+  cfg, fs = trainer.cfg, trainer.fgram_set
+  if fs is None:
+    return
+  n = cfg.fgram_model.rows_sample_batches
+  rows = step_batch_lib.fgram_row_capacity(
+      (train_loader.batch_at(s) for s in range(start, start + n)), fs, cfg)
+  eval_count = eval_loader.num_batches
+  if cfg.eval_batches:
+    eval_count = min(eval_count, cfg.eval_batches)
+  eval_rows = step_batch_lib.fgram_row_capacity(
+      (eval_loader.batch_at(s) for s in range(eval_count)), fs, cfg, grad_accum_steps=1,
+      headroom=0.0)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    rows, eval_rows = (int(x) for x in np.max(multihost_utils.process_allgather(
+        np.asarray([rows, eval_rows], np.int64)), axis=0))
+  trainer.fgram_rows, trainer.eval_fgram_rows = int(rows), int(eval_rows)
+
+
+def precompile(trainer: Trainer, rng) -> dict:
+  """Compiles the train and eval steps for the run's batch shapes before step 1.
+
+  The jitted steps reuse these executables, so the loop compiles nothing more unless a
+  batch overflows the fixed f-gram rows. Returns the seconds each took.
+  """
+  cfg = trainer.cfg
+  procs = jax.process_count()
+  out = {}
+  for name, accum, rows in (('train', cfg.grad_accum_steps, trainer.fgram_rows),
+                            ('eval', 1, trainer.eval_fgram_rows)):
+    batch = step_batch_lib.abstract_step_batch(cfg, trainer.batch_shardings,
+                                               num_rows=rows * procs, grad_accum_steps=accum)
+    t0 = time.perf_counter()
+    if name == 'train':
+      trainer.train_step.lower(trainer.state, batch, rng).compile()
+    else:
+      trainer.eval_step.lower(trainer.state.params, batch).compile()
+    out[f'{name}_step_compile_s'] = time.perf_counter() - t0
+  return out
+
+
+def model_flops_per_token(cfg, vocab_size: int, fgram_positions_per_token: float) -> float:
+  """Training FLOPs per token (main model + f-gram model's executed slots), from flops.py."""
+  c = model_lib.ModelConfig.from_config(cfg, vocab_size)
+  return flops.costs(c, cfg.seq_len, fgram_positions_per_token=fgram_positions_per_token,
+                     fgram_row_len=cfg.fgram_model.pack_len)['train_flops_per_token']
 
 
 # ----------------------------------------------------------------------------- loop
@@ -482,6 +612,16 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
   device to log. A non-finite loss or gradient norm stops the run with FloatingPointError
   before its state is checkpointed; the last checkpoint saved stays the newest one.
   """
+  t_start = time.time()
+  cache_dir = enable_compilation_cache(cfg)
+  counter = CompileCounter()
+  try:
+    return _train_counted(cfg, workdir, run, stop_after_steps, counter, cache_dir, t_start)
+  finally:
+    counter.close()
+
+
+def _train_counted(cfg, workdir, run, stop_after_steps, counter, cache_dir, t_start) -> dict:
   trainer = create_trainer(cfg, workdir, run)
   logging.info('mesh %s; params: %s total, %s in the f-gram model',
                dict(trainer.mesh.shape), f'{count_params(trainer.state.params):,}',
@@ -500,11 +640,29 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
   writer = _MetricsWriter(workdir)
   rng = jax.device_put(jax.random.PRNGKey(cfg.seed + 1), replicated)
   start = int(trainer.state.step)
+  # One shape per step: fixed f-gram rows, both steps compiled (or loaded from the
+  # persistent cache) before step 1.
+  set_fgram_rows(trainer, train_loader, eval_loader, start)
+  compiled = precompile(trainer, rng)
+  params_finite.lower(trainer.state.params).compile()
+  compiled.update(counter.snapshot())
+  compiled_before, step_compiled_before = counter.compiles, counter.step_compiles()
+  logging.info('compiled before step 1: train step %.1fs, eval step %.1fs (%d XLA compiles, '
+               '%d from the persistent cache%s); f-gram rows per micro-batch: train %d, eval %d',
+               compiled['train_step_compile_s'], compiled['eval_step_compile_s'],
+               counter.compiles, counter.cache_hits, f' in {cache_dir}' if cache_dir else ': off',
+               trainer.fgram_rows, trainer.eval_fgram_rows)
+  writer.write(start, {f'compile/{k}': v for k, v in compiled.items()}
+               | {'compile/fgram_rows': trainer.fgram_rows,
+                  'compile/eval_fgram_rows': trainer.eval_fgram_rows})
+  peak = cfg.peak_flops_per_chip or flops.peak_flops(jax.devices()[0].device_kind)
+  positions_per_step = cfg.batch_size * cfg.seq_len
+  profile = config_lib.parse_profile_steps(cfg.profile_steps)
+  profiling = False
   last = {}
-  t_last, tokens_since, steps_since = time.time(), 0, 0
-  t_start = time.time()
+  t_last, tokens_since, steps_since, paused_s = time.time(), 0, 0, 0.0
   fgram_stats = {'fgram_matched': 0, 'fgram_unique': 0, 'fgram_rows': 0, 'fgram_positions': 0,
-                 'fgram_useful': 0}
+                 'fgram_useful': 0, 'fgram_overflow': 0}
 
   def finish(done, metrics, logged):
     """Reads step `done`'s metrics, stops on non-finite ones, logs them if it is a log step."""
@@ -516,13 +674,27 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
                         f'{metrics["grad_norm"]})', last_saved, mngr)
     if logged is None:
       return
-    tokens, steps, stats = logged
+    tokens, steps, stats, paused = logged
     now = time.time()
-    elapsed, t_last = now - t_last, now
-    tps = tokens * jax.process_count() / max(elapsed, 1e-9)
+    # Eval and checkpoint time in this interval is not step time.
+    elapsed, t_last = max(now - t_last - paused, 1e-9), now
+    tps = tokens * jax.process_count() / elapsed
     eta = (cfg.num_train_steps - done) * elapsed / max(steps, 1)
     last = dict(metrics)
-    last.update(tokens_per_s=tps, step_time_s=elapsed / steps)
+    # Model FLOPs count every position of the batch (padding included), the f-gram model
+    # every executed slot.
+    fgram_per_token = stats['fgram_positions'] * jax.process_count() / (steps * positions_per_step)
+    flops_per_token = model_flops_per_token(cfg, run.tokenizer.vocab_size, fgram_per_token)
+    positions_per_s = steps * positions_per_step / elapsed
+    last.update(tokens_per_s=tps, step_time_s=elapsed / steps,
+                model_flops_per_token=flops_per_token,
+                model_tflops_per_s=flops_per_token * positions_per_s / 1e12,
+                **counter.snapshot(), compiles_after_step_1=counter.compiles - compiled_before,
+                step_compiles_after_step_1=counter.step_compiles() - step_compiled_before)
+    if peak:
+      last['mfu'] = flops_per_token * positions_per_s / (peak * jax.device_count())
+    if stats['fgram_overflow']:
+      last['fgram_overflow_batches'] = stats['fgram_overflow']
     if stats['fgram_matched']:
       last['fgram_match_rate'] = stats['fgram_matched'] / max(tokens, 1)
       last['fgram_rows_per_step'] = stats['fgram_rows'] / steps
@@ -531,9 +703,10 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
       last['fgram_useful_positions_per_step'] = stats['fgram_useful'] / steps
       if cfg.fgram_model.dedupe:
         last['fgram_unique_per_step'] = stats['fgram_unique'] / steps
-    logging.info('step %d/%d  loss %.4f  %s tokens/s  lr %.2e  ETA %s', done,
-                 cfg.num_train_steps, last['loss'], f'{tps:,.0f}', last['learning_rate'],
-                 _format_eta(eta))
+    mfu = f'  MFU {100 * last["mfu"]:.1f}%' if 'mfu' in last else ''
+    logging.info('step %d/%d  loss %.4f  %s tokens/s  %.1f ms/step%s  lr %.2e  ETA %s', done,
+                 cfg.num_train_steps, last['loss'], f'{tps:,.0f}', 1e3 * last['step_time_s'],
+                 mfu, last['learning_rate'], _format_eta(eta))
     writer.write(done, {f'train/{k}': v for k, v in last.items()})
 
   end = cfg.num_train_steps
@@ -541,7 +714,8 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
     end = min(end, start + stop_after_steps)
 
   def build(step):  # read, match, pack, dedupe: in background threads when prefetching
-    return step_batch_lib.make_step_batch(train_loader.batch_at(step), trainer.fgram_set, cfg)
+    return step_batch_lib.make_step_batch(train_loader.batch_at(step), trainer.fgram_set, cfg,
+                                          fgram_rows=trainer.fgram_rows)
 
   # A seqio loader streams in order: one builder thread keeps its reads sequential.
   workers = 1 if cfg.input_pipeline == 'seqio' else cfg.data.workers
@@ -550,8 +724,23 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
   watch = preemption.Preemption().__enter__()
   try:
     for step, (sb, stats) in zip(range(start, end), built):
+      if profile and step + 1 == profile[0]:
+        jax.profiler.start_trace(paths.join(workdir, PROFILE_DIR),
+                                 create_perfetto_trace=True)
+        profiling = True
+      if stats['fgram_overflow']:
+        logging.warning('step %d: its f-grams need %d packed rows, more than the run\'s %d; '
+                        'it runs with its own shape (compiled once). Raise '
+                        'config.fgram_model.rows or rows_headroom if this repeats.', step + 1,
+                        stats['fgram_rows'] // cfg.grad_accum_steps, trainer.fgram_rows)
       trainer.state, metrics = trainer.train_step(
           trainer.state, step_batch_lib.device_put_batch(sb, trainer.batch_shardings), rng)
+      if profiling and step + 1 == profile[1] - 1:
+        jax.block_until_ready(trainer.state)
+        jax.profiler.stop_trace()
+        profiling = False
+        logging.info('profiled steps %d..%d into %s', profile[0], profile[1] - 1,
+                     paths.join(workdir, PROFILE_DIR))
       train_loader.restore({'step': step + 1})
       steps_since += 1
       tokens_since += int(np.sum(sb['loss_mask']))
@@ -560,8 +749,8 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
       done = step + 1
       logged = None
       if done % cfg.log_every_steps == 0 or done == cfg.num_train_steps:
-        logged = (tokens_since, steps_since, fgram_stats)
-        tokens_since, steps_since = 0, 0
+        logged = (tokens_since, steps_since, fgram_stats, paused_s)
+        tokens_since, steps_since, paused_s = 0, 0, 0.0
         fgram_stats = {k: 0 for k in fgram_stats}
       if pending is not None:
         finish(*pending)
@@ -570,6 +759,7 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
       evaluating = done % cfg.eval_every_steps == 0 or done == cfg.num_train_steps
       saving = (done % cfg.checkpoint_every_steps == 0 or done == cfg.num_train_steps
                 or preempted)
+      t_pause = time.time()
       if evaluating or saving:
         finish(*pending)
         pending = None
@@ -584,6 +774,8 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
           raise _non_finite(f'parameters after step {done}', last_saved, mngr)
         save_checkpoint(mngr, trainer, train_loader.state(), force=preempted)
         last_saved = done
+      if evaluating or saving:
+        paused_s += time.time() - t_pause
       if preempted:
         logging.warning('%s: stopping at step %d with a checkpoint there; run the same '
                         'command again to resume', watch.signal_name, done)
@@ -592,6 +784,8 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
     if pending is not None:
       finish(*pending)
   finally:
+    if profiling:
+      jax.profiler.stop_trace()
     built.close()  # stops the builders (those running finish; the rest are dropped)
     watch.__exit__(None, None, None)
     mngr.wait_until_finished()

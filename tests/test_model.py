@@ -326,3 +326,43 @@ def test_bad_inputs_are_refused():
   with pytest.raises(ValueError, match='fgrams_enabled=False'):
     base.apply(params, toks, fgram_index_BxL=toks, fgram_tokens_RxP=jnp.zeros((1, P), jnp.int32),
                fgram_positions_RxP=jnp.zeros((1, P), jnp.int32))
+
+
+@pytest.mark.parametrize('implementation', ['xla', 'auto'])
+def test_dot_product_attention_equals_the_einsum_path(setup, implementation):
+  """jax.nn.dot_product_attention (causal flag + segment mask, main model and packed f-gram
+  rows) gives today's einsum logits and gradients in float32, packed documents included."""
+  _, _, params, b = setup
+  inputs = jnp.asarray(b['inputs'])
+  seg = np.ones(inputs.shape, np.int32)
+  seg[0, 10:] = 2          # two packed documents in row 0
+  seg[1, 20:] = 0          # padding at the end of row 1
+  pos = np.where(seg[0] == 2, np.arange(24) - 10, np.arange(24))
+  positions = np.stack([pos] + [np.arange(24)] * 2).astype(np.int32)
+  kw = dict(_scone_kwargs(b), segment_ids_BxL=jnp.asarray(seg),
+            positions_BxL=jnp.asarray(positions))
+
+  def loss(p, attention):
+    model = model_lib.SconeLM(_config(attention=attention))
+    return jnp.sum(jnp.square(model.apply({'params': p}, inputs, **kw)))
+
+  want, want_grads = jax.value_and_grad(loss)(params, 'einsum')
+  got, got_grads = jax.value_and_grad(loss)(params, implementation)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  # float32 sums in another order: equal to ~1e-5 of each gradient's scale.
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(
+      g, w, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(w)))), got_grads, want_grads)
+  # The f-gram model's packed rows alone, block-diagonal windows included.
+  embed = lambda attention: model_lib.SconeLM(_config(attention=attention)).apply(
+      {'params': params}, inputs, *(_scone_kwargs(b).values()),
+      method=model_lib.SconeLM.embed_inputs)
+  np.testing.assert_allclose(embed(implementation), embed('einsum'), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_implementation_choice():
+  assert model_lib.attention_implementation('auto', jnp.bfloat16, 64) == (
+      'cudnn' if jax.default_backend() == 'gpu' else 'xla')
+  assert model_lib.attention_implementation('auto', jnp.float32, 64) == 'xla'
+  assert model_lib.attention_implementation('einsum', jnp.bfloat16, 64) == 'einsum'
+  with pytest.raises(ValueError, match='model.attention'):
+    _config(attention='flash')
