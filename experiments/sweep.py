@@ -300,7 +300,10 @@ def _result(cfg, evaluation, metrics, seconds) -> dict:
       'fgram_layers': c.fgram_model.num_layers if c.fgrams.enabled else 0,
       'train_tokens': train_tokens,
       'train_flops': acc['train_flops_per_token'] * train_tokens,
-      'fgram_positions_per_token': positions,
+      # Window positions the f-gram model executed: per step (as the trainer logs them) and
+      # per training token (the figure the FLOPs are counted from).
+      'fgram_positions_per_step': positions,
+      'fgram_positions_per_token': positions / tokens_per_step,
       'final_train_loss': metrics['train'].get('train/loss'),
       **acc,
       'evals': evaluation['evals'],
@@ -379,7 +382,7 @@ def _rows(root, points):
     path = os.path.join(root, 'points', p['name'], RESULT_FILE)
     if not os.path.isfile(path):
       continue
-    r = _read_json(path)
+    r = _fix_positions_column(_read_json(path), os.path.dirname(path))
     row = {'name': p['name'], 'group': '+'.join(p['group'])}
     for k, v in r.items():
       if k in ('evals', 'seconds'):
@@ -391,6 +394,19 @@ def _rows(root, points):
           row[f'{set_name}_{k}'] = ev[k]
     rows.append(row)
   return rows
+
+
+def _fix_positions_column(r, point_dir):
+  """Results written before the column was fixed stored positions per *step* under
+  `fgram_positions_per_token` (and no per-step field): convert them from the point's config."""
+  if 'fgram_positions_per_step' in r or 'fgram_positions_per_token' not in r:
+    return r
+  cfg = _read_json(os.path.join(point_dir, 'config.json'))
+  per_step = r['fgram_positions_per_token']
+  r = dict(r)
+  r['fgram_positions_per_step'] = per_step
+  r['fgram_positions_per_token'] = per_step / (cfg['batch_size'] * cfg['seq_len'])
+  return r
 
 
 def write_report(root, points):

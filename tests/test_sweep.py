@@ -92,6 +92,21 @@ def test_sweep_runs_resumes_and_survives_a_failing_point(corpus_dir, tmp_path):
     assert float(by[name]['heldout_match_rate']) > 0.1
     assert float(by[name]['params_fgram_model']) > 0
     assert float(by[name]['train_flops_per_token']) > float(by[name]['inference_flops_per_token'])
+    # The f-gram model's window positions: the trainer logs them per step; the column is per
+    # training token (<= K: at most one window of K per token), the FLOPs are counted from it.
+    point = straight / 'points' / name
+    cfg = json.load(open(point / 'config.json'))
+    tokens_per_step = cfg['batch_size'] * cfg['seq_len']
+    logged = {}
+    for line in open(point / 'metrics.jsonl'):
+      rec = json.loads(line)
+      if 'train/fgram_positions_per_step' in rec:
+        logged[rec['step']] = rec['train/fgram_positions_per_step']
+    per_step = sum(logged.values()) / len(logged)
+    assert float(by[name]['fgram_positions_per_step']) == pytest.approx(per_step, rel=1e-5)
+    per_token = float(by[name]['fgram_positions_per_token'])
+    assert per_token == pytest.approx(per_step / tokens_per_step, rel=1e-5)
+    assert 0 < per_token <= cfg['fgrams']['max_len']
   assert by['baseline']['params_fgram_model'] == '0'
   assert by['baseline']['inference_flops_per_token'] == by['num_fgrams=40'][
       'inference_flops_per_token']
@@ -119,3 +134,16 @@ def test_sweep_runs_resumes_and_survives_a_failing_point(corpus_dir, tmp_path):
   proc = _run(sweep_ok, killed)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert _csv(killed) == rows
+
+
+def test_results_from_before_the_column_fix_are_read_per_token(tmp_path):
+  """Old result.json files stored positions per step under fgram_positions_per_token."""
+  from experiments import sweep  # pylint: disable=g-import-not-at-top
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump({'batch_size': 16, 'seq_len': 128}, f)
+  old = {'fgram_positions_per_token': 5120.0, 'evals': {}}
+  fixed = sweep._fix_positions_column(old, str(tmp_path))
+  assert fixed['fgram_positions_per_step'] == 5120.0
+  assert fixed['fgram_positions_per_token'] == 2.5
+  new = {'fgram_positions_per_step': 2240.0, 'fgram_positions_per_token': 1.09375}
+  assert sweep._fix_positions_column(new, str(tmp_path)) == new
