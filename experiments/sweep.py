@@ -37,7 +37,6 @@ import importlib.util
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -578,39 +577,25 @@ def _lookup(points, name, key):
 # ----------------------------------------------------------------------------- driver
 
 
+_claims = {}   # point_dir -> this runner's artifacts.ExclusiveLock on it
+
+
 def _claim(point_dir) -> bool:
-  """Claims a point for this process; False when a live runner on this host holds it."""
+  """Claims a point for this process (points/<name>/claim.json, the same exclusive-create
+  lock as a run's run.lock); False when a live runner holds it. A claim whose runner is gone
+  (same host, pid not running) is taken over."""
   os.makedirs(point_dir, exist_ok=True)
-  path = os.path.join(point_dir, 'claim.json')
-  me = {'host': socket.gethostname(), 'pid': os.getpid()}
-  for _ in range(2):
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-      try:
-        holder = _read_json(path)
-      except (OSError, ValueError):
-        holder = {}
-      if holder == me:
-        return True
-      if holder.get('host') == me['host'] and not _alive(holder.get('pid', -1)):
-        os.remove(path)   # its runner is gone (killed): take the point over
-        continue
-      return False
-    with os.fdopen(fd, 'w') as f:
-      json.dump(me, f)
-    return True
-  return False
-
-
-_alive = artifacts.pid_alive
+  lock = artifacts.ExclusiveLock(os.path.join(point_dir, 'claim.json'))
+  if not lock.try_acquire():
+    return False
+  _claims[point_dir] = lock
+  return True
 
 
 def _release(point_dir):
-  try:
-    os.remove(os.path.join(point_dir, 'claim.json'))
-  except FileNotFoundError:
-    pass
+  lock = _claims.pop(point_dir, None)
+  if lock is not None:
+    lock.release()
 
 
 def run_sweep(sweep_path, root, *, only=None) -> dict:

@@ -147,3 +147,26 @@ def test_results_from_before_the_column_fix_are_read_per_token(tmp_path):
   assert fixed['fgram_positions_per_token'] == 2.5
   new = {'fgram_positions_per_step': 2240.0, 'fgram_positions_per_token': 1.09375}
   assert sweep._fix_positions_column(new, str(tmp_path)) == new
+
+
+def test_claims_are_the_run_lock(tmp_path):
+  """A point's claim is artifacts.ExclusiveLock: held while its runner lives, taken over
+  when the runner is gone, and released for the next runner."""
+  from experiments import sweep  # pylint: disable=g-import-not-at-top
+  from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
+  point = str(tmp_path / 'p')
+  assert sweep._claim(point)
+  claim = json.load(open(os.path.join(point, 'claim.json')))
+  assert claim['pid'] == os.getpid() and claim['token']
+  other = artifacts.ExclusiveLock(os.path.join(point, 'claim.json'))
+  assert not other.try_acquire() and other.holder == claim   # a live holder keeps it
+  sweep._release(point)
+  assert not os.path.exists(os.path.join(point, 'claim.json'))
+  # A claim left by a runner that is gone (a pid that runs no process) is taken over.
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  with open(os.path.join(point, 'claim.json'), 'w') as f:
+    json.dump({'host': claim['host'], 'pid': int(dead)}, f)
+  assert sweep._claim(point)
+  assert json.load(open(os.path.join(point, 'claim.json')))['pid'] == os.getpid()
+  sweep._release(point)
