@@ -49,9 +49,9 @@ def _generator(point_dir, cfg):
 
 def analyze_point(point_dir, reference) -> dict:
   from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs'))
-  import from_json  # pylint: disable=g-import-not-at-top
-  cfg = from_json.get_config(os.path.join(point_dir, 'config.json'))
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  from_json = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'from_json.py')
+  cfg = configs.load(f'{from_json}:{os.path.join(point_dir, "config.json")}')
   run = artifacts.prepare_run(cfg, os.path.join(point_dir, 'run'))
   gen = _generator(point_dir, cfg)
   ev = gen.evaluate(run.heldout_docs, split_by=reference)

@@ -133,11 +133,8 @@ def generate_corpus(directory, num_words, *, seed=0, words_per_file=20_000_000,
 
 
 def _config(num_fgrams, max_len):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('bench_scone_config', _SCONE_CONFIG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config()
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  cfg = configs.load(_SCONE_CONFIG)
   cfg.fgrams.num_fgrams = num_fgrams
   cfg.fgrams.max_len = max_len
   return cfg

@@ -321,10 +321,8 @@ def eval_point(point_dir, eval_sets) -> None:
   from scone_jax import serving  # pylint: disable=g-import-not-at-top
   from scone_jax import train  # pylint: disable=g-import-not-at-top
   cfg_values = _read_json(os.path.join(point_dir, 'config.json'))
-  spec = importlib.util.spec_from_file_location('from_json', FROM_JSON)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config(os.path.join(point_dir, 'config.json'))
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  cfg = configs.load(f'{FROM_JSON}:{os.path.join(point_dir, "config.json")}')
   workdir = os.path.join(point_dir, 'run')
   run = artifacts.prepare_run(cfg, workdir)
   sets = {}
