@@ -16,7 +16,6 @@ line printed is one JSON object.
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
