@@ -10,8 +10,9 @@ gone), so they split the points between them in sweep order.
 
 A sweep file defines `get_sweep()` -> (base ConfigDict, [override dict, ...]). An override
 dict maps dotted config fields to values (`{'fgrams.num_fgrams': 4000, 'seed': 1}`) and may
-carry `name` (the point's directory; default: made from the overrides) and `group` (a name
-or a tuple of names: points plotted together against the field that varies among them). An optional module-level
+carry `name` (the point's directory; default: made from the overrides), `group` (a name
+or a tuple of names: points plotted together against the field that varies among them) and
+`code` (a label of the code that ran the point, shown in the table). An optional module-level
 `EVAL = {'heldout': True, 'wiki': 400_000, 'shakespeare': 400_000}` picks the eval sets
 (characters per out-of-domain corpus; default: the held-out split only).
 
@@ -50,7 +51,7 @@ FROM_JSON = os.path.join(REPO, 'experiments', 'configs', 'from_json.py')
 RESULT_FILE = 'result.json'
 FAILED_FILE = 'failed.json'
 CSV_FILE = 'results.csv'
-_SPECIAL = ('name', 'group')
+_SPECIAL = ('name', 'group', 'code')
 
 
 # ----------------------------------------------------------------------------- sweep files
@@ -379,8 +380,8 @@ def _rows(root, points):
     path = os.path.join(root, 'points', p['name'], RESULT_FILE)
     if not os.path.isfile(path):
       continue
-    r = _fix_positions_column(_read_json(path), os.path.dirname(path))
-    row = {'name': p['name'], 'group': '+'.join(p['group'])}
+    r = _read_json(path)
+    row = {'name': p['name'], 'group': '+'.join(p['group']), 'code': p.get('code', '')}
     for k, v in r.items():
       if k in ('evals', 'seconds'):
         continue
@@ -391,19 +392,6 @@ def _rows(root, points):
           row[f'{set_name}_{k}'] = ev[k]
     rows.append(row)
   return rows
-
-
-def _fix_positions_column(r, point_dir):
-  """Results written before the column was fixed stored positions per *step* under
-  `fgram_positions_per_token` (and no per-step field): convert them from the point's config."""
-  if 'fgram_positions_per_step' in r or 'fgram_positions_per_token' not in r:
-    return r
-  cfg = _read_json(os.path.join(point_dir, 'config.json'))
-  per_step = r['fgram_positions_per_token']
-  r = dict(r)
-  r['fgram_positions_per_step'] = per_step
-  r['fgram_positions_per_token'] = per_step / (cfg['batch_size'] * cfg['seq_len'])
-  return r
 
 
 def write_report(root, points):
@@ -428,7 +416,8 @@ def write_report(root, points):
 
 
 _MD_COLUMNS = (
-    ('point', 'name', '{}'), ('seed', 'seed', '{}'), ('main d×L', None, None),
+    ('point', 'name', '{}'), ('code', 'code', '{}'), ('seed', 'seed', '{}'),
+    ('main d×L', None, None),
     ('S', 'num_fgrams', '{:,}'), ('K', 'max_len', '{}'), ('f-gram layers', 'fgram_layers', '{}'),
     ('train tokens', 'train_tokens', '{:,}'), ('main params', 'params_main', '{:,}'),
     ('f-gram params', 'params_fgram_model', '{:,}'),
@@ -504,8 +493,8 @@ def _plots(root, rows, points):
       groups.setdefault(g, []).append(p)
   for group, members in sorted(groups.items()):
     key = _varying_key(members)
-    if key is None:
-      continue
+    if key is None or sum(p['name'] in by_name for p in members) < 2:
+      continue   # nothing to compare yet
     column = _X_COLUMN.get(key, None)
     fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 3.6), squeeze=False)
     for seed in sorted({by_name[p['name']]['seed'] for p in members if p['name'] in by_name}):
@@ -541,6 +530,26 @@ def _plots(root, rows, points):
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(root, 'ppl_vs_inference_flops.png'), dpi=110)
+  plt.close(fig)
+
+  # The training-compute view: ppl vs training FLOPs (the whole run), baselines and SCONE.
+  fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 3.6), squeeze=False)
+  for ax, s in zip(axes[0], sets):
+    for scone, marker, label in ((False, 's', 'baseline'), (True, 'o', 'SCONE')):
+      pts = [(r['train_flops'], r[f'{s}_ppl'], r['name']) for r in rows
+             if bool(r['scone']) == scone and f'{s}_ppl' in r and r.get('train_flops')]
+      if pts:
+        ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], marker=marker, label=label,
+                   alpha=0.8)
+        for x, y, name in pts:
+          ax.annotate(name, (x, y), fontsize=4, alpha=0.7)
+    ax.set_xscale('log')
+    ax.set_xlabel('training FLOPs (whole run)')
+    ax.set_ylabel(f'{s} ppl')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(root, 'ppl_vs_training_flops.png'), dpi=110)
   plt.close(fig)
 
   # Learning curves: held-out ppl vs training tokens, every point.

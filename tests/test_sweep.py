@@ -136,19 +136,6 @@ def test_sweep_runs_resumes_and_survives_a_failing_point(corpus_dir, tmp_path):
   assert _csv(killed) == rows
 
 
-def test_results_from_before_the_column_fix_are_read_per_token(tmp_path):
-  """Old result.json files stored positions per step under fgram_positions_per_token."""
-  from experiments import sweep  # pylint: disable=g-import-not-at-top
-  with open(tmp_path / 'config.json', 'w') as f:
-    json.dump({'batch_size': 16, 'seq_len': 128}, f)
-  old = {'fgram_positions_per_token': 5120.0, 'evals': {}}
-  fixed = sweep._fix_positions_column(old, str(tmp_path))
-  assert fixed['fgram_positions_per_step'] == 5120.0
-  assert fixed['fgram_positions_per_token'] == 2.5
-  new = {'fgram_positions_per_step': 2240.0, 'fgram_positions_per_token': 1.09375}
-  assert sweep._fix_positions_column(new, str(tmp_path)) == new
-
-
 def test_claims_are_the_run_lock(tmp_path):
   """A point's claim is artifacts.ExclusiveLock: held while its runner lives, taken over
   when the runner is gone, and released for the next runner."""

@@ -28,6 +28,11 @@ M = {'model.d_model': 256, 'model.num_layers': 4, 'model.num_heads': 4, 'model.h
 BASELINE = {'fgrams.enabled': False, 'fgrams.num_fgrams': 0}
 
 
+# Labels of the code a point ran on (the table's `code` column).
+OLD = {'code': 'db65f5e'}          # f-gram windows padded to K, in-memory input
+NEW = {'code': 'packed'}           # 0d9d4db and later: packed windows, token-shard input
+
+
 def _scone(num_fgrams=16_000, **kw):
   return {**XS, 'fgrams.enabled': True, 'fgrams.num_fgrams': num_fgrams, **kw}
 
@@ -55,49 +60,49 @@ def get_sweep():
       # --- Run on the code as it ships (token-shard input, f-gram windows packed into
       # fgram_model.pack_len rows); listed first so runners take them first.
       # The crossover, trained 3x longer (curves every 100 steps) ...
-      {'name': 'scone_xs_16k_long', **_scone(),
+      {**NEW, 'name': 'scone_xs_16k_long', **_scone(),
        'num_train_steps': LONG_STEPS},
       # ... and the baseline given the long SCONE run's training FLOPs: SCONE-XS costs
       # 8.32 vs 5.70 MFLOPs per training token with packed windows, 1,800 x 8.32 / 5.70
       # = 2,627 steps.
-      {'name': 'base_xs_long_flops', **XS, **BASELINE, 'num_train_steps': LONG_FLOPS_STEPS},
+      {**NEW, 'name': 'base_xs_long_flops', **XS, **BASELINE, 'num_train_steps': LONG_FLOPS_STEPS},
       # max_len K at S = 16k (K = 5 is scone_xs_16k_s0 / scone_xs_16k_s0_v2).
-      {'name': 'scone_xs_16k_k2', 'group': 'max_len', **_scone(), 'fgrams.max_len': 2},
-      {'name': 'scone_xs_16k_k3', 'group': 'max_len', **_scone(), 'fgrams.max_len': 3},
-      {'name': 'scone_xs_16k_k4', 'group': 'max_len', **_scone(), 'fgrams.max_len': 4},
-      {'name': 'scone_xs_16k_k6', 'group': 'max_len', **_scone(), 'fgrams.max_len': 6},
+      {**NEW, 'name': 'scone_xs_16k_k2', 'group': 'max_len', **_scone(), 'fgrams.max_len': 2},
+      {**NEW, 'name': 'scone_xs_16k_k3', 'group': 'max_len', **_scone(), 'fgrams.max_len': 3},
+      {**NEW, 'name': 'scone_xs_16k_k4', 'group': 'max_len', **_scone(), 'fgrams.max_len': 4},
+      {**NEW, 'name': 'scone_xs_16k_k6', 'group': 'max_len', **_scone(), 'fgrams.max_len': 6},
       # The headline pair rerun on today's code (same configs as base_xs_s* / scone_xs_16k_s*,
       # whose rows were produced by commit db65f5e: padded windows, in-memory input).
-      {'name': 'base_xs_s0_v2', **XS, **BASELINE, 'seed': 0},
-      {'name': 'scone_xs_16k_s0_v2', 'group': 'max_len', **_scone(), 'seed': 0},
-      {'name': 'base_xs_s1_v2', **XS, **BASELINE, 'seed': 1},
-      {'name': 'scone_xs_16k_s1_v2', **_scone(), 'seed': 1},
+      {**NEW, 'name': 'base_xs_s0_v2', **XS, **BASELINE, 'seed': 0},
+      {**NEW, 'name': 'scone_xs_16k_s0_v2', 'group': 'max_len', **_scone(), 'seed': 0},
+      {**NEW, 'name': 'base_xs_s1_v2', **XS, **BASELINE, 'seed': 1},
+      {**NEW, 'name': 'scone_xs_16k_s1_v2', **_scone(), 'seed': 1},
       # --- Run by commit db65f5e (f-gram windows padded to K, in-memory input): the rows
       # the study first reported, kept as they are.
       # Headline pair, two seeds each (seed = init and data order, shared by the pair).
-      {'name': 'base_xs_s0', 'group': 'size', **XS, **BASELINE, 'seed': 0},
-      {'name': 'scone_xs_16k_s0', 'group': ('count', 'fgram_model'), **_scone(), 'seed': 0},
-      {'name': 'base_xs_s1', 'group': 'size', **XS, **BASELINE, 'seed': 1},
-      {'name': 'scone_xs_16k_s1', 'group': ('count', 'fgram_model'), **_scone(), 'seed': 1},
-      {'name': 'base_xs_long', **XS, **BASELINE,
+      {**OLD, 'name': 'base_xs_s0', 'group': 'size', **XS, **BASELINE, 'seed': 0},
+      {**OLD, 'name': 'scone_xs_16k_s0', 'group': ('count', 'fgram_model'), **_scone(), 'seed': 0},
+      {**OLD, 'name': 'base_xs_s1', 'group': 'size', **XS, **BASELINE, 'seed': 1},
+      {**OLD, 'name': 'scone_xs_16k_s1', 'group': ('count', 'fgram_model'), **_scone(), 'seed': 1},
+      {**OLD, 'name': 'base_xs_long', **XS, **BASELINE,
        'num_train_steps': LONG_STEPS},
       # Number of f-grams at a fixed f-gram model (and 16k from the pair above).
-      {'name': 'scone_xs_1k', 'group': 'count', **_scone(1_000)},
-      {'name': 'scone_xs_64k', 'group': 'count', **_scone(64_000)},
-      {'name': 'scone_xs_4k', 'group': 'count', **_scone(4_000)},
+      {**OLD, 'name': 'scone_xs_1k', 'group': 'count', **_scone(1_000)},
+      {**OLD, 'name': 'scone_xs_64k', 'group': 'count', **_scone(64_000)},
+      {**OLD, 'name': 'scone_xs_4k', 'group': 'count', **_scone(4_000)},
       # F-gram model size at S = 16k (2 layers is scone_xs_16k_s0).
-      {'name': 'scone_xs_16k_fg1', 'group': 'fgram_model', **_scone(),
+      {**OLD, 'name': 'scone_xs_16k_fg1', 'group': 'fgram_model', **_scone(),
        'fgram_model.num_layers': 1},
-      {'name': 'scone_xs_16k_fg4', 'group': 'fgram_model', **_scone(),
+      {**OLD, 'name': 'scone_xs_16k_fg4', 'group': 'fgram_model', **_scone(),
        'fgram_model.num_layers': 4},
       # Bigger baselines: ppl vs inference FLOPs.
-      {'name': 'base_s', 'group': 'size', **S, **BASELINE},
+      {**OLD, 'name': 'base_s', 'group': 'size', **S, **BASELINE},
       # The baseline given SCONE-XS's training FLOPs: scone_xs_16k_s0 measured 11.62 vs
       # 5.70 MFLOPs per token (the f-gram model ran 2.5 padded window positions per token),
       # 2.04x.
-      {'name': 'base_xs_flops', **XS, **BASELINE, 'num_train_steps': 1225},
+      {**OLD, 'name': 'base_xs_flops', **XS, **BASELINE, 'num_train_steps': 1225},
       # --- Not run yet (left for a machine with more cores).
-      {'name': 'scone_xs_256k', 'group': 'count', **_scone(256_000)},
-      {'name': 'base_m', 'group': 'size', **M, **BASELINE},
+      {**NEW, 'name': 'scone_xs_256k', 'group': 'count', **_scone(256_000)},
+      {**NEW, 'name': 'base_m', 'group': 'size', **M, **BASELINE},
   ]
   return c, points
