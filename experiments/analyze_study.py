@@ -12,11 +12,17 @@ back before a row's start) would have given, the table rows' norm against the to
 f-gram model's output scale relative to T) and how often the set's f-grams occur in the
 training corpus. Writes ROOT/analysis.json and ROOT/loss_by_match_length.png; the last
 line printed is one JSON object.
+
+  python -m experiments.analyze_study --root=... --fgram_counts [--shared_from=DIR,...]
+
+needs no run/ directory: for every finished SCONE point, how often its f-grams occur in the
+training split (min / 10th percentile / median / max of the set's counts), from the
+point's own fgrams.npz or a shared extraction (ROOT/shared, or --shared_from) whose first
+S ids have the fingerprint the point's result.json records. Writes ROOT/fgram_counts.json.
 """
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -49,9 +55,9 @@ def _generator(point_dir, cfg):
 
 def analyze_point(point_dir, reference) -> dict:
   from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs'))
-  import from_json  # pylint: disable=g-import-not-at-top
-  cfg = from_json.get_config(os.path.join(point_dir, 'config.json'))
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  from_json = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'from_json.py')
+  cfg = configs.load(f'{from_json}:{os.path.join(point_dir, "config.json")}')
   run = artifacts.prepare_run(cfg, os.path.join(point_dir, 'run'))
   gen = _generator(point_dir, cfg)
   ev = gen.evaluate(run.heldout_docs, split_by=reference)
@@ -80,13 +86,66 @@ def analyze_point(point_dir, reference) -> dict:
   return out
 
 
+def _find_set(point_dir, result, shared_dirs):
+  from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
+  want, n = result['fgram_fingerprint'], result['num_fgrams']
+  own = os.path.join(point_dir, 'fgrams.npz')
+  candidates = [own] if os.path.isfile(own) else []
+  for d in shared_dirs:
+    if os.path.isdir(d):
+      candidates += sorted(os.path.join(d, f) for f in os.listdir(d)
+                           if f.startswith('fgrams-') and f.endswith('.npz'))
+  for path in candidates:
+    fs = fgrams.FGramSet.load(path)
+    if len(fs) >= n and fs.top(n).fingerprint == want:
+      return fs.top(n), path
+  return None, None
+
+
+def fgram_counts(root, shared_dirs) -> dict:
+  points_dir = os.path.join(root, 'points')
+  out = {}
+  for name in sorted(os.listdir(points_dir)):
+    path = os.path.join(points_dir, name, 'result.json')
+    if not os.path.isfile(path):
+      continue
+    with open(path) as f:
+      result = json.load(f)
+    if not result.get('scone'):
+      continue
+    fs, source = _find_set(os.path.join(points_dir, name), result,
+                           [os.path.join(root, 'shared'), *shared_dirs])
+    if fs is None:
+      print(f'{name}: no f-gram set with fingerprint {result["fgram_fingerprint"][:12]} found; '
+            'skipped', flush=True)
+      continue
+    counts = np.asarray(fs.counts)
+    out[name] = {'num_fgrams': len(fs), 'max_len': result['max_len'],
+                 'fingerprint': fs.fingerprint, 'count_min': int(counts.min()),
+                 'count_p10': float(np.percentile(counts, 10)),
+                 'count_median': float(np.median(counts)), 'count_max': int(counts.max()),
+                 'source': os.path.basename(source)}
+    print(name, json.dumps(out[name]), flush=True)
+  with open(os.path.join(root, 'fgram_counts.json'), 'w') as f:
+    json.dump(out, f, indent=2, sort_keys=True)
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--root', required=True)
   parser.add_argument('--reference', default='scone_xs_16k_s0',
                       help='point whose f-gram set splits the positions')
   parser.add_argument('--points', default='', help='comma-separated; default: all finished')
+  parser.add_argument('--fgram_counts', action='store_true',
+                      help='only the f-gram count statistics (no run/ directory needed)')
+  parser.add_argument('--shared_from', default='',
+                      help='comma-separated directories holding shared extractions')
   args = parser.parse_args(argv)
+  if args.fgram_counts:
+    out = fgram_counts(args.root, [d for d in args.shared_from.split(',') if d])
+    print(json.dumps({'fgram_counts': out}))
+    return
   from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
   points_dir = os.path.join(args.root, 'points')
   reference = fgrams.FGramSet.load(os.path.join(points_dir, args.reference, 'fgrams.npz'))

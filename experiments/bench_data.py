@@ -13,8 +13,12 @@ SentencePiece tokens; the small corpus is a prefix of the large one):
     and per CPU second, in a fresh process per corpus, which also reports its peak RSS
     (does memory grow with the corpus?);
   * overlap: SCONE train steps (experiments/configs/scone.py) fed by the real input (batches
-    built ahead in background threads) vs the same batches already in memory, same
-    process, interleaved rounds; ratio = in-memory step time / real-input step time;
+    built ahead in background threads) vs the same batches already in memory, and the
+    control: the real input built inline (prefetch 0), same process, rotated rounds;
+    overlap_ratio = in-memory step time / real-input step time, control_ratio = in-memory /
+    inline. Twice: the CPU config (a step of hundreds of host batch times, where even no
+    overlap reads near 1) and `SMALL_MODEL` (a step a few host batch times, where input
+    decides the step rate): prefetch works where overlap_ratio beats control_ratio;
   * CLI `--mode=train` runs of a few steps from each corpus's shards (`data.train_shards`,
     with the tokenizer and f-gram set given, so no process reads the training text), and
     their peak RSS.
@@ -144,12 +148,9 @@ def generate_corpus(directory, num_words, *, seed=0, words_per_file=20_000_000,
 # ----------------------------------------------------------------------------- measurements
 
 
-def _config(num_fgrams, max_len):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('bench_scone_config', _SCONE_CONFIG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config()
+def _config(num_fgrams, max_len, overrides=()):
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  cfg = configs.load(_SCONE_CONFIG, overrides)
   cfg.fgrams.num_fgrams = num_fgrams
   cfg.fgrams.max_len = max_len
   return cfg
@@ -197,15 +198,27 @@ def _in_subprocess(fn_name, *args):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# A step only a few times the host's batch-building time, where overlap decides the step
+# rate: the main and f-gram models shrunk to one narrow block (the vocabulary's logits
+# remain the bulk of the step).
+SMALL_MODEL = ('model.d_model=16', 'model.num_layers=1', 'model.num_heads=1',
+               'model.head_dim=16', 'model.mlp_dim=32', 'fgram_model.num_layers=1',
+               'fgram_model.num_heads=1', 'fgram_model.head_dim=16', 'fgram_model.mlp_dim=32')
+
+
 def overlap(shards_dir, fgram_path, tokenizer_path, steps, rounds, num_fgrams, max_len,
-            prefetch, workers):
-  """SCONE train-step time with the real input vs the same batches in memory."""
+            prefetch, workers, overrides=()):
+  """SCONE train-step time with the real input (built `prefetch` ahead in background
+  threads) vs the same batches already in memory, and the control that shows what no
+  overlap looks like: the real input built inline (prefetch 0). overlap_ratio and
+  control_ratio are in-memory step time over each; the first must beat the second by
+  about the host batch time's share of a step, or the prefetch does not overlap."""
   import jax  # pylint: disable=g-import-not-at-top
   from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
   from scone_jax import packing  # pylint: disable=g-import-not-at-top
   from scone_jax import step_batch  # pylint: disable=g-import-not-at-top
   from scone_jax import train  # pylint: disable=g-import-not-at-top
-  cfg = _config(num_fgrams, max_len)
+  cfg = _config(num_fgrams, max_len, overrides)
   tok = corpus.Tokenizer(tokenizer_path)
   cfg.tokenizer.vocab_size = tok.vocab_size
   fgram_set = fgrams.FGramSet.load(fgram_path)
@@ -234,24 +247,33 @@ def overlap(shards_dir, fgram_path, tokenizer_path, steps, rounds, num_fgrams, m
     if sb['fgram_tokens'].shape not in shapes:
       shapes.add(sb['fgram_tokens'].shape)
       run_steps([sb])
-  real, memory = [], []
+  real, memory, inline = [], [], []
   for r in range(rounds):
     steps_r = range(first, first + steps)
     first += steps
     in_memory = [build(s) for s in steps_r]
-    for variant in ((0, 1) if r % 2 == 0 else (1, 0)):   # alternate, so drift cancels
+    # Rotate the order each round, so drift and warm caches favour no variant.
+    for variant in [(0, 1, 2), (1, 2, 0), (2, 0, 1)][r % 3]:
       if variant == 0:
         memory.append(run_steps(in_memory))
-      else:
+      elif variant == 1:
         real.append(run_steps(packing.ahead(build, steps_r, prefetch=prefetch,
                                             workers=workers)))
-    logging.info('overlap round %d: in memory %.3f s, real input %.3f s', r, memory[-1],
-                 real[-1])
+      else:
+        inline.append(run_steps(packing.ahead(build, steps_r, prefetch=0)))
+    logging.info('overlap round %d: in memory %.3f s, real input %.3f s, inline %.3f s', r,
+                 memory[-1], real[-1], inline[-1])
+  host_ms = 1e3 * _time_builds(build, 20)
+  step_s = sum(memory) / (rounds * steps)
   return {'steps_per_round': steps, 'rounds': rounds, 'prefetch': prefetch,
-          'workers': workers, 'step_s_real_input': round(sum(real) / (rounds * steps), 5),
-          'step_s_in_memory': round(sum(memory) / (rounds * steps), 5),
+          'workers': workers, 'model_overrides': list(overrides),
+          'step_s_real_input': round(sum(real) / (rounds * steps), 5),
+          'step_s_in_memory': round(step_s, 5),
+          'step_s_inline_control': round(sum(inline) / (rounds * steps), 5),
           'overlap_ratio': round(sum(memory) / sum(real), 4),
-          'host_batch_ms': round(1e3 * _time_builds(build, 20), 2)}
+          'control_ratio': round(sum(memory) / sum(inline), 4),
+          'host_batch_ms': round(host_ms, 2),
+          'step_over_host_batch': round(1e3 * step_s / host_ms, 1)}
 
 
 def _time_builds(build, n):
@@ -561,11 +583,15 @@ def main():
                                           rates['large']['peak_rss_mb']]
 
   # 5. Overlap of input and step, on the large corpus.
+  # Two regimes: the CPU config's step (~1 s, hundreds of host batch times: overlap can
+  # hardly show there) and a small model whose step is a few host batch times.
   data = _config(args.num_fgrams, args.max_len).data
-  result['overlap'] = _in_subprocess('overlap', os.path.join(work, 'shards-large'), fgram_path,
-                                     tok_path, args.overlap_steps, args.overlap_rounds,
-                                     args.num_fgrams, args.max_len, data.prefetch, data.workers)
-  logging.info('overlap: %s', result['overlap'])
+  for key, overrides in (('overlap', ()), ('overlap_small_model', SMALL_MODEL)):
+    result[key] = _in_subprocess('overlap', os.path.join(work, 'shards-large'), fgram_path,
+                                 tok_path, args.overlap_steps, args.overlap_rounds,
+                                 args.num_fgrams, args.max_len, data.prefetch, data.workers,
+                                 overrides)
+    logging.info('%s: %s', key, result[key])
 
   # 6. The CLI trains from the large corpus's shards.
   eval_path = os.path.join(work, 'eval.txt')

@@ -48,20 +48,8 @@ from scone_jax import train  # pylint: disable=g-import-not-at-top
 
 
 def _load_config(path, overrides):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config()
-  for item in overrides:
-    key, value = item.split('=', 1)
-    node = cfg
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else (
-        value.lower() in ('1', 'true'))
-  return cfg
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  return configs.load(path, overrides)
 
 
 # The scheme before packing: each unique window alone in a row of K slots, the unique-row

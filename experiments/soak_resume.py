@@ -67,11 +67,8 @@ def _final_params(config_path, workdir):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
   from scone_jax import train  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('soak_cfg', config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  cfg = configs.load(config_path)
   run = artifacts.prepare_run(cfg, workdir)
   trainer = train.load_for_eval(cfg, workdir, run)
   import jax  # pylint: disable=g-import-not-at-top

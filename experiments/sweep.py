@@ -10,8 +10,9 @@ gone), so they split the points between them in sweep order.
 
 A sweep file defines `get_sweep()` -> (base ConfigDict, [override dict, ...]). An override
 dict maps dotted config fields to values (`{'fgrams.num_fgrams': 4000, 'seed': 1}`) and may
-carry `name` (the point's directory; default: made from the overrides) and `group` (a name
-or a tuple of names: points plotted together against the field that varies among them). An optional module-level
+carry `name` (the point's directory; default: made from the overrides), `group` (a name
+or a tuple of names: points plotted together against the field that varies among them) and
+`code` (a label of the code that ran the point, shown in the table). An optional module-level
 `EVAL = {'heldout': True, 'wiki': 400_000, 'shakespeare': 400_000}` picks the eval sets
 (characters per out-of-domain corpus; default: the held-out split only).
 
@@ -37,7 +38,6 @@ import importlib.util
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -51,7 +51,7 @@ FROM_JSON = os.path.join(REPO, 'experiments', 'configs', 'from_json.py')
 RESULT_FILE = 'result.json'
 FAILED_FILE = 'failed.json'
 CSV_FILE = 'results.csv'
-_SPECIAL = ('name', 'group')
+_SPECIAL = ('name', 'group', 'code')
 
 
 # ----------------------------------------------------------------------------- sweep files
@@ -300,7 +300,10 @@ def _result(cfg, evaluation, metrics, seconds) -> dict:
       'fgram_layers': c.fgram_model.num_layers if c.fgrams.enabled else 0,
       'train_tokens': train_tokens,
       'train_flops': acc['train_flops_per_token'] * train_tokens,
-      'fgram_positions_per_token': positions,
+      # Window positions the f-gram model executed: per step (as the trainer logs them) and
+      # per training token (the figure the FLOPs are counted from).
+      'fgram_positions_per_step': positions,
+      'fgram_positions_per_token': positions / tokens_per_step,
       'final_train_loss': metrics['train'].get('train/loss'),
       **acc,
       'evals': evaluation['evals'],
@@ -319,10 +322,8 @@ def eval_point(point_dir, eval_sets) -> None:
   from scone_jax import serving  # pylint: disable=g-import-not-at-top
   from scone_jax import train  # pylint: disable=g-import-not-at-top
   cfg_values = _read_json(os.path.join(point_dir, 'config.json'))
-  spec = importlib.util.spec_from_file_location('from_json', FROM_JSON)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config(os.path.join(point_dir, 'config.json'))
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  cfg = configs.load(f'{FROM_JSON}:{os.path.join(point_dir, "config.json")}')
   workdir = os.path.join(point_dir, 'run')
   run = artifacts.prepare_run(cfg, workdir)
   sets = {}
@@ -380,7 +381,7 @@ def _rows(root, points):
     if not os.path.isfile(path):
       continue
     r = _read_json(path)
-    row = {'name': p['name'], 'group': '+'.join(p['group'])}
+    row = {'name': p['name'], 'group': '+'.join(p['group']), 'code': p.get('code', '')}
     for k, v in r.items():
       if k in ('evals', 'seconds'):
         continue
@@ -415,7 +416,8 @@ def write_report(root, points):
 
 
 _MD_COLUMNS = (
-    ('point', 'name', '{}'), ('seed', 'seed', '{}'), ('main d×L', None, None),
+    ('point', 'name', '{}'), ('code', 'code', '{}'), ('seed', 'seed', '{}'),
+    ('main d×L', None, None),
     ('S', 'num_fgrams', '{:,}'), ('K', 'max_len', '{}'), ('f-gram layers', 'fgram_layers', '{}'),
     ('train tokens', 'train_tokens', '{:,}'), ('main params', 'params_main', '{:,}'),
     ('f-gram params', 'params_fgram_model', '{:,}'),
@@ -491,8 +493,8 @@ def _plots(root, rows, points):
       groups.setdefault(g, []).append(p)
   for group, members in sorted(groups.items()):
     key = _varying_key(members)
-    if key is None:
-      continue
+    if key is None or sum(p['name'] in by_name for p in members) < 2:
+      continue   # nothing to compare yet
     column = _X_COLUMN.get(key, None)
     fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 3.6), squeeze=False)
     for seed in sorted({by_name[p['name']]['seed'] for p in members if p['name'] in by_name}):
@@ -530,6 +532,26 @@ def _plots(root, rows, points):
   fig.savefig(os.path.join(root, 'ppl_vs_inference_flops.png'), dpi=110)
   plt.close(fig)
 
+  # The training-compute view: ppl vs training FLOPs (the whole run), baselines and SCONE.
+  fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 3.6), squeeze=False)
+  for ax, s in zip(axes[0], sets):
+    for scone, marker, label in ((False, 's', 'baseline'), (True, 'o', 'SCONE')):
+      pts = [(r['train_flops'], r[f'{s}_ppl'], r['name']) for r in rows
+             if bool(r['scone']) == scone and f'{s}_ppl' in r and r.get('train_flops')]
+      if pts:
+        ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], marker=marker, label=label,
+                   alpha=0.8)
+        for x, y, name in pts:
+          ax.annotate(name, (x, y), fontsize=4, alpha=0.7)
+    ax.set_xscale('log')
+    ax.set_xlabel('training FLOPs (whole run)')
+    ax.set_ylabel(f'{s} ppl')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(root, 'ppl_vs_training_flops.png'), dpi=110)
+  plt.close(fig)
+
   # Learning curves: held-out ppl vs training tokens, every point.
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   for r in rows:
@@ -562,39 +584,25 @@ def _lookup(points, name, key):
 # ----------------------------------------------------------------------------- driver
 
 
+_claims = {}   # point_dir -> this runner's artifacts.ExclusiveLock on it
+
+
 def _claim(point_dir) -> bool:
-  """Claims a point for this process; False when a live runner on this host holds it."""
+  """Claims a point for this process (points/<name>/claim.json, the same exclusive-create
+  lock as a run's run.lock); False when a live runner holds it. A claim whose runner is gone
+  (same host, pid not running) is taken over."""
   os.makedirs(point_dir, exist_ok=True)
-  path = os.path.join(point_dir, 'claim.json')
-  me = {'host': socket.gethostname(), 'pid': os.getpid()}
-  for _ in range(2):
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-      try:
-        holder = _read_json(path)
-      except (OSError, ValueError):
-        holder = {}
-      if holder == me:
-        return True
-      if holder.get('host') == me['host'] and not _alive(holder.get('pid', -1)):
-        os.remove(path)   # its runner is gone (killed): take the point over
-        continue
-      return False
-    with os.fdopen(fd, 'w') as f:
-      json.dump(me, f)
-    return True
-  return False
-
-
-_alive = artifacts.pid_alive
+  lock = artifacts.ExclusiveLock(os.path.join(point_dir, 'claim.json'))
+  if not lock.try_acquire():
+    return False
+  _claims[point_dir] = lock
+  return True
 
 
 def _release(point_dir):
-  try:
-    os.remove(os.path.join(point_dir, 'claim.json'))
-  except FileNotFoundError:
-    pass
+  lock = _claims.pop(point_dir, None)
+  if lock is not None:
+    lock.release()
 
 
 def run_sweep(sweep_path, root, *, only=None) -> dict:

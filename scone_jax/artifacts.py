@@ -121,21 +121,22 @@ def check_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     logging.info('resuming with a changed schedule: %s', line)
 
 
-class RunLock:
-  """One writer per run directory: `run.lock` names the holder (host, pid, start time).
+class ExclusiveLock:
+  """A lock file created exclusively, naming its holder (host, pid, start time, token).
 
-  A second trainer on the same workdir is refused; a lock left by a process that is gone
-  (same host, pid not running) is taken over. On several processes, process 0 holds it.
-  Local and gs:// alike: the lock is created exclusively (O_EXCL; on Cloud Storage an upload
-  that fails if the object exists). A holder on another host cannot be checked, so its lock
-  stays until someone deletes it.
+  Local and gs:// alike (O_EXCL; on Cloud Storage an upload that fails if the object
+  exists), so of several processes racing exactly one wins. A lock left by a process that
+  is gone (same host, pid not running) is taken over; a holder on another host cannot be
+  checked, so its lock stays until someone deletes it. The run lock (`RunLock`) and the
+  sweep's point claims are both this.
   """
 
-  def __init__(self, workdir: str):
-    self.path = paths.join(workdir, LOCK_FILE)
+  def __init__(self, path: str):
+    self.path = path
+    self.holder = {}   # who held it when try_acquire last failed
     self._held = False
 
-  def acquire(self) -> 'RunLock':
+  def try_acquire(self) -> bool:
     import os  # pylint: disable=g-import-not-at-top
     import socket  # pylint: disable=g-import-not-at-top
     import uuid  # pylint: disable=g-import-not-at-top
@@ -147,7 +148,7 @@ class RunLock:
       holder = me if created else self._holder()
       if holder == me:  # also when gcsfs retried our upload after a lost response (412)
         self._held = True
-        return self
+        return True
       if holder.get('host') == me['host'] and not pid_alive(holder.get('pid')):
         logging.warning('taking over the stale lock %s of process %s (no longer running)',
                         self.path, holder.get('pid'))
@@ -156,12 +157,10 @@ class RunLock:
         except FileNotFoundError:
           pass
         continue
-      raise RuntimeError(
-          f'{self.path}: another training process (host {holder.get("host")}, pid '
-          f'{holder.get("pid")}, started {holder.get("start")}) is writing this run; wait '
-          'for it or stop it, or use another --workdir. If it is dead on another host, '
-          'delete the lock file.') from None
-    raise RuntimeError(f'{self.path}: could not take the run lock; try again.')
+      self.holder = holder
+      return False
+    self.holder = {}
+    return False
 
   def _holder(self) -> dict:
     try:
@@ -176,6 +175,26 @@ class RunLock:
       except (FileNotFoundError, OSError):
         pass
       self._held = False
+
+
+class RunLock(ExclusiveLock):
+  """One writer per run directory: `run.lock` (an `ExclusiveLock`). A second trainer on the
+  same workdir is refused; on several processes, process 0 holds it."""
+
+  def __init__(self, workdir: str):
+    super().__init__(paths.join(workdir, LOCK_FILE))
+
+  def acquire(self) -> 'RunLock':
+    if self.try_acquire():
+      return self
+    holder = self.holder
+    if not holder:
+      raise RuntimeError(f'{self.path}: could not take the run lock; try again.')
+    raise RuntimeError(
+        f'{self.path}: another training process (host {holder.get("host")}, pid '
+        f'{holder.get("pid")}, started {holder.get("start")}) is writing this run; wait '
+        'for it or stop it, or use another --workdir. If it is dead on another host, '
+        'delete the lock file.') from None
 
   def __enter__(self):
     return self.acquire()

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from scone_jax import paths
@@ -168,25 +169,47 @@ def _try_step(directory, step, restore_step, select, expected):
   """The restored items of one step, or the exception that shows it damaged.
 
   Raises (does not return) a structure mismatch: that is another model, not damage.
+  Multi-host: each process reads its own part of the step, so one may fail where another
+  succeeds (a truncated shard file only it reads). The verdict is agreed before anything
+  else happens (`_agree_damaged`): a step one process cannot read is damaged for all, so
+  every process skips (and sets aside) the same steps and restores the same one.
   """
   where = paths.join(directory, str(step))
+  error = None
   try:
     stored = _stored_metadata(directory, step)
   except Exception as e:  # pylint: disable=broad-except
-    return e
-  if expected is not None:
+    error = e
+  if error is None and expected is not None:
     try:
       stored = select(stored)
     except (KeyError, TypeError, IndexError):
       stored = {}
     check_structure(stored, expected, where)
+  restored = tree = None
+  if error is None:
+    try:
+      restored, tree = restore_step(step)
+    except Exception as e:  # pylint: disable=broad-except
+      # orbax raises many kinds for a truncated or corrupt checkpoint.
+      error = e
+  if _agree_damaged(error is not None):
+    return error or RuntimeError('another process could not read its part of it')
   try:
-    restored, tree = restore_step(step)
-    check_finite(tree, where)
-  except Exception as e:  # pylint: disable=broad-except
-    # orbax raises many kinds for a truncated or corrupt checkpoint.
+    check_finite(tree, where)   # on global arrays: every process takes part, same answer
+  except ValueError as e:
     return e
   return restored
+
+
+def _agree_damaged(damaged_here: bool) -> bool:
+  """One decision for every process: damaged if any process found it so. Each process's
+  verdict is gathered to all (a collective every process reaches once per step tried)."""
+  if jax.process_count() == 1:
+    return damaged_here
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  verdicts = multihost_utils.process_allgather(np.array([int(damaged_here)], np.int32))
+  return bool(np.asarray(verdicts).any())
 
 
 def _forget(mngr, moved):

@@ -13,6 +13,7 @@ config (tokenizer.vocab_size, fgrams.num_fgrams).
 """
 import dataclasses
 import logging
+import os
 import re
 import time
 
@@ -59,6 +60,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
   Needs libtpu (pip install -e '.[tpu]'), not a TPU: the devices only compile.
   """
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  _allow_beside_other_libtpu_processes()
   generation, dims = _parse_topology(topology)
   kwargs = {'chip_config_name': 'megacore' if generation in _MEGACORE else 'default',
             'num_slices': int(num_slices)}
@@ -68,6 +70,8 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
   try:
     desc = topologies.get_topology_desc(topology, platform='tpu', **kwargs)
   except RuntimeError as e:
+    if 'lockfile' in str(e).lower():
+      raise RuntimeError(_lockfile_error(topology)) from e
     if 'not installed' in str(e) or 'libtpu' in str(e).lower():
       raise RuntimeError(f'compiling for TPU topology {topology} needs libtpu on this host '
                          f'({e}); install it with pip install -e ".[tpu]".') from e
@@ -75,6 +79,43 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
                      f'libtpu: {_first_line(e)}; use a name such as v5e:2x2, v5e:4x4, '
                      'v5p:2x2x1 or v4:4x4x4.') from e
   return list(desc.devices)
+
+
+# libtpu takes a host-wide lockfile when it loads, so that two processes never drive one TPU;
+# every scone_jax process on a host with the `tpu` extra (a server, a trainer) holds it.
+# Compiling for a topology drives no TPU, so a compile runs beside them: libtpu reads
+# ALLOW_MULTIPLE_LIBTPU_LOAD when it loads (an explicit 0 is left alone).
+LIBTPU_LOCKFILE = '/tmp/libtpu_lockfile'
+
+
+def _allow_beside_other_libtpu_processes():
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+
+def lockfile_holders(path: str = LIBTPU_LOCKFILE) -> list:
+  """'pid (command line)' of every process of this host with the file open (Linux /proc)."""
+  holders = []
+  for pid in sorted((p for p in os.listdir('/proc') if p.isdigit()), key=int) if os.path.isdir(
+      '/proc') else []:
+    try:
+      fds = os.listdir(f'/proc/{pid}/fd')
+      if not any(os.readlink(f'/proc/{pid}/fd/{fd}') == path for fd in fds):
+        continue
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        cmd = ' '.join(f.read().replace(b'\0', b' ').decode(errors='replace').split())
+    except OSError:
+      continue   # gone meanwhile, or not ours to read
+    holders.append(f'{pid} ({cmd[:120]})')
+  return holders
+
+
+def _lockfile_error(topology: str) -> str:
+  holders = lockfile_holders()
+  held = ('held by process ' + ', '.join(holders)) if holders else 'held by another process'
+  return (f'compiling for TPU topology {topology}: libtpu could not take its lockfile '
+          f'{LIBTPU_LOCKFILE}, {held}; a compile needs no TPU: unset '
+          f'ALLOW_MULTIPLE_LIBTPU_LOAD={os.environ.get("ALLOW_MULTIPLE_LIBTPU_LOAD", "")} '
+          '(this command sets it to 1 when unset) or stop that process.')
 
 
 def _parse_topology(topology: str):

@@ -133,6 +133,7 @@ def main(argv):
         paths.check(flag.value)
       except ValueError as e:
         raise app.UsageError(f'--{flag.name}={flag.value}: {e}') from None
+      paths.check_access(flag.value)   # gs://: one error line if the bucket cannot be used
 
   if mode == 'serve':
     from scone_jax import server  # pylint: disable=g-import-not-at-top

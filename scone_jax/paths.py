@@ -20,6 +20,8 @@ import os
 import posixpath
 import re
 import shutil
+import socket
+import urllib.parse
 from typing import Iterator, Optional, Union
 
 from etils import epath
@@ -316,3 +318,77 @@ def kvstore_spec(path: PathLike) -> dict:
       raise ValueError(f'{path}: no bucket name.')
     return {'driver': 'gcs', 'bucket': bucket, 'path': key.rstrip('/') + '/'}
   return {'driver': 'file', 'path': os.path.abspath(path)}
+
+
+# ----------------------------------------------------------------------------- reaching gs://
+
+
+class CloudAccessError(RuntimeError):
+  """A gs:// path cannot be used: one line naming the bucket, what failed and what to do."""
+
+
+_CREDENTIALS_FIX = ('run `gcloud auth application-default login`, or set '
+                    'GOOGLE_APPLICATION_CREDENTIALS to a service-account key file')
+
+
+def check_access(path: PathLike, *, timeout: float = 10.0) -> None:
+  """Raises CloudAccessError unless the bucket of a gs:// path answers a listing; local
+  paths pass. Each failure is told apart, with its fix: the endpoint's name does not
+  resolve (DNS: no network), the endpoint refuses or drops the connection, the request is
+  refused for want of credentials (401) or of permission (403), the bucket does not exist
+  (404). Cheap (one DNS lookup, one connection, one listing of at most one object), so a
+  run checks its gs:// directories before it starts instead of failing deep inside
+  gcsfs / aiohttp after a minute of retries.
+  """
+  path = check(path)
+  if not is_cloud(path):
+    return
+  bucket = path[len('gs://'):].split('/', 1)[0]
+  if not bucket:
+    raise ValueError(f'{path}: no bucket name.')
+  endpoint = emulated_gcs() or 'https://storage.googleapis.com'
+  url = urllib.parse.urlsplit(endpoint if '://' in endpoint else f'http://{endpoint}')
+  host, port = url.hostname, url.port or (443 if url.scheme == 'https' else 80)
+  where = f'{path}: bucket {bucket} cannot be used'
+  try:
+    socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+  except (socket.gaierror, UnicodeError) as e:
+    raise CloudAccessError(
+        f'{where}: DNS lookup of {host} failed ({getattr(e, "strerror", None) or e}), so this '
+        'host has no network or no DNS; connect it (or point STORAGE_EMULATOR_HOST at an '
+        'emulator), or use a local directory') from None
+  try:
+    socket.create_connection((host, port), timeout=timeout).close()
+  except OSError as e:
+    raise CloudAccessError(
+        f'{where}: cannot connect to {host}:{port} ({getattr(e, "strerror", None) or e}); '
+        'check the network, firewall or proxy'
+        + (' and that the emulator at STORAGE_EMULATOR_HOST is running' if emulated_gcs()
+           else '')) from None
+  try:
+    _fsspec(path).call('GET', 'b/{}/o', bucket, maxResults=1, json_out=True)
+  except FileNotFoundError:
+    raise CloudAccessError(
+        f'{where}: the bucket does not exist (404 from {endpoint}); fix the name, or create '
+        f'it: gcloud storage buckets create gs://{bucket}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    code = getattr(e, 'code', None)
+    text = str(e).split('\n')[-1].strip() or type(e).__name__
+    if code == 401 or _is_credentials_error(e):
+      raise CloudAccessError(
+          f'{where}: no valid credentials (401: {text}); {_CREDENTIALS_FIX}') from None
+    if code == 403 or str(e).startswith('Forbidden'):
+      raise CloudAccessError(
+          f'{where}: the credentials in use may not list it (403: {text}); grant that '
+          f'account roles/storage.objectAdmin on gs://{bucket}, or use other credentials '
+          f'({_CREDENTIALS_FIX})') from None
+    raise CloudAccessError(f'{where}: listing it failed ({type(e).__name__}: {text}); '
+                           'retry, or pass --verbose to see where') from e
+
+
+def _is_credentials_error(e: BaseException) -> bool:
+  try:
+    from google.auth import exceptions  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  return isinstance(e, exceptions.GoogleAuthError)

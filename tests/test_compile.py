@@ -86,3 +86,43 @@ def test_two_slices_put_the_data_axis_across_slices():
   train = report['steps']['train']
   assert train['fits']
   assert train['collectives']['all-reduce'] > 0
+
+
+def _devices_in_fresh_process(env_extra):
+  code = ('from scone_jax import compile as c\n'
+          'try:\n'
+          '  print(len(c.topology_devices("v5e:2x2")))\n'
+          'except RuntimeError as e:\n'
+          '  print(e)\n')
+  env = {k: v for k, v in os.environ.items() if k != 'ALLOW_MULTIPLE_LIBTPU_LOAD'}
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env={**env, 'PYTHONPATH': REPO, **env_extra})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout.strip().splitlines()[-1]
+
+
+def test_compile_runs_beside_a_process_holding_the_libtpu_lockfile():
+  """A server or trainer on a host with libtpu holds libtpu's lockfile; a compile needs no
+  TPU, so it must still get its compile-only devices, and when the lockfile does stop it
+  (ALLOW_MULTIPLE_LIBTPU_LOAD=0 set by hand) the error says so and names the holder."""
+  import time  # pylint: disable=g-import-not-at-top
+  from scone_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  # A process that loads libtpu (all JAX platforms probed, as a plain `jax.devices()` does).
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('JAX_PLATFORMS', 'ALLOW_MULTIPLE_LIBTPU_LOAD')}
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import jax, sys, time\njax.devices()\nprint("up", flush=True)\n'
+       'time.sleep(600)'], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'up'
+    deadline = time.time() + 30
+    while not any(h.startswith(f'{holder.pid} ') for h in compile_lib.lockfile_holders()):
+      assert time.time() < deadline, 'the holder never took libtpu\'s lockfile'
+      time.sleep(0.2)
+    assert _devices_in_fresh_process({}) == '4'
+    error = _devices_in_fresh_process({'ALLOW_MULTIPLE_LIBTPU_LOAD': '0'})
+    assert f'lockfile {compile_lib.LIBTPU_LOCKFILE}' in error, error
+    assert f'{holder.pid} (' in error and 'needs libtpu' not in error, error
+  finally:
+    holder.kill()
+    holder.wait()

@@ -11,6 +11,8 @@ the same generated text. Fast tests before it: the emulator refuses an exclusive
 over an existing object as Cloud Storage does, the run lock holds on gs://, and a damaged
 checkpoint is set aside there (a directory rename on object storage).
 """
+import contextlib
+import http.server
 import json
 import os
 import signal
@@ -18,6 +20,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 
@@ -145,6 +148,88 @@ def _in_emulated_process(url: str, code: str) -> str:
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc.stdout
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+  """A Cloud Storage stand-in that answers every request with one HTTP error."""
+  status, message = 401, ''
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    body = json.dumps({'error': {'code': self.status, 'message': self.message}}).encode()
+    self.send_response(self.status)
+    self.send_header('Content-Type', 'application/json')
+    self.send_header('Content-Length', str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+
+  def log_message(self, *args):
+    pass
+
+
+@contextlib.contextmanager
+def _refusing_server(status, message):
+  handler = type('Handler', (_Refusing,), {'status': status, 'message': message})
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield f'http://127.0.0.1:{server.server_address[1]}'
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+def _access_error(endpoint, path):
+  """paths.check_access(path) in a fresh process whose gs:// goes to endpoint: the error."""
+  env = dict(os.environ, PYTHONPATH=REPO, **emulator_env(endpoint))
+  code = ('from scone_jax import paths\n'
+          'try:\n'
+          f'  paths.check_access({path!r}); print("ok")\n'
+          'except paths.CloudAccessError as e:\n'
+          '  print(e)\n')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout.strip()
+
+
+@pytest.mark.parametrize('status,message,expected', [
+    (401, 'Anonymous caller does not have storage.objects.list access to the Google Cloud '
+     'Storage bucket.', ('no valid credentials (401', 'gcloud auth application-default login')),
+    (403, 'sa@p.iam.gserviceaccount.com does not have storage.objects.list access.',
+     ('may not list it (403', 'roles/storage.objectAdmin on gs://locked')),
+])
+def test_gs_refused_for_credentials_is_one_line(status, message, expected):
+  with _refusing_server(status, message) as url:
+    error = _access_error(url, 'gs://locked/run')
+  assert error.startswith('gs://locked/run: bucket locked cannot be used: '), error
+  assert '\n' not in error and all(e in error for e in expected), error
+
+
+def test_gs_without_network_is_one_line():
+  # A name that cannot resolve (the DNS failure an offline host sees for googleapis.com) ...
+  error = _access_error('http://storage.no-such-host.invalid:4443', 'gs://bkt/run')
+  assert 'bucket bkt' in error and 'DNS lookup of storage.no-such-host.invalid failed' in error
+  # ... and an endpoint nobody listens on.
+  port = _free_port()
+  error = _access_error(f'http://127.0.0.1:{port}', 'gs://bkt/run')
+  assert 'bucket bkt' in error and f'cannot connect to 127.0.0.1:{port}' in error, error
+
+
+def test_gs_missing_bucket_and_the_cli_error_line(gcs):
+  url, _ = gcs
+  assert _access_error(url, f'gs://{BUCKET}/run') == 'ok'
+  error = _access_error(url, 'gs://no-such-bucket/run')
+  assert 'bucket no-such-bucket' in error and 'does not exist (404' in error, error
+  assert 'gcloud storage buckets create gs://no-such-bucket' in error
+  # The CLI: one `error:` line on stderr, exit 1, no traceback.
+  port = _free_port()
+  proc = _cli(emulator_env(f'http://127.0.0.1:{port}'), '--mode=train',
+              '--workdir=gs://bkt/run')
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 1, err[-3000:]
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith('error: gs://bkt/run: bucket bkt '), err[-3000:]
 
 
 def test_emulator_refuses_create_over_an_existing_object(gcs):

@@ -117,3 +117,44 @@ def test_sigterm_on_one_host_checkpoints_the_same_step_on_all(tmp_path):
     assert any(line.startswith(p) and f'resumed from step {saved[0]}' in line
                for line in proc.stdout.splitlines()), proc.stdout[-4000:]
   assert sorted(_losses(workdir))[-1] == steps
+
+
+@pytest.mark.slow
+def test_damage_seen_by_one_process_is_agreed_by_all(tmp_path):
+  """Step 4's parameter shards that only process 1 reads are truncated: process 0 reads its
+  part fine. Both must still reach one decision (damaged), set it aside once and resume
+  from step 2 together, instead of restoring different steps and deadlocking."""
+  corpus_dir = str(tmp_path / 'corpus')
+  tiny.write_corpus(corpus_dir)
+  config = tiny.write_config_file(str(tmp_path / 'config.py'), corpus_dir, steps=STEPS)
+  workdir = str(tmp_path / 'multi')
+  # FSDP over all 8 devices: each process holds (and saves, and reads) its own shards.
+  cmd = ['bash', os.path.join(REPO, 'launch', 'local_run.sh'), '2', '4', '--', '--mode=train',
+         f'--config={config}', '--config.log_every_steps=1', '--config.checkpoint_every_steps=2',
+         '--config.async_checkpointing=False', '--config.mesh.data=1', '--config.mesh.fsdp=-1',
+         f'--workdir={workdir}']
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-4000:]
+  ckpt = os.path.join(workdir, 'checkpoints')
+  data = os.path.join(ckpt, str(STEPS), 'state', 'ocdbt.process_1', 'd')
+  truncated = 0
+  for name in os.listdir(data):
+    path = os.path.join(data, name)
+    if os.path.getsize(path) > 1000:
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+      truncated += 1
+  assert truncated
+  proc = subprocess.run(cmd + [f'--config.num_train_steps={STEPS + 2}'], cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=600)
+  out = proc.stdout
+  assert proc.returncode == 0, out[-4000:]
+  lines = lambda p: [l for l in out.splitlines() if l.startswith(p)]
+  # Only process 1 found the damage itself; process 0 learnt it from the agreement.
+  assert any('is unreadable (' in l and 'another process' not in l for l in lines('[p1]')), out
+  assert any('another process could not read' in l for l in lines('[p0]')), out[-4000:]
+  for p in ('[p0]', '[p1]'):
+    assert any('resumed from step 2' in l for l in lines(p)), out[-4000:]
+  assert sum('moved the unreadable checkpoint' in l for l in out.splitlines()) == 1
+  assert os.path.isdir(os.path.join(ckpt, f'{STEPS}.unreadable'))
+  assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit())[-1] == STEPS + 2

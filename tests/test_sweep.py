@@ -92,6 +92,21 @@ def test_sweep_runs_resumes_and_survives_a_failing_point(corpus_dir, tmp_path):
     assert float(by[name]['heldout_match_rate']) > 0.1
     assert float(by[name]['params_fgram_model']) > 0
     assert float(by[name]['train_flops_per_token']) > float(by[name]['inference_flops_per_token'])
+    # The f-gram model's window positions: the trainer logs them per step; the column is per
+    # training token (<= K: at most one window of K per token), the FLOPs are counted from it.
+    point = straight / 'points' / name
+    cfg = json.load(open(point / 'config.json'))
+    tokens_per_step = cfg['batch_size'] * cfg['seq_len']
+    logged = {}
+    for line in open(point / 'metrics.jsonl'):
+      rec = json.loads(line)
+      if 'train/fgram_positions_per_step' in rec:
+        logged[rec['step']] = rec['train/fgram_positions_per_step']
+    per_step = sum(logged.values()) / len(logged)
+    assert float(by[name]['fgram_positions_per_step']) == pytest.approx(per_step, rel=1e-5)
+    per_token = float(by[name]['fgram_positions_per_token'])
+    assert per_token == pytest.approx(per_step / tokens_per_step, rel=1e-5)
+    assert 0 < per_token <= cfg['fgrams']['max_len']
   assert by['baseline']['params_fgram_model'] == '0'
   assert by['baseline']['inference_flops_per_token'] == by['num_fgrams=40'][
       'inference_flops_per_token']
@@ -119,3 +134,26 @@ def test_sweep_runs_resumes_and_survives_a_failing_point(corpus_dir, tmp_path):
   proc = _run(sweep_ok, killed)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert _csv(killed) == rows
+
+
+def test_claims_are_the_run_lock(tmp_path):
+  """A point's claim is artifacts.ExclusiveLock: held while its runner lives, taken over
+  when the runner is gone, and released for the next runner."""
+  from experiments import sweep  # pylint: disable=g-import-not-at-top
+  from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
+  point = str(tmp_path / 'p')
+  assert sweep._claim(point)
+  claim = json.load(open(os.path.join(point, 'claim.json')))
+  assert claim['pid'] == os.getpid() and claim['token']
+  other = artifacts.ExclusiveLock(os.path.join(point, 'claim.json'))
+  assert not other.try_acquire() and other.holder == claim   # a live holder keeps it
+  sweep._release(point)
+  assert not os.path.exists(os.path.join(point, 'claim.json'))
+  # A claim left by a runner that is gone (a pid that runs no process) is taken over.
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  with open(os.path.join(point, 'claim.json'), 'w') as f:
+    json.dump({'host': claim['host'], 'pid': int(dead)}, f)
+  assert sweep._claim(point)
+  assert json.load(open(os.path.join(point, 'claim.json')))['pid'] == os.getpid()
+  sweep._release(point)

@@ -2,8 +2,8 @@
 
 Benchmarks keep using it so their figures stay comparable across versions
 (`experiments/bench_train.py` defaults to it). On held-out text this SCONE run lost to its
-baseline (191.4 vs 181.2 ppl): too few steps for the f-gram model at this size (see the
-study in experiments/README.md).
+baseline, likely too few steps for the f-gram model at this size (see the study in
+experiments/README.md); that run's results were not kept.
 """
 from scone_jax import config
 

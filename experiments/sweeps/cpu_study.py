@@ -8,13 +8,14 @@ batches of 16, AdamW 3e-3 with cosine decay, float32 compute (on CPU bf16 is no 
 held-out ppl curve every 100 steps; final numbers from the export (SCONE) or the
 checkpoint (baselines) on the whole held-out split and on two out-of-domain corpora.
 The main model of every SCONE point is XS (d=128, 2 layers); points are listed in the
-order they should finish (headline comparison first), since a study on 2 cores takes
+order they should run (today's open points first), since a study on 2 cores takes
 hours and a runner picks the next unclaimed point.
 """
 from scone_jax import config as config_lib
 
 STEPS = 600          # 1.23M tokens, ~0.47 epoch of the 2.6M-token training split
 LONG_STEPS = 1800    # ~1.4 epochs: the crossover study
+LONG_FLOPS_STEPS = 2630  # the baseline at scone_xs_16k_long's training FLOPs (packed windows)
 
 EVAL = {'heldout': True, 'wiki': 400_000, 'shakespeare': 400_000}
 
@@ -25,6 +26,11 @@ S = {'model.d_model': 192, 'model.num_layers': 3, 'model.num_heads': 6, 'model.h
 M = {'model.d_model': 256, 'model.num_layers': 4, 'model.num_heads': 4, 'model.head_dim': 64,
      'model.mlp_dim': 1024}
 BASELINE = {'fgrams.enabled': False, 'fgrams.num_fgrams': 0}
+
+
+# Labels of the code a point ran on (the table's `code` column).
+OLD = {'code': 'db65f5e'}          # f-gram windows padded to K, in-memory input
+NEW = {'code': 'packed'}           # 0d9d4db and later: packed windows, token-shard input
 
 
 def _scone(num_fgrams=16_000, **kw):
@@ -51,36 +57,52 @@ def get_sweep():
   c.async_checkpointing = False
 
   points = [
-      # Headline pair, two seeds each (seed = init and data order, shared by the pair).
-      {'name': 'base_xs_s0', 'group': 'size', **XS, **BASELINE, 'seed': 0},
-      {'name': 'scone_xs_16k_s0', 'group': ('count', 'fgram_model', 'max_len'), **_scone(), 'seed': 0},
-      {'name': 'base_xs_s1', 'group': 'size', **XS, **BASELINE, 'seed': 1},
-      {'name': 'scone_xs_16k_s1', 'group': ('count', 'fgram_model', 'max_len'), **_scone(), 'seed': 1},
-      # The crossover: the same pair trained 3x longer (curves every 100 steps).
-      {'name': 'base_xs_long', **XS, **BASELINE,
+      # --- Run on the code as it ships (token-shard input, f-gram windows packed into
+      # fgram_model.pack_len rows); listed first so runners take them first.
+      # The crossover, trained 3x longer (curves every 100 steps) ...
+      {**NEW, 'name': 'scone_xs_16k_long', **_scone(),
        'num_train_steps': LONG_STEPS},
-      {'name': 'scone_xs_16k_long', **_scone(),
+      # ... and the baseline given the long SCONE run's training FLOPs: SCONE-XS costs
+      # 8.32 vs 5.70 MFLOPs per training token with packed windows, 1,800 x 8.32 / 5.70
+      # = 2,627 steps.
+      {**NEW, 'name': 'base_xs_long_flops', **XS, **BASELINE, 'num_train_steps': LONG_FLOPS_STEPS},
+      # max_len K at S = 16k (K = 5 is scone_xs_16k_s0 / scone_xs_16k_s0_v2).
+      {**NEW, 'name': 'scone_xs_16k_k2', 'group': 'max_len', **_scone(), 'fgrams.max_len': 2},
+      {**NEW, 'name': 'scone_xs_16k_k3', 'group': 'max_len', **_scone(), 'fgrams.max_len': 3},
+      {**NEW, 'name': 'scone_xs_16k_k4', 'group': 'max_len', **_scone(), 'fgrams.max_len': 4},
+      {**NEW, 'name': 'scone_xs_16k_k6', 'group': 'max_len', **_scone(), 'fgrams.max_len': 6},
+      # The headline pair rerun on today's code (same configs as base_xs_s* / scone_xs_16k_s*,
+      # whose rows were produced by commit db65f5e: padded windows, in-memory input).
+      {**NEW, 'name': 'base_xs_s0_v2', **XS, **BASELINE, 'seed': 0},
+      {**NEW, 'name': 'scone_xs_16k_s0_v2', 'group': 'max_len', **_scone(), 'seed': 0},
+      {**NEW, 'name': 'base_xs_s1_v2', **XS, **BASELINE, 'seed': 1},
+      {**NEW, 'name': 'scone_xs_16k_s1_v2', **_scone(), 'seed': 1},
+      # --- Run by commit db65f5e (f-gram windows padded to K, in-memory input): the rows
+      # the study first reported, kept as they are.
+      # Headline pair, two seeds each (seed = init and data order, shared by the pair).
+      {**OLD, 'name': 'base_xs_s0', 'group': 'size', **XS, **BASELINE, 'seed': 0},
+      {**OLD, 'name': 'scone_xs_16k_s0', 'group': ('count', 'fgram_model'), **_scone(), 'seed': 0},
+      {**OLD, 'name': 'base_xs_s1', 'group': 'size', **XS, **BASELINE, 'seed': 1},
+      {**OLD, 'name': 'scone_xs_16k_s1', 'group': ('count', 'fgram_model'), **_scone(), 'seed': 1},
+      {**OLD, 'name': 'base_xs_long', **XS, **BASELINE,
        'num_train_steps': LONG_STEPS},
       # Number of f-grams at a fixed f-gram model (and 16k from the pair above).
-      {'name': 'scone_xs_1k', 'group': 'count', **_scone(1_000)},
-      {'name': 'scone_xs_64k', 'group': 'count', **_scone(64_000)},
-      {'name': 'scone_xs_4k', 'group': 'count', **_scone(4_000)},
-      {'name': 'scone_xs_256k', 'group': 'count', **_scone(256_000)},
+      {**OLD, 'name': 'scone_xs_1k', 'group': 'count', **_scone(1_000)},
+      {**OLD, 'name': 'scone_xs_64k', 'group': 'count', **_scone(64_000)},
+      {**OLD, 'name': 'scone_xs_4k', 'group': 'count', **_scone(4_000)},
       # F-gram model size at S = 16k (2 layers is scone_xs_16k_s0).
-      {'name': 'scone_xs_16k_fg1', 'group': 'fgram_model', **_scone(),
+      {**OLD, 'name': 'scone_xs_16k_fg1', 'group': 'fgram_model', **_scone(),
        'fgram_model.num_layers': 1},
-      {'name': 'scone_xs_16k_fg4', 'group': 'fgram_model', **_scone(),
+      {**OLD, 'name': 'scone_xs_16k_fg4', 'group': 'fgram_model', **_scone(),
        'fgram_model.num_layers': 4},
       # Bigger baselines: ppl vs inference FLOPs.
-      {'name': 'base_s', 'group': 'size', **S, **BASELINE},
-      {'name': 'base_m', 'group': 'size', **M, **BASELINE},
+      {**OLD, 'name': 'base_s', 'group': 'size', **S, **BASELINE},
       # The baseline given SCONE-XS's training FLOPs: scone_xs_16k_s0 measured 11.62 vs
-      # 5.70 MFLOPs per token (the f-gram model runs 2.5 window positions per token), 2.04x.
-      {'name': 'base_xs_flops', **XS, **BASELINE, 'num_train_steps': 1225},
-      # max_len K at S = 16k (K = 5 is scone_xs_16k_s0).
-      {'name': 'scone_xs_16k_k2', 'group': 'max_len', **_scone(), 'fgrams.max_len': 2},
-      {'name': 'scone_xs_16k_k3', 'group': 'max_len', **_scone(), 'fgrams.max_len': 3},
-      {'name': 'scone_xs_16k_k4', 'group': 'max_len', **_scone(), 'fgrams.max_len': 4},
-      {'name': 'scone_xs_16k_k6', 'group': 'max_len', **_scone(), 'fgrams.max_len': 6},
+      # 5.70 MFLOPs per token (the f-gram model ran 2.5 padded window positions per token),
+      # 2.04x.
+      {**OLD, 'name': 'base_xs_flops', **XS, **BASELINE, 'num_train_steps': 1225},
+      # --- Not run yet (left for a machine with more cores).
+      {**NEW, 'name': 'scone_xs_256k', 'group': 'count', **_scone(256_000)},
+      {**NEW, 'name': 'base_m', 'group': 'size', **M, **BASELINE},
   ]
   return c, points

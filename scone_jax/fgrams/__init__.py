@@ -12,8 +12,9 @@ for each position, the longest f-gram ending there (causal, within the document)
   extraction.py  `extract`: exact in-process extraction with the K-1 pruned passes
 
 Use the names below; the modules' underscore names are private to this package.
+`extract` is loaded on first use, so a serving process (which matches, never extracts)
+loads no extraction code.
 """
-from scone_jax.fgrams.extraction import extract
 from scone_jax.fgrams.fgram_set import FGramSet
 from scone_jax.fgrams.fgram_set import FORMAT_VERSION
 from scone_jax.fgrams.fgram_set import MAX_TOKEN
@@ -23,3 +24,10 @@ from scone_jax.fgrams.kernels import advance_matches
 
 __all__ = ['FGramSet', 'FORMAT_VERSION', 'MAX_TOKEN', 'advance_matches', 'extract',
            'rank_order', 'select_top']
+
+
+def __getattr__(name):
+  if name == 'extract':
+    from scone_jax.fgrams import extraction  # pylint: disable=g-import-not-at-top
+    return extraction.extract
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
