@@ -19,6 +19,14 @@ last token over the tokens in between), p50 time to the first token, decode step
 of the ratio within a round (`*_ratio`, the headline) and of the totals
 (`*_tokens_per_s_ratio`).
 
+--adversarial: the `scone` engine alone, rounds alternating between the normal workload by
+itself and the same workload with an adversarial mix running beside it: 1% of requests
+(at least one per round) carry a huge prompt (3 MB of text: refused as too long, after
+the server has counted just past the model's limit), and as many extra streaming clients
+as normal ones, half reading slowly (a pause after every event), half leaving after a
+few tokens; each reports p50/p99 time per output token of the normal requests with and
+without the mix and the p99 ratio (goal < 1.2).
+
 The export is synthetic and small so that the run fits in a few minutes of one CPU core:
 a 300-piece tokenizer on random words, every bigram of it as an f-gram (90,000 rows, so
 every decode step matches and gathers), random weights, a small main model (4 layers,
@@ -26,6 +34,7 @@ d=128).
 
   taskset -c 1 python experiments/bench_server.py            # ~3 minutes on one core
   python experiments/bench_server.py --quick                 # smoke test
+  python experiments/bench_server.py --adversarial           # the adversarial mix
 
 The last line printed is one JSON object with every figure.
 """
@@ -187,6 +196,107 @@ async def _one(host: str, port: int, model: str, prompt: str, max_tokens: int):
   return t0, times
 
 
+async def _huge(host: str, port: int, model: str, prompt: str):
+  """One request with a huge prompt; the server must refuse it (400) without stalling."""
+  body = json.dumps({'model': model, 'prompt': prompt, 'max_tokens': 8}).encode()
+  reader, writer = await asyncio.open_connection(host, port)
+  writer.write(b'POST /v1/completions HTTP/1.0\r\nHost: bench\r\n'
+               b'Content-Type: application/json\r\n'
+               + f'Content-Length: {len(body)}\r\n\r\n'.encode() + body)
+  await writer.drain()
+  status = await reader.readline()
+  await reader.read()
+  writer.close()
+  if b' 400 ' not in status:
+    raise RuntimeError(f'a huge prompt got {status!r}, not 400')
+
+
+async def _misbehaving(host: str, port: int, model: str, prompt: str, max_tokens: int,
+                       leave_after: int = 0, pause: float = 0.0):
+  """A streaming client that leaves after `leave_after` events or pauses after each."""
+  body = json.dumps({'model': model, 'prompt': prompt, 'max_tokens': max_tokens,
+                     'temperature': 0, 'stream': True, 'ignore_eos': True}).encode()
+  reader, writer = await asyncio.open_connection(host, port)
+  writer.write(b'POST /v1/completions HTTP/1.0\r\nHost: bench\r\n'
+               b'Content-Type: application/json\r\n'
+               + f'Content-Length: {len(body)}\r\n\r\n'.encode() + body)
+  events = 0
+  async for line in reader:
+    if line.startswith(b'data: {'):
+      events += 1
+      if leave_after and events >= leave_after:
+        break
+      if pause:
+        await asyncio.sleep(pause)
+  writer.close()
+
+
+async def adversarial_round(url: str, model: str, work: list, huge_prompt: str,
+                            words: list, seed: int) -> dict:
+  """run_round on `work` with the adversarial mix (module docstring) running beside it."""
+  host, port = url.split('//')[1].split(':')
+  port = int(port)
+  rng = np.random.default_rng(seed)
+  n_requests = sum(len(reqs) for reqs in work)
+  done = asyncio.Event()
+  counts = {'huge': 0, 'slow': 0, 'leaving': 0}
+
+  async def huge_sender():
+    for _ in range(max(1, round(0.01 * n_requests))):
+      await asyncio.sleep(float(rng.uniform(0.0, 0.5)))
+      await _huge(host, port, model, huge_prompt)
+      counts['huge'] += 1
+
+  async def misbehaver(i):
+    while not done.is_set():
+      prompt = ' '.join(rng.choice(words, int(rng.integers(*PROMPT_WORDS))))
+      if i % 2:
+        await _misbehaving(host, port, model, prompt, 64, pause=0.05)
+        counts['slow'] += 1
+      else:
+        await _misbehaving(host, port, model, prompt, 64, leave_after=3)
+        counts['leaving'] += 1
+
+  async def normal():
+    try:
+      return await run_round(url, model, work)
+    finally:
+      done.set()
+
+  result, *_ = await asyncio.gather(normal(), huge_sender(),
+                                    *(misbehaver(i) for i in range(len(work))))
+  result['adversaries'] = counts
+  return result
+
+
+def run_adversarial(args, url: str, work: list, words: list, huge_prompt: str) -> dict:
+  """Rounds alternating plain / with the adversarial mix on the scone engine."""
+  plain, mixed, counts = [], [], []
+  for i in range(args.rounds):
+    for adversarial in ((False, True) if i % 2 == 0 else (True, False)):
+      if adversarial:
+        r = asyncio.run(adversarial_round(url, 'scone', work, huge_prompt, words, seed=i))
+        mixed.append(r)
+        counts.append(r['adversaries'])
+      else:
+        r = asyncio.run(run_round(url, 'scone', work))
+        plain.append(r)
+      logging.info('round %d %s: %.0f tokens/s', i, 'adversarial' if adversarial else 'plain',
+                   r['tokens'] / r['wall_s'])
+  p, m = summarize(plain), summarize(mixed)
+  out = {}
+  for name, s in (('plain', p), ('adversarial', m)):
+    for k, v in s.items():
+      out[f'{name}_{k}'] = v
+  out['adversaries_per_round'] = counts
+  out['adversarial_vs_plain_ms_per_token_p99_ratio'] = (m['ms_per_token_p99']
+                                                        / p['ms_per_token_p99'])
+  out['adversarial_vs_plain_ms_per_token_p50_ratio'] = (m['ms_per_token_p50']
+                                                        / p['ms_per_token_p50'])
+  out['huge_prompt_mb'] = len(huge_prompt.encode()) / 2**20
+  return out
+
+
 def _engine_stats(url: str, model: str) -> dict:
   with urllib.request.urlopen(url + '/health', timeout=60) as r:
     return json.loads(r.read())['models'][model]
@@ -242,6 +352,8 @@ def main():
   parser.add_argument('--vocab', type=int, default=300,
                       help='tokenizer pieces (>= 261: byte fallback); vocab^2 f-grams')
   parser.add_argument('--export_dir', help='reuse (or build once into) this synthetic export')
+  parser.add_argument('--adversarial', action='store_true',
+                      help='plain vs adversarial-mix rounds on the scone engine (docstring)')
   parser.add_argument('--serve', help=argparse.SUPPRESS)  # internal: the server process
   args = parser.parse_args()
   if args.serve:
@@ -277,8 +389,12 @@ def main():
       for name in ENGINES:
         asyncio.run(run_round(url, name, warm))
       logging.info('warm after %.0fs (%d prefill widths)', time.time() - t_start, len(warm))
+      if args.adversarial:
+        huge_prompt = ((' '.join(words) + ' ') * (3 * 2**20 // len(' '.join(words)) + 1)
+                       )[:3 * 2**20]
+        adversarial = run_adversarial(args, url, work, words, huge_prompt)
       per_engine = {name: [] for name in ENGINES}
-      for i in range(args.rounds):
+      for i in range(0 if args.adversarial else args.rounds):
         order = ENGINES[i % 3:] + ENGINES[:i % 3]
         for name in order:
           r = asyncio.run(run_round(url, name, work))
@@ -288,6 +404,26 @@ def main():
       proc.terminate()
       proc.wait(60)
 
+  result = {
+      'platform': platform.platform(), 'cpus': os.cpu_count(),
+      'affinity': sorted(os.sched_getaffinity(0)), 'python': platform.python_version(),
+      'load_avg_1m': os.getloadavg()[0],
+      'clients': args.clients, 'requests_per_client_round': args.requests,
+      'rounds': args.rounds, 'max_batch': args.max_batch,
+      'output_tokens_per_request': OUTPUT_TOKENS, 'prompt_words': PROMPT_WORDS,
+  }
+  if args.adversarial:
+    result.update(adversarial)
+    result.update({
+        'export_seconds': t_export, 'seconds': time.time() - t_start,
+        'setup': ('the synthetic export below; the scone engine only; rounds alternate '
+                  'plain / adversarial (1% huge prompts of 3 MB refused as too long, and as '
+                  'many extra streaming clients as normal ones, half pausing 50 ms after '
+                  'every event, half leaving after 3 events); figures are of the normal '
+                  'requests only; batched prefill is not implemented (issue 19 owns the '
+                  'engine), so prefill batched vs one-by-one is not measured')})
+    print(json.dumps(result))
+    return
   s = {name: summarize(rs) for name, rs in per_engine.items()}
   result = {
       'platform': platform.platform(), 'cpus': os.cpu_count(),

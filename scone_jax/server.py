@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -704,8 +705,18 @@ def build_app(engines: dict, tokenizer, *, limits: Optional[Limits] = None,
 
   # -- the tokenizer, as vLLM serves it (lm-evaluation-harness's remote tokenizer) ----------
 
-  specials = {tokenizer.id_to_piece(i): i for i in {BOS_ID, engine_any.eos_id,
-                                                     getattr(tokenizer, 'unk_id', 2)}}
+  specials = {tokenizer.id_to_piece(i): i for i in (BOS_ID, engine_any.eos_id)}
+  special_re = re.compile('|'.join(re.escape(s) for s in specials))
+
+  def encode_with_specials(text):
+    """SentencePiece ids, with the BOS and EOS strings ('<pad>', '</s>') read as those tokens
+    wherever they appear, as HF tokenizers (and so vLLM's /tokenize) read special tokens:
+    lm-eval finds the special ids this way, and a task can end a document with '</s>'."""
+    ids, start = [], 0
+    for m in special_re.finditer(text):
+      ids += tokenizer.encode(text[start:m.start()]).tolist() + [specials[m.group()]]
+      start = m.end()
+    return ids + tokenizer.encode(text[start:]).tolist()
 
   def tokenize(body):
     if not isinstance(body, dict) or not isinstance(body.get('prompt'), str):
@@ -718,11 +729,8 @@ def build_app(engines: dict, tokenizer, *, limits: Optional[Limits] = None,
     if model is not None and model not in models:
       raise ApiError(404, f'model {model!r} does not exist; this server serves '
                      f'{", ".join(map(repr, models))}.', 'model', 'not_found_error')
-    text = body['prompt']
-    # A special token's own string is that token (as HF tokenizers do; lm-eval looks up the
-    # BOS and EOS ids this way); any other text is SentencePiece's.
-    ids = [specials[text]] if text in specials else tokenizer.encode(text).tolist()
-    ids = ([BOS_ID] if add_special else []) + [int(t) for t in ids]
+    ids = ([BOS_ID] if add_special else []) + [int(t) for t in encode_with_specials(
+        body['prompt'])]
     out = {'count': len(ids), 'max_model_len': max_len, 'tokens': ids, 'token_strs': None}
     if body.get('return_token_strs'):
       out['token_strs'] = [tokenizer.id_to_piece(t) for t in ids]

@@ -361,6 +361,9 @@ def test_tokenizer_endpoints_and_add_special_tokens_as_lm_eval_uses_them(live):
   # lm-eval's remote tokenizer finds the special ids by tokenizing their strings.
   assert tokenize(info['eos_token'], add_special_tokens=False)['tokens'] == [1]
   assert tokenize(info['bos_token'], add_special_tokens=False)['tokens'] == [0]
+  # ... and a task may end a document with EOS, as --mode=eval scores it.
+  assert tokenize(text + '</s>', add_special_tokens=False)['tokens'] == ids + [1]
+  assert tokenize('</s>' + text + '<pad>')['tokens'] == [0, 1] + ids + [0]
   status, _, body = _call(live.url + '/detokenize', {'tokens': ids})
   assert status == 200 and json.loads(body)['prompt'] == tok.decode(ids)
   assert _call(live.url + '/detokenize', {'tokens': [10**6]})[0] == 400
