@@ -397,6 +397,19 @@ def test_tokenizer_endpoints_and_add_special_tokens_as_lm_eval_uses_them(live):
   np.testing.assert_allclose(sum(lp.token_logprobs[1:-1]), with_bos.sum(), rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_the_export_loads_as_a_hugging_face_tokenizer(live):
+  """transformers is not a dependency: this runs where it is installed (>= 5 reads the
+  SentencePiece model's own normalizer spec; its Llama and T5 classes impose a dummy prefix
+  that this tokenizer was trained without, and T5's has no byte fallback)."""
+  transformers = pytest.importorskip('transformers')
+  hf = transformers.AutoTokenizer.from_pretrained(live.export_dir)
+  text = ' '.join(PROMPTS) + '\n  x é 😀'
+  want = live.tok.encode(text).tolist()
+  assert hf(text, add_special_tokens=False).input_ids == want
+  assert hf.decode(want) == live.tok.decode(want) and hf.eos_token_id == live.tok.eos_id
+
+
 # Last: it stops the module's server.
 @pytest.mark.slow
 def test_sigterm_drain_has_a_deadline(live):
