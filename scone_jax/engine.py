@@ -241,7 +241,8 @@ class Engine:
       return 'the prompt is empty and has no BOS: there is nothing to condition on.'
     needed = prompt_ids.size + int(add_bos) + max(max_tokens, 1) - 1  # the last is not fed
     if needed > self.gen.max_len:
-      return (f'the prompt has {prompt_ids.size} tokens (+1 BOS) and max_tokens={max_tokens}: '
+      return (f'the prompt has {prompt_ids.size} tokens{" (+1 BOS)" * add_bos} and '
+              f'max_tokens={max_tokens}: '
               f'that needs {needed} positions but this model allows {self.gen.max_len}; '
               'shorten the prompt or lower max_tokens.')
     return None

@@ -842,14 +842,14 @@ def build_app(engines: dict, tokenizer, *, limits: Optional[Limits] = None,
               i, ev = await next_event()
             except asyncio.TimeoutError:
               yield _sse(timed_out.body())
-              return
+              break
             c = choices[i]
             was_done = c.done
             text, lp = c.on_event(*ev)
             if c.error is not None and not was_done:
               yield _sse({'error': {'message': c.error, 'type': 'server_error', 'param': None,
                                     'code': None}})
-              return
+              break
             if text or lp and lp['tokens'] or (c.done and not was_done):
               yield _sse(dict(head, choices=[c.choice(text, lp, final=c.done)]))
           if params.include_usage:
