@@ -19,6 +19,16 @@ last token over the tokens in between), p50 time to the first token, decode step
 of the ratio within a round (`*_ratio`, the headline) and of the totals
 (`*_tokens_per_s_ratio`).
 
+--adversarial: the `scone` engine alone, rounds of the normal workload (`plain`), of the
+same workload beside an adversarial mix (`adversarial`): 1% of requests (at least one per
+round) carry a huge prompt (3 MB of text: refused as too long, after the server has
+counted just past the model's limit) and --adversarial_clients extra streaming clients,
+half reading slowly (a pause after every event), half leaving after 3 events; and a load
+control (`control`): the same extra clients reading every token at full speed, so the
+extra decode work is told apart from the misbehaviour. Reported: p50/p99 time per output
+token of the normal requests in each, and the adversarial/plain and adversarial/control
+ratios (goal for p99: < 1.2).
+
 The export is synthetic and small so that the run fits in a few minutes of one CPU core:
 a 300-piece tokenizer on random words, every bigram of it as an f-gram (90,000 rows, so
 every decode step matches and gathers), random weights, a small main model (4 layers,
@@ -26,6 +36,7 @@ d=128).
 
   taskset -c 1 python experiments/bench_server.py            # ~3 minutes on one core
   python experiments/bench_server.py --quick                 # smoke test
+  python experiments/bench_server.py --adversarial           # the adversarial mix
 
 The last line printed is one JSON object with every figure.
 """
@@ -52,6 +63,9 @@ ENGINES = ('scone', 'baseline', 'scone_static')
 MAX_LEN = 192
 OUTPUT_TOKENS = (8, 16, 32, 64, 96)
 PROMPT_WORDS = (1, 12)
+EXTRA_TOKENS = 64        # --adversarial: each extra client's max_tokens
+SLOW_PAUSE_S = 0.05      # a slow reader's pause after every event
+LEAVER_THINK_S = 0.1     # a leaving client's pause before its next request
 
 
 def _percentile(xs, q):
@@ -187,6 +201,117 @@ async def _one(host: str, port: int, model: str, prompt: str, max_tokens: int):
   return t0, times
 
 
+async def _huge(host: str, port: int, model: str, prompt: str):
+  """One request with a huge prompt; the server must refuse it (400) without stalling."""
+  body = json.dumps({'model': model, 'prompt': prompt, 'max_tokens': 8}).encode()
+  reader, writer = await asyncio.open_connection(host, port)
+  writer.write(b'POST /v1/completions HTTP/1.0\r\nHost: bench\r\n'
+               b'Content-Type: application/json\r\n'
+               + f'Content-Length: {len(body)}\r\n\r\n'.encode() + body)
+  await writer.drain()
+  status = await reader.readline()
+  await reader.read()
+  writer.close()
+  if b' 400 ' not in status:
+    raise RuntimeError(f'a huge prompt got {status!r}, not 400')
+
+
+async def _misbehaving(host: str, port: int, model: str, prompt: str, max_tokens: int,
+                       leave_after: int = 0, pause: float = 0.0):
+  """A streaming client that leaves after `leave_after` events or pauses after each."""
+  body = json.dumps({'model': model, 'prompt': prompt, 'max_tokens': max_tokens,
+                     'temperature': 0, 'stream': True, 'ignore_eos': True}).encode()
+  reader, writer = await asyncio.open_connection(host, port)
+  writer.write(b'POST /v1/completions HTTP/1.0\r\nHost: bench\r\n'
+               b'Content-Type: application/json\r\n'
+               + f'Content-Length: {len(body)}\r\n\r\n'.encode() + body)
+  events = 0
+  async for line in reader:
+    if line.startswith(b'data: {'):
+      events += 1
+      if leave_after and events >= leave_after:
+        break
+      if pause:
+        await asyncio.sleep(pause)
+  writer.close()
+
+
+async def adversarial_round(url: str, model: str, work: list, huge_prompt: str,
+                            words: list, seed: int, extra: int, behave: bool) -> dict:
+  """run_round on `work` with `extra` more streaming clients beside it: misbehaving (half
+  read slowly, half leave after 3 events) plus 1% huge prompts, or (behave=True, the load
+  control) reading every token at full speed."""
+  host, port = url.split('//')[1].split(':')
+  port = int(port)
+  rng = np.random.default_rng(seed)
+  n_requests = sum(len(reqs) for reqs in work)
+  done = asyncio.Event()
+  counts = {'huge': 0, 'slow': 0, 'leaving': 0, 'behaving': 0}
+
+  async def huge_sender():
+    for _ in range(max(1, round(0.01 * n_requests))):
+      await asyncio.sleep(float(rng.uniform(0.0, 0.5)))
+      await _huge(host, port, model, huge_prompt)
+      counts['huge'] += 1
+
+  async def extra_client(i):
+    while not done.is_set():
+      prompt = ' '.join(rng.choice(words, int(rng.integers(*PROMPT_WORDS))))
+      if behave:
+        await _misbehaving(host, port, model, prompt, EXTRA_TOKENS)
+        counts['behaving'] += 1
+      elif i % 2:
+        await _misbehaving(host, port, model, prompt, EXTRA_TOKENS, pause=SLOW_PAUSE_S)
+        counts['slow'] += 1
+      else:
+        await _misbehaving(host, port, model, prompt, EXTRA_TOKENS, leave_after=3)
+        counts['leaving'] += 1
+        await asyncio.sleep(LEAVER_THINK_S)
+
+  async def normal():
+    try:
+      return await run_round(url, model, work)
+    finally:
+      done.set()
+
+  extras = [extra_client(i) for i in range(extra)]
+  result, *_ = await asyncio.gather(normal(), *([] if behave else [huge_sender()]), *extras)
+  result['extra_clients'] = counts
+  return result
+
+
+def run_adversarial(args, url: str, work: list, words: list, huge_prompt: str) -> dict:
+  """Rounds of plain, load control (the same extra clients, well behaved) and adversarial,
+  order rotated per round, on the scone engine."""
+  kinds = ('plain', 'control', 'adversarial')
+  per_kind = {k: [] for k in kinds}
+  counts = []
+  for i in range(args.rounds):
+    for kind in kinds[i % 3:] + kinds[:i % 3]:
+      if kind == 'plain':
+        r = asyncio.run(run_round(url, 'scone', work))
+      else:
+        r = asyncio.run(adversarial_round(url, 'scone', work, huge_prompt, words, seed=i,
+                                          extra=args.adversarial_clients,
+                                          behave=kind == 'control'))
+        counts.append({kind: r['extra_clients']})
+      per_kind[kind].append(r)
+      logging.info('round %d %s: %.0f tokens/s', i, kind, r['tokens'] / r['wall_s'])
+  s = {k: summarize(v) for k, v in per_kind.items()}
+  out = {}
+  for name in kinds:
+    for k, v in s[name].items():
+      out[f'{name}_{k}'] = v
+  out['extra_clients_per_round'] = counts
+  for base in ('plain', 'control'):
+    for q in ('p50', 'p99'):
+      out[f'adversarial_vs_{base}_ms_per_token_{q}_ratio'] = (
+          s['adversarial'][f'ms_per_token_{q}'] / s[base][f'ms_per_token_{q}'])
+  out['huge_prompt_mb'] = len(huge_prompt.encode()) / 2**20
+  out['adversarial_clients'] = args.adversarial_clients
+  return out
+
+
 def _engine_stats(url: str, model: str) -> dict:
   with urllib.request.urlopen(url + '/health', timeout=60) as r:
     return json.loads(r.read())['models'][model]
@@ -242,6 +367,10 @@ def main():
   parser.add_argument('--vocab', type=int, default=300,
                       help='tokenizer pieces (>= 261: byte fallback); vocab^2 f-grams')
   parser.add_argument('--export_dir', help='reuse (or build once into) this synthetic export')
+  parser.add_argument('--adversarial', action='store_true',
+                      help='plain vs adversarial-mix rounds on the scone engine (docstring)')
+  parser.add_argument('--adversarial_clients', type=int, default=0,
+                      help='--adversarial: extra streaming clients (default clients / 4)')
   parser.add_argument('--serve', help=argparse.SUPPRESS)  # internal: the server process
   args = parser.parse_args()
   if args.serve:
@@ -249,6 +378,7 @@ def main():
     return
   if args.quick:
     args.clients, args.requests, args.rounds = 4, 2, 1
+  args.adversarial_clients = args.adversarial_clients or max(1, args.clients // 4)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
   logging.getLogger('httpx').setLevel(logging.WARNING)
@@ -277,8 +407,12 @@ def main():
       for name in ENGINES:
         asyncio.run(run_round(url, name, warm))
       logging.info('warm after %.0fs (%d prefill widths)', time.time() - t_start, len(warm))
+      if args.adversarial:
+        plain = ' '.join(w for w in words if w.isascii() and w.isalpha()) + ' '
+        huge_prompt = (plain * (3 * 2**20 // len(plain) + 1))[:3 * 2**20]  # 3 MB as JSON too
+        adversarial = run_adversarial(args, url, work, words, huge_prompt)
       per_engine = {name: [] for name in ENGINES}
-      for i in range(args.rounds):
+      for i in range(0 if args.adversarial else args.rounds):
         order = ENGINES[i % 3:] + ENGINES[:i % 3]
         for name in order:
           r = asyncio.run(run_round(url, name, work))
@@ -288,6 +422,28 @@ def main():
       proc.terminate()
       proc.wait(60)
 
+  result = {
+      'platform': platform.platform(), 'cpus': os.cpu_count(),
+      'affinity': sorted(os.sched_getaffinity(0)), 'python': platform.python_version(),
+      'load_avg_1m': os.getloadavg()[0],
+      'clients': args.clients, 'requests_per_client_round': args.requests,
+      'rounds': args.rounds, 'max_batch': args.max_batch,
+      'output_tokens_per_request': OUTPUT_TOKENS, 'prompt_words': PROMPT_WORDS,
+  }
+  if args.adversarial:
+    result.update(adversarial)
+    result.update({
+        'export_seconds': t_export, 'seconds': time.time() - t_start,
+        'setup': ('the synthetic export below; the scone engine only; rounds of plain, '
+                  'control and adversarial, order rotated per round (adversarial: 1% huge '
+                  'prompts of 3 MB refused as too long, and --adversarial_clients extra '
+                  'streaming clients of 64 tokens, half pausing 50 ms after every event, '
+                  'half leaving after 3 events; control: the same extra clients reading at '
+                  'full speed); figures are of the normal requests only; batched prefill is '
+                  'not implemented (issue 19 owns the engine), so prefill batched vs '
+                  'one-by-one is not measured')})
+    print(json.dumps(result))
+    return
   s = {name: summarize(rs) for name, rs in per_engine.items()}
   result = {
       'platform': platform.platform(), 'cpus': os.cpu_count(),

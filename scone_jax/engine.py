@@ -17,6 +17,7 @@ import collections
 import logging
 import dataclasses
 import threading
+import time
 from typing import Callable, Optional
 
 import jax
@@ -179,6 +180,7 @@ class Request:
   echo: bool = False
   ignore_eos: bool = False          # run to max_tokens (benchmarks)
   cancelled: bool = False           # set by the client side; the slot is freed next step
+  add_bos: bool = True              # False: the prompt is read as given (server.py)
 
   def cancel(self):
     self.cancelled = True
@@ -224,23 +226,29 @@ class Engine:
     # shared_steps: steps that decoded two or more requests together.
     self.stats = {'steps': 0, 'shared_steps': 0, 'tokens': 0, 'requests': 0, 'prefills': 0,
                   'errors': 0}
+    # on_timing(kind, seconds) per step, kind 'table_lookup' | 'decode_step' (server metrics).
+    self.on_timing: Optional[Callable[[str, float], None]] = None
 
   # -- the client side (any thread) ---------------------------------------
 
-  def check(self, prompt_ids: np.ndarray, max_tokens: int) -> Optional[str]:
+  def check(self, prompt_ids: np.ndarray, max_tokens: int,
+            add_bos: bool = True) -> Optional[str]:
     """Why this request cannot run here (None if it can)."""
     vocab = self.gen.config.vocab_size
     if prompt_ids.size and (prompt_ids.min() < 0 or prompt_ids.max() >= vocab):
       return f'the prompt has token ids outside [0, {vocab}).'
-    needed = prompt_ids.size + 1 + max(max_tokens, 1) - 1  # BOS; the last token is not fed
+    if prompt_ids.size + int(add_bos) == 0:
+      return 'the prompt is empty and has no BOS: there is nothing to condition on.'
+    needed = prompt_ids.size + int(add_bos) + max(max_tokens, 1) - 1  # the last is not fed
     if needed > self.gen.max_len:
-      return (f'the prompt has {prompt_ids.size} tokens (+1 BOS) and max_tokens={max_tokens}: '
+      return (f'the prompt has {prompt_ids.size} tokens{" (+1 BOS)" * add_bos} and '
+              f'max_tokens={max_tokens}: '
               f'that needs {needed} positions but this model allows {self.gen.max_len}; '
               'shorten the prompt or lower max_tokens.')
     return None
 
   def submit(self, request: Request):
-    problem = self.check(request.prompt_ids, request.max_tokens)
+    problem = self.check(request.prompt_ids, request.max_tokens, request.add_bos)
     if problem:
       raise ValueError(problem)
     with self._cv:
@@ -332,10 +340,10 @@ class Engine:
   def _prefill(self, b: int, request: Request):
     gen = self.gen
     prompt = np.asarray(request.prompt_ids, np.int64)
-    length = prompt.size + 1
+    length = prompt.size + int(request.add_bos)
     width = _bucket(length, _PREFILL_BUCKET)
     # pylint: disable=protected-access
-    ints = gen._prefill_inputs([prompt], np.array([length]), width, True)
+    ints = gen._prefill_inputs([prompt], np.array([length]), width, request.add_bos)
     rows = gen._rows_for(ints[..., _FID]) if gen.use_table else None
     # pylint: enable=protected-access
     sampling = request.temperature > 0
@@ -384,7 +392,9 @@ class Engine:
     batch = self.max_batch
     active = np.array([s is not None for s in self._slots])
     tokens = np.array([s.last if s else 0 for s in self._slots], np.int64)
+    t0 = time.perf_counter()
     rows, ints = self._lookup.advance(tokens)  # match + gather for every slot: one call
+    t_lookup = time.perf_counter() - t0
     ints[~active, _VALID] = 0
     params = np.zeros((batch, 3), np.float32)
     seeds = np.zeros(batch, np.int32)
@@ -401,6 +411,9 @@ class Engine:
     out, self._cache = fn(gen.params, self._cache, rows if gen.use_table else None, ints,
                           params, seeds, counters)
     out = jax.device_get(out)
+    if self.on_timing is not None:
+      self.on_timing('table_lookup', t_lookup)
+      self.on_timing('decode_step', time.perf_counter() - t0)
     self.stats['steps'] += 1
     self.stats['shared_steps'] += int(active.sum() >= 2)
     for b, slot in enumerate(self._slots):

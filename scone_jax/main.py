@@ -5,7 +5,7 @@
   python -m scone_jax.main --mode=eval    --config=... --workdir=DIR --eval_text=a.txt,b.txt
   python -m scone_jax.main --mode=export  --config=... --workdir=DIR [--export_dir=OUT]
   python -m scone_jax.main --mode=generate --export_dir=OUT --prompt="..."
-  python -m scone_jax.main --mode=serve --export_dir=OUT [--port=8000] [--max_batch=8]
+  python -m scone_jax.main --mode=serve --export_dir=OUT [--port=8000] [--max_batch=8] [--api_key_file=F]
   python -m scone_jax.main --mode=compile --config=... --topology=v5e:4x4 [--num_slices=N]
 
 This file wires stages together; the work happens in the modules it calls.
@@ -44,6 +44,25 @@ _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address --mode=serve listens o
 _PORT = flags.DEFINE_integer('port', 8000, 'Port --mode=serve listens on (0 = any free port).')
 _MAX_BATCH = flags.DEFINE_integer('max_batch', 8, 'Decode slots of --mode=serve: requests '
                                   'decoded together (continuous batching).')
+_SERVED_MODEL_NAME = flags.DEFINE_string(
+    'served_model_name', None, 'The model id --mode=serve answers to (default: the export '
+    'directory\'s base name; the path is never shown to clients).')
+_MAX_BODY_MB = flags.DEFINE_float('max_body_mb', 4.0, '--mode=serve: largest request body '
+                                  '(MB); larger ones get 413.')
+_MAX_PROMPTS = flags.DEFINE_integer('max_prompts_per_request', 256, '--mode=serve: most '
+                                    'prompts in one completions request.')
+_MAX_PENDING = flags.DEFINE_integer('max_pending', 1024, '--mode=serve: most prompts waiting '
+                                    'for a decode slot; beyond it 503 with Retry-After '
+                                    '(0 = no bound).')
+_REQUEST_TIMEOUT = flags.DEFINE_float('request_timeout', 0.0, '--mode=serve: default and '
+                                      'largest per-request "timeout" in seconds (0 = none).')
+_DRAIN_TIMEOUT = flags.DEFINE_float('drain_timeout', 30.0, '--mode=serve: after SIGTERM, how '
+                                    'long in-flight requests may finish before they are '
+                                    'cancelled (0 = no deadline).')
+_API_KEY = flags.DEFINE_string('api_key', None, '--mode=serve: require "Authorization: '
+                               'Bearer KEY" on every endpoint but /health.')
+_API_KEY_FILE = flags.DEFINE_string('api_key_file', None, '--mode=serve: accepted keys, one '
+                                    'per line (kept out of the process list).')
 _TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU topology --mode=compile compiles for, '
                                 'e.g. v5e:4x4, v5p:2x2x1, v4:4x4x4 (default: '
                                 'config.compile.topology).')
@@ -137,8 +156,15 @@ def main(argv):
 
   if mode == 'serve':
     from scone_jax import server  # pylint: disable=g-import-not-at-top
+    limits = server.Limits(max_body_mb=_MAX_BODY_MB.value,
+                           max_prompts_per_request=_MAX_PROMPTS.value,
+                           max_pending=_MAX_PENDING.value,
+                           request_timeout=_REQUEST_TIMEOUT.value,
+                           drain_timeout=_DRAIN_TIMEOUT.value).check()
     server.run(_require(_EXPORT_DIR.value, 'export_dir'), host=_HOST.value, port=_PORT.value,
-               table_storage=_TABLE_STORAGE.value, max_batch=_MAX_BATCH.value)
+               table_storage=_TABLE_STORAGE.value, max_batch=_MAX_BATCH.value,
+               served_model_name=_SERVED_MODEL_NAME.value, limits=limits,
+               api_keys=server.read_api_keys(_API_KEY.value, _API_KEY_FILE.value))
     return
 
   if mode == 'generate' or (mode == 'eval' and _EXPORT_DIR.value and not _WORKDIR.value):

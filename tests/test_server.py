@@ -81,7 +81,8 @@ def live(tmp_path_factory):
   export_dir = build_export(root)
   srv = start_server(export_dir, os.path.join(root, 'server.log'))
   gen = serving.load(export_dir)
-  yield types.SimpleNamespace(srv=srv, client=srv.client, url=srv.url, model=export_dir,
+  yield types.SimpleNamespace(srv=srv, client=srv.client, url=srv.url,
+                              model=server.served_name(export_dir), export_dir=export_dir,
                               gen=gen, tok=gen.tokenizer)
   if srv.proc.poll() is None:
     srv.proc.kill()
@@ -184,7 +185,7 @@ def test_parse_completion_says_what_is_wrong():
   p = server.parse_completion(dict(ok), ['m'], _FakeTokenizer(), 32)
   assert p.max_tokens == server.DEFAULT_MAX_TOKENS and p.temperature == 1.0 and not p.stream
   assert server.parse_completion(dict(ok, prompt=[[1, 2], [3]]), ['m'], _FakeTokenizer(),
-                                 32).prompts[1][1].tolist() == [3]
+                                 32).prompts[1].ids.tolist() == [3]
   bad = [({'prompt': 'abc'}, 400, 'model'), (dict(ok, model='x'), 404, 'does not exist'),
          (dict(ok, max_tokens=-1), 400, 'max_tokens'), (dict(ok, max_tokens=33), 400, 'beyond'),
          (dict(ok, prompt='a' * 30, max_tokens=4), 400, 'positions'),
@@ -204,7 +205,8 @@ def test_parse_completion_says_what_is_wrong():
 def test_stop_strings_cut_and_hold_back():
   params = server.parse_completion({'model': 'm', 'prompt': '', 'stop': ['cd', 'zzz']}, ['m'],
                                    _FakeTokenizer(), 32)
-  choice = server._Choice(0, '', [], params, _FakeTokenizer(), eos_id=99)
+  choice = server._Choice(0, server.Prompt('', np.zeros(0, np.int64), False), params,
+                          _FakeTokenizer(), eos_id=99)
   # Token ids 0.. decode to 'a'...: 'ab' is safe, 'c' might start 'cd', 'z' might start 'zzz'.
   texts = [choice.on_event('token', t, None)[0] for t in (0, 1, 2)]
   assert texts == ['a', 'b', ''] and not choice.done
@@ -218,7 +220,7 @@ def test_stop_strings_cut_and_hold_back():
 @pytest.mark.slow
 def test_models_health_and_a_greedy_completion(live):
   models = live.client.models.list()
-  assert [m.id for m in models.data] == [live.model]
+  assert [m.id for m in models.data] == [live.model] == ['export']  # the base name, no path
   assert _health(live)['slots'] == MAX_BATCH
   for prompt in PROMPTS[:3]:
     r = live.client.completions.create(model=live.model, prompt=prompt, max_tokens=12,
@@ -230,7 +232,8 @@ def test_models_health_and_a_greedy_completion(live):
     assert c.text == live.tok.decode(ids + want)[len(live.tok.decode(ids)):]
     assert c.finish_reason == ('length' if len(want) == 12 else 'stop')
     assert r.object == 'text_completion' and r.id.startswith('cmpl-')
-    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens >= len(want)
+    assert r.usage.prompt_tokens == len(ids) + 1  # BOS included
+    assert r.usage.completion_tokens >= len(want)
 
 
 @pytest.mark.slow
@@ -288,7 +291,8 @@ def test_streaming_and_batch_prompts_equal_the_plain_response(live):
 @pytest.mark.slow
 def test_logprobs_and_echo_score_a_prompt(live):
   """lm-eval-harness style: echo=True, max_tokens=0 gives the prompt tokens' logprobs, equal
-  to a full forward pass of the model over BOS + prompt."""
+  to a full forward pass of the model over BOS + prompt. Echo shows the BOS the server put
+  first (its text is empty); nothing scores the first token: null, as in the OpenAI format."""
   prompt = PROMPTS[3]
   r = live.client.completions.create(model=live.model, prompt=prompt, max_tokens=0, echo=True,
                                      logprobs=2, temperature=0)
@@ -296,8 +300,10 @@ def test_logprobs_and_echo_score_a_prompt(live):
   ids = live.tok.encode(prompt)
   assert c.text == prompt and c.finish_reason == 'length' and r.usage.completion_tokens == 0
   lp = c.logprobs
-  assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == ids.size
-  assert ''.join(lp.tokens) == live.tok.decode(ids)
+  assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == ids.size + 1
+  assert ''.join(lp.tokens) == live.tok.decode(ids) and lp.tokens[0] == ''
+  assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+  lp.token_logprobs, lp.top_logprobs = lp.token_logprobs[1:], lp.top_logprobs[1:]
   gen = live.gen
   ints = gen._prefill_inputs([ids], np.array([ids.size + 1]), ids.size + 1, True)
   x = gen._input_vectors(gen.params, gen._rows_for(ints[..., 2]), ints)
@@ -312,7 +318,7 @@ def test_logprobs_and_echo_score_a_prompt(live):
   r = live.client.completions.create(model=live.model, prompt=PROMPTS[0], max_tokens=5,
                                      echo=True, logprobs=1, temperature=0)
   c = r.choices[0]
-  n = live.tok.encode(PROMPTS[0]).size
+  n = live.tok.encode(PROMPTS[0]).size + 1  # BOS first
   assert c.text.startswith(PROMPTS[0]) and len(c.logprobs.tokens) == n + len(c.token_ids)
   for tok_lp, top in zip(c.logprobs.token_logprobs[n:], c.logprobs.top_logprobs[n:]):
     assert tok_lp == pytest.approx(max(top.values()), abs=1e-6)
