@@ -11,7 +11,10 @@ scores the EOS that ends every document too, so both count the same tokens.
 The two need not agree to the last digit: --mode=eval packs documents back to back into
 rows of the training seq_len (a document that straddles a row boundary loses its context
 there), while lm-eval scores each document alone in windows of --max_length tokens (a
-window after the first gets one token of context, after a BOS the server puts first).
+window after the first gets one token of context, after a BOS the server puts first). So a
+third figure is printed where every document fits in one window: each document scored
+alone in one forward pass of the export's model, which lm-eval through the server should
+equal to float precision.
 
   python experiments/lm_eval_check.py --export_dir=runs/scone/export \\
       --eval_text=heldout.txt --limit=100 --lm_eval=/path/to/venv/bin/lm_eval
@@ -66,6 +69,33 @@ def mode_eval(export_dir: str, text_file: str) -> dict:
                         f'--export_dir={export_dir}', f'--eval_text={text_file}'],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def per_document_nll(export_dir: str, docs: list) -> tuple:
+  """(summed NLL, tokens) of each document alone, BOS + text + EOS in one forward pass of
+  the export's model (what the server computes for a window holding a whole document), or
+  None where a document does not fit in the model's length."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from scone_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from scone_jax import serving  # pylint: disable=g-import-not-at-top
+  gen = serving.load(export_dir)
+  nll, tokens = 0.0, 0
+  for d in docs:
+    ids = np.concatenate([gen.tokenizer.encode(d), [gen.tokenizer.eos_id]]).astype(np.int64)
+    if ids.size + 1 > gen.max_len:
+      return None
+    # pylint: disable=protected-access
+    ints = gen._prefill_inputs([ids], np.array([ids.size + 1]), ids.size + 1, True)
+    x = gen._input_vectors(gen.params, gen._rows_for(ints[..., 2]) if gen.use_table else None,
+                           ints)
+    # pylint: enable=protected-access
+    logits = gen.model.apply({'params': gen.params}, x, positions_BxL=ints[..., 1],
+                             method=model_lib.SconeLM.backbone)
+    logp = np.asarray(jax.nn.log_softmax(logits[0, :-1].astype(np.float32)))
+    nll -= float(logp[np.arange(ids.size), ids].sum())
+    tokens += ids.size
+  return nll, tokens
 
 
 def start_server(export_dir: str, name: str, log_path: str):
@@ -138,6 +168,7 @@ def main():
 
   reference = mode_eval(export_dir, text_file)
   print('--mode=eval:', json.dumps(reference), flush=True)
+  per_doc = per_document_nll(export_dir, docs)
   proc, url = start_server(export_dir, 'scone', os.path.join(work, 'server.log'))
   try:
     max_len = _get(url + '/v1/models')['data'][0]['max_model_len']
@@ -181,6 +212,11 @@ def main():
       'lm_eval_version': version, 'docs': scored, 'tokens': tokens,
       'eval_tokens': reference['tokens'], 'lm_eval_nll_per_token': nll,
       'eval_loss': reference['loss'], 'rel_diff': (nll - reference['loss']) / reference['loss'],
+      # Each document alone in one pass: equal to lm-eval's when every document fits in
+      # one window (the packing of --mode=eval aside).
+      'per_document_nll_per_token': per_doc and per_doc[0] / per_doc[1],
+      'per_document_rel_diff': per_doc and (nll - per_doc[0] / per_doc[1]) / (
+          per_doc[0] / per_doc[1]),
       'lm_eval_ppl': math.exp(nll), 'eval_ppl': reference['ppl'],
       'max_length': args.max_length or max_len, 'export': 'tiny (tests/tiny.py)' if args.tiny
       else os.path.basename(os.path.normpath(export_dir)),
