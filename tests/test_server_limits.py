@@ -399,10 +399,10 @@ def test_tokenizer_endpoints_and_add_special_tokens_as_lm_eval_uses_them(live):
 
 @pytest.mark.slow
 def test_the_export_loads_as_a_hugging_face_tokenizer(live):
-  """transformers is not a dependency: this runs where it is installed (>= 5 reads the
-  SentencePiece model's own normalizer spec; its Llama and T5 classes impose a dummy prefix
-  that this tokenizer was trained without, and T5's has no byte fallback)."""
-  transformers = pytest.importorskip('transformers')
+  """transformers >= 5 reads the SentencePiece model's own normalizer spec (a test
+  dependency, not a serving one; its Llama and T5 classes impose a dummy prefix that this
+  tokenizer was trained without, and T5's has no byte fallback)."""
+  import transformers  # pylint: disable=g-import-not-at-top
   hf = transformers.AutoTokenizer.from_pretrained(live.export_dir)
   text = ' '.join(PROMPTS) + '\n  x é 😀'
   want = live.tok.encode(text).tolist()
