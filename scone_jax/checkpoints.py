@@ -193,6 +193,8 @@ def _try_step(directory, step, restore_step, select, expected):
     except Exception as e:  # pylint: disable=broad-except
       # orbax raises many kinds for a truncated or corrupt checkpoint.
       error = e
+  if error is not None:
+    _join_restore_barrier()
   if _agree_damaged(error is not None):
     return error or RuntimeError('another process could not read its part of it')
   try:
@@ -200,6 +202,20 @@ def _try_step(directory, step, restore_step, select, expected):
   except ValueError as e:
     return e
   return restored
+
+
+# orbax's Checkpointer.restore reads this process's part, then waits at this barrier for
+# every process (a collective; CheckpointManagerOptions' default barrier prefix, None).
+_RESTORE_BARRIER = 'Checkpointer:restore'
+
+
+def _join_restore_barrier():
+  """A process whose read failed before the restore's closing barrier joins it, so that the
+  processes that read their parts leave the restore and every process reaches the
+  agreement below through the same sequence of collectives."""
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(
+        ocp.multihost.unique_barrier_key(_RESTORE_BARRIER, prefix=None))
 
 
 def _agree_damaged(damaged_here: bool) -> bool:
