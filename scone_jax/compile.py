@@ -159,6 +159,9 @@ def analyse(compiled, hbm: int) -> dict:
                  'host_temporaries': int(getattr(mem, 'host_temp_size_in_bytes', 0)),
                  'total': total, 'hbm': int(hbm), 'fraction_of_hbm': total / hbm},
       'flops_per_device': float((cost or {}).get('flops', 0.0)),
+      # HBM traffic by the same analysis (a loop body once): next to the FLOPs, what says
+      # whether a step is bound by memory rather than by compute.
+      'bytes_accessed_per_device': float((cost or {}).get('bytes accessed', 0.0)),
       'collectives': {c: found.count(c) for c in COLLECTIVES},
   }
 

@@ -395,7 +395,12 @@ class FGramModel(nn.Module):
                           deterministic=deterministic, decode=False)
     x_SxD = x_RxPxD.reshape(num_rows * num_slots, -1)
     # The norm is per position, so normalising only the selected slots is the same and cheaper.
-    return RMSNorm(dtype, param_dtype, name='final_norm')(jnp.take(x_SxD, select_N, axis=0))
+    # Gathered in float32 (the norm's own precision): the backward pass adds every position's
+    # gradient into its window's row, and a float32 scatter-add neither rounds each addition
+    # to bf16 nor runs as a compare-and-swap loop on a GPU. An index past the last slot (an
+    # unmatched position) reads zeros and its gradient is dropped, not added to a real row.
+    x_NxD = jnp.take(x_SxD.astype(jnp.float32), select_N, axis=0, mode='fill', fill_value=0)
+    return RMSNorm(dtype, param_dtype, name='final_norm')(x_NxD)
 
 
 class SconeLM(nn.Module):
@@ -432,7 +437,7 @@ class SconeLM(nn.Module):
     window, -1 where nothing matched.
     """
     c = self.config
-    x_BxLxD = self.token_embed(inputs_BxL)
+    x_BxLxD = self._embed(inputs_BxL)
     if c.fgrams_enabled and self.is_initializing() and fgram_index_BxL is None:
       # Create A_fgram's parameters even when init is given no f-gram inputs.
       self.fgram_embed(jnp.zeros((1, c.fgram_max_len), jnp.int32), jnp.ones((1,), jnp.int32))
@@ -445,10 +450,24 @@ class SconeLM(nn.Module):
     if fgram_tokens_RxP is None or fgram_positions_RxP is None:
       raise ValueError('fgram_index_BxL needs fgram_tokens_RxP and fgram_positions_RxP.')
     matched_BxL = fgram_index_BxL >= 0
-    emb_BxLxD = self.fgram_model(self.token_embed(fgram_tokens_RxP), fgram_positions_RxP,
-                                 jnp.where(matched_BxL, fgram_index_BxL, 0), deterministic)
+    # Unmatched positions point past the last slot: nothing is gathered or scattered for them
+    # (pointing them all at slot 0 made every one add its zero gradient to that one row).
+    num_slots = fgram_tokens_RxP.shape[0] * fgram_tokens_RxP.shape[1]
+    emb_BxLxD = self.fgram_model(self._embed(fgram_tokens_RxP), fgram_positions_RxP,
+                                 jnp.where(matched_BxL, fgram_index_BxL, num_slots),
+                                 deterministic)
     x_BxLxD = jnp.where(matched_BxL[..., None], emb_BxLxD.astype(x_BxLxD.dtype), x_BxLxD)
     return nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed'))
+
+  def _embed(self, ids):
+    """T[ids] in the compute dtype, gathered from the float32 table.
+
+    Same values as nn.Embed (which casts the whole table, then gathers), but the backward
+    pass adds the rows' gradients into T in float32: many positions share a token (Zipf), and
+    a bf16 scatter-add rounds each addition and runs as compare-and-swap loops on a GPU.
+    """
+    table = self.token_embed.embedding
+    return jnp.take(table, ids, axis=0).astype(_dtype(self.config.dtype))
 
   def fgram_embed(self, fgram_tokens_UxK, fgram_lengths_U, deterministic=True):
     """A_fgram's output rows for left-aligned windows [U, K] (0-padded) of the given lengths.
@@ -468,7 +487,7 @@ class SconeLM(nn.Module):
     lengths_U = jnp.clip(fgram_lengths_U, 1, width)
     positions_UxK = jnp.where(slot_K < lengths_U[:, None], slot_K, 0)
     last_U = jnp.arange(num_rows) * width + lengths_U - 1
-    emb_UxD = self.fgram_model(self.token_embed(fgram_tokens_UxK), positions_UxK, last_U,
+    emb_UxD = self.fgram_model(self._embed(fgram_tokens_UxK), positions_UxK, last_U,
                                deterministic)
     return nn.with_logical_constraint(emb_UxD, ('fgram_batch', 'embed'))
 

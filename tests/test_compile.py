@@ -45,6 +45,7 @@ def test_small_config_compiles_for_v5e_2x2_and_fits():
     assert mem['arguments'] > 0 and mem['outputs'] > 0 and mem['total'] > 0, (name, mem)
     assert mem['total'] <= mem['hbm'] == 16 << 30
     assert step['flops_per_device'] > 0, name
+    assert step['bytes_accessed_per_device'] > 0, name
   assert report['steps']['train']['model_flops_per_device'] > 0
   train = report['steps']['train']
   # The donated state aliases the new state: its bytes are not counted twice.
