@@ -12,7 +12,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Data-flow order: a module may import only modules listed before it.
 ORDER = ['paths', 'config', 'fgrams', 'corpus', 'packing', 'token_shards', 'beam_dask',
          'fgrams_beam', 'artifacts', 'seqio_tasks', 'model', 'sharding', 'flops', 'metrics',
-         'checkpoints', 'table', 'step_batch', 'preemption', 'train', 'export', 'serving',
+         'checkpoints', 'table', 'device_match', 'step_batch', 'preemption', 'train', 'export', 'serving',
          'engine', 'server', 'compile', 'main']
 # Train, export and serving stand side by side on a shared floor.
 SIBLINGS = {'train', 'export', 'serving'}
