@@ -3,12 +3,13 @@ computed inside a jitted decode step.
 
 Every f-gram of length n is keyed by a 64-bit hash of (its tokens, n), kept as two uint32
 words (JAX runs without 64-bit integers by default) in one array sorted by (hi, lo). A decode
-step hashes the row's last n tokens for every n = 2..K at once, finds each key with a
-branch-free binary search (a lexicographic `searchsorted` over the two words: log2(S) + 1
-gathers per query), then compares the found f-gram's stored tokens and length with the
-row's: so a hash collision can never select a wrong row. Keys are distinct by construction
-(`build` re-seeds the hash until no two f-grams share a key), so a found key names at most
-one candidate. The result equals `fgrams.advance_matches` (tests/test_device_match.py).
+step hashes the row's last n tokens for every n = 2..K at once and finds each key in the
+sorted array through a directory of its top bits: the keys sharing a prefix (about two)
+are read in one gather, a `searchsorted` whose answer was tabulated at build time. Then it
+compares the found f-gram's stored tokens and length with the row's, so a hash collision
+can never select a wrong row. Keys are distinct by construction (`build` re-seeds the hash
+until no two f-grams share a key), so a found key names at most one candidate. The result
+equals `fgrams.advance_matches` (tests/test_device_match.py).
 
 Nothing here knows a neural network: arrays in, f-gram ids out. Per-row match state is a
 right-aligned window `ctx_BxK` of the document's last K tokens and `doc_len_B`, the number
@@ -64,21 +65,27 @@ def _hash_suffixes(tokens_BxM, seed: int, lengths):
 class MatcherArrays:
   """The matcher as arrays (a pytree: pass it to a jitted function as an argument).
 
-  key_hi_M, key_lo_M: uint32, the sorted keys; id_M: int32, the f-gram id of each key;
-  tokens_SxK: int32, the f-grams left-aligned (padding 0); lengths_S: int32.
-  `seed` and `max_len` are static.
+  key_hi_M, key_lo_M: uint32, the keys sorted by (hi, lo), then `width` padding entries;
+  id_M: int32, the f-gram id of each key; bucket_start: int32 [2^bits + 1], where the keys
+  whose hi word starts with each `bits`-bit prefix begin (a directory over the sorted keys,
+  so a lookup reads one bucket of at most `width` keys instead of a log2(S)-step binary
+  search: two gathers per query, on a GPU as on a CPU); tokens_SxK: int32, the f-grams
+  left-aligned (padding 0); lengths_S: int32. seed, max_len, bits and width are static.
   """
   key_hi_M: object
   key_lo_M: object
   id_M: object
+  bucket_start: object
   tokens_SxK: object
   lengths_S: object
   seed: int
   max_len: int
+  bits: int
+  width: int
 
   def tree_flatten(self):
-    return ((self.key_hi_M, self.key_lo_M, self.id_M, self.tokens_SxK, self.lengths_S),
-            (self.seed, self.max_len))
+    return ((self.key_hi_M, self.key_lo_M, self.id_M, self.bucket_start, self.tokens_SxK,
+             self.lengths_S), (self.seed, self.max_len, self.bits, self.width))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -89,11 +96,25 @@ class MatcherArrays:
     return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in self.tree_flatten()[0])
 
 
+def from_sorted(keys_M, ids_M, tokens, lengths, seed: int, max_len: int) -> MatcherArrays:
+  """MatcherArrays of distinct uint64 keys sorted ascending and their f-gram ids."""
+  m = keys_M.size
+  bits = int(min(24, max(1, (max(m, 2) // 2).bit_length())))  # ~2 keys per bucket
+  hi = (keys_M >> np.uint64(32)).astype(np.uint32)
+  lo = (keys_M & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+  prefix = (hi >> np.uint32(32 - bits)).astype(np.int64)
+  start = np.searchsorted(prefix, np.arange((1 << bits) + 1)).astype(np.int32)
+  width = int(max(1, np.diff(start).max(initial=1)))
+  pad = np.full(width, 0xFFFFFFFF, np.uint32)
+  return MatcherArrays(np.concatenate([hi, pad]), np.concatenate([lo, pad]),
+                       np.concatenate([ids_M.astype(np.int32), np.zeros(width, np.int32)]),
+                       start, tokens, lengths, seed, max_len, bits, width)
+
+
 def build(fgram_set: fgrams_lib.FGramSet, seed: int = 0) -> MatcherArrays:
   """The matcher's numpy arrays for an f-gram set (device_put them where the step runs)."""
   tokens = np.asarray(fgram_set.tokens_padded, np.int32)
   lengths = np.asarray(fgram_set.lengths, np.int32)
-  k = fgram_set.max_len
   for s in range(seed, seed + _MAX_SEEDS):
     keys = np.zeros(len(lengths), np.uint64)
     for n in np.unique(lengths):
@@ -103,26 +124,20 @@ def build(fgram_set: fgrams_lib.FGramSet, seed: int = 0) -> MatcherArrays:
     order = np.argsort(keys, kind='stable')
     sorted_keys = keys[order]
     if not (sorted_keys[1:] == sorted_keys[:-1]).any():
-      return MatcherArrays((sorted_keys >> np.uint64(32)).astype(np.uint32),
-                           (sorted_keys & np.uint64(0xFFFFFFFF)).astype(np.uint32),
-                           order.astype(np.int32), tokens, lengths, s, k)
+      return from_sorted(sorted_keys, order, tokens, lengths, s, fgram_set.max_len)
   raise ValueError(f'{len(lengths)} f-grams: {_MAX_SEEDS} hash seeds all gave two f-grams the '
                    'same 64-bit key; this does not happen by chance below ~10^9 f-grams.')
 
 
-def _lower_bound(key_hi_M, key_lo_M, q_hi, q_lo):
-  """The number of keys < each query (lexicographic on (hi, lo)); a static-length search."""
-  m = key_hi_M.shape[0]
-  pos = jnp.zeros(q_hi.shape, jnp.int32)
-  step = 1 << (m.bit_length() - 1)
-  while step:
-    cand = pos + step
-    idx = jnp.minimum(cand - 1, m - 1)
-    k_hi, k_lo = key_hi_M[idx], key_lo_M[idx]
-    less = (k_hi < q_hi) | ((k_hi == q_hi) & (k_lo < q_lo))
-    pos = jnp.where((cand <= m) & less, cand, pos)
-    step >>= 1
-  return pos
+def _find(m: MatcherArrays, q_hi, q_lo):
+  """(found, index into the key arrays) of each query key: its bucket, read whole."""
+  bucket = (q_hi >> np.uint32(32 - m.bits)).astype(jnp.int32)
+  start, end = m.bucket_start[bucket], m.bucket_start[bucket + 1]
+  idx = start[..., None] + jnp.arange(m.width, dtype=jnp.int32)
+  hit = ((idx < end[..., None]) & (m.key_hi_M[idx] == q_hi[..., None])
+         & (m.key_lo_M[idx] == q_lo[..., None]))
+  return jnp.any(hit, axis=-1), jnp.take_along_axis(
+      idx, jnp.argmax(hit, axis=-1)[..., None], axis=-1)[..., 0]
 
 
 def match_last(m: MatcherArrays, ctx_BxK, doc_len_B):
@@ -132,16 +147,13 @@ def match_last(m: MatcherArrays, ctx_BxK, doc_len_B):
   if k < m.max_len:
     raise ValueError(f'the match window holds {k} tokens; the f-gram set needs {m.max_len}.')
   batch = ctx_BxK.shape[0]
-  if m.key_hi_M.shape[0] == 0 or m.max_len < 2:
+  if m.tokens_SxK.shape[0] == 0 or m.max_len < 2:
     return jnp.full((batch,), -1, jnp.int32)
   lengths = tuple(range(2, m.max_len + 1))
   keys = _hash_suffixes(ctx_BxK, m.seed, lengths)
   q_hi = jnp.stack([keys[n][0] for n in lengths], axis=1)          # [B, K-1]
   q_lo = jnp.stack([keys[n][1] for n in lengths], axis=1)
-  pos = _lower_bound(m.key_hi_M, m.key_lo_M, q_hi, q_lo)
-  size = m.key_hi_M.shape[0]
-  at = jnp.minimum(pos, size - 1)
-  found = (pos < size) & (m.key_hi_M[at] == q_hi) & (m.key_lo_M[at] == q_lo)
+  found, at = _find(m, q_hi, q_lo)
   fid = m.id_M[at]                                                  # [B, K-1]
   n_N = jnp.asarray(lengths, jnp.int32)
   # Confirm: the candidate's length and stored tokens equal the row's last n tokens.

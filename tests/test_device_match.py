@@ -69,23 +69,22 @@ def test_device_matcher_equals_advance_matches(max_len):
 
 
 def test_a_hash_collision_never_selects_a_wrong_row():
-  """Plant a collision: give f-gram 0's key to an n-gram that is not an f-gram. The search
-  then finds f-gram 0 for that n-gram, and the token check must reject it."""
+  """Plant a collision: give f-gram 1's key to an n-gram that is not an f-gram. The search
+  then finds f-gram 1 for that n-gram, and the token check must reject it."""
   fs = fgrams.FGramSet.from_ngrams([(1, 2), (3, 4, 5), (2, 3)], max_len=3)
   m = device_match.build(fs)
   intruder = np.array([[4, 4, 4]], np.int32)  # its 2- and 3-suffixes are no f-grams
   hi, lo = device_match._hash_suffixes(intruder, m.seed, (3,))[3]  # pylint: disable=protected-access
-  at = int(np.flatnonzero(m.id_M == 1)[0])   # the key of f-gram 1 = (3, 4, 5), length 3
-  keys = (m.key_hi_M.astype(np.uint64) << np.uint64(32)) | m.key_lo_M.astype(np.uint64)
+  size = len(fs)
+  at = int(np.flatnonzero(m.id_M[:size] == 1)[0])   # the key of f-gram 1 = (3, 4, 5)
+  keys = ((m.key_hi_M[:size].astype(np.uint64) << np.uint64(32))
+          | m.key_lo_M[:size].astype(np.uint64))
   keys[at] = (np.uint64(hi[0]) << np.uint64(32)) | np.uint64(lo[0])
   order = np.argsort(keys)
-  planted = device_match.MatcherArrays(
-      (keys[order] >> np.uint64(32)).astype(np.uint32),
-      (keys[order] & np.uint64(0xFFFFFFFF)).astype(np.uint32), m.id_M[order], m.tokens_SxK,
-      m.lengths_S, m.seed, m.max_len)
-  q_hi, q_lo = jnp.asarray(hi), jnp.asarray(lo)
-  pos = device_match._lower_bound(planted.key_hi_M, planted.key_lo_M, q_hi, q_lo)  # pylint: disable=protected-access
-  assert int(planted.id_M[int(pos[0])]) == 1  # the search does land on the wrong f-gram
+  planted = device_match.from_sorted(keys[order], m.id_M[:size][order], m.tokens_SxK,
+                                     m.lengths_S, m.seed, m.max_len)
+  found, pos = device_match._find(planted, jnp.asarray(hi), jnp.asarray(lo))  # pylint: disable=protected-access
+  assert bool(found[0]) and int(planted.id_M[int(pos[0])]) == 1  # lands on the wrong f-gram
   got = device_match.match_last(planted, jnp.asarray(intruder), jnp.array([3]))
   assert int(got[0]) == -1
   # The real f-gram (3, 4, 5) now has another key: not found, never mistaken.
