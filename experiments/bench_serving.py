@@ -189,7 +189,12 @@ def main():
                                max_len=args.prompt_len + args.new_tokens + 16)
   with tempfile.TemporaryDirectory(prefix='bench_serving_') as tmp:
     for storage in storages:
-      bench_storage(storage, table_np, fgram_set, baseline, args, tmp, result)
+      try:
+        bench_storage(storage, table_np, fgram_set, baseline, args, tmp, result)
+      except Exception as e:  # pylint: disable=broad-except
+        # A storage this platform lacks (e.g. no pinned_host memory) is reported, not fatal.
+        result[f'error_{storage}'] = f'{type(e).__name__}: {str(e)[:300]}'
+        progress(f'storage {storage} FAILED: {result[f"error_{storage}"]}')
   result.update({
       'model': args.model, 'main_model': describe(args.model, mc),
       'table_rows': len(fgram_set), 'table_dim': mc.d_model, 'table_dtype': 'float16',

@@ -1,13 +1,15 @@
 """Serving: the main model with a KV cache; f-gram input vectors come from the exported table.
 
-The f-gram model is gone at this point. For each position the host matches the longest
-f-gram ending there (the f-gram set's compiled incremental matcher over the last K tokens)
-and copies that row of the table (host RAM, a memory-mapped file, or tensorstore reads
-through a bounded cache); the jitted step takes [B, d] rows, the matched ids and the token
-ids, uses `where(matched, row, T[token])` as the input vector and runs one KV-cached step of
-the main model. So decoding costs the main model plus a table lookup.
+The f-gram model is gone at this point. The prompt is matched on the host (the f-gram
+set's compiled matcher) and prefilled; then `make_decode_loop` runs up to N decode steps
+per compiled call: per row and step it matches the longest f-gram ending at the new token
+on the device (`device_match`), reads that row of the table (gathered by the step itself
+for the `device` and `host` storages, through a host callback for `ram`, `mmap` and
+`tensorstore`), uses `where(matched, row, T[token])` as the input vector, runs one
+KV-cached step of the main model and samples. So decoding costs the main model plus a
+match and a row read, with no Python between tokens.
 
-  gen = serving.load('runs/scone/export')            # table in RAM, checksum verified
+  gen = serving.load('runs/scone/export')            # table in host memory, checksum verified
   gen.generate_text(['The nation'], max_new_tokens=32)
   gen.evaluate(docs)                                 # == train.eval_documents, via the table
 
@@ -15,9 +17,11 @@ the main model. So decoding costs the main model plus a table lookup.
 model config fingerprints), a truncated or corrupt table, a missing piece, and an export
 that never completed; each message says what to do.
 
-Length (~560 lines): `load` (the export's consistency checks) and the `Generator` (prefill,
-KV-cached decode, evaluation through the table) share the input layout and the jitted
-step; continuous batching and HTTP live in `engine.py` and `server.py`.
+Length (~750 lines): table placement, `load` (the export's consistency checks), the decode
+loop and the `Generator` (prefill, chunked decode, evaluation through the table) share
+the input layout and the jitted step; continuous batching and HTTP live in `engine.py`
+and `server.py`. `DecodeLookup` is the host-side match and gather of one step, kept as the
+reference the on-device loop is tested against and for benchmarks.
 """
 import dataclasses
 import functools
@@ -519,7 +523,13 @@ class Generator:
     return self.table.lookup(ids)
 
   def _rows_for(self, fgram_ids: np.ndarray) -> np.ndarray:
-    """[..., d] rows for an id array (-1 = unmatched: zeros, unused by the model)."""
+    """[..., d] rows for an id array (-1 = unmatched: zeros or row 0, unused by the model).
+    A table the step reads (device, host) is gathered at the array's own (bucketed) shape,
+    so prompts of one width bucket share one compiled gather."""
+    if self.use_table and self.table.device_rows is not None:
+      ids = jnp.asarray(np.asarray(fgram_ids, np.int32).reshape(-1))
+      return _gather_jit(self.table.device_rows, ids, host=self.table.storage == 'host'
+                         ).reshape(fgram_ids.shape + (self.config.d_model,))
     rows = np.zeros(fgram_ids.shape + (self.config.d_model,), self._row_dtype)
     if self.use_table:
       matched = fgram_ids >= 0
