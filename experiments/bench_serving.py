@@ -136,7 +136,7 @@ def bench_storage(storage, table_np, fgram_set, baseline, args, tmp, result):
   progress(f'storage {storage}: table placed in {time.time() - t0:.1f}s')
   for batch in BATCHES:
     rng = np.random.default_rng(batch)
-    prompts = rng.integers(0, mc.vocab_size, (batch, args.prompt_len)).tolist()
+    prompts = rng.integers(0, baseline.config.vocab_size, (batch, args.prompt_len)).tolist()
     t1 = time.time()
     med, runs = timed_rounds(gens, prompts, args.new_tokens, args.repeats, per_dispatch)
     ratio_runs = [s / b for s, b in zip(runs['scone'], runs['baseline'])]
