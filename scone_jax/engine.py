@@ -1,13 +1,15 @@
-"""Continuous batching over an export: decode slots, per-row KV cache, one jitted step.
+"""Continuous batching over an export: decode slots, per-row KV cache, decode in chunks.
 
 The `Engine` holds `max_batch` decode slots, each a row of one KV cache whose rows keep
-their own fill level (the model's per-row cache index). A request joins at the next step:
+their own fill level (the model's per-row cache index). A request joins between chunks:
 its prompt is prefilled alone into a fresh one-row cache that then replaces its slot's row;
-from then on it decodes with the other slots, one token per step, and leaves when it
-stops, runs out of tokens or is cancelled. Per step the host matches and gathers the
-f-gram rows of every slot in one `DecodeLookup.advance` call. The loop runs in its own
-thread and hands events ('token', 'done', 'error') to each request's callback, so the
-caller (the HTTP server in `server.py`, a benchmark) never holds the device.
+from then on it decodes with the other slots and leaves when it stops, runs out of tokens
+or is cancelled. A chunk is `serving.make_decode_loop`: up to `tokens_per_dispatch` steps
+on the device, each matching the f-gram ending at every slot's newest token, gathering its
+table row, running the model and sampling per row, with no Python between tokens; then
+each token of the chunk is handed out as its own event. The loop runs in its own thread
+and hands events ('token', 'done', 'error') to each request's callback, so the caller (the
+HTTP server in `server.py`, a benchmark) never holds the device.
 
   engine = engine_lib.Engine(serving.load('runs/scone/export'), max_batch=8)
   engine.start()
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scone_jax import corpus
+from scone_jax import device_match
 from scone_jax import model as model_lib
 from scone_jax import serving
 
@@ -38,6 +41,9 @@ _bucket = serving._bucket
 # pylint: enable=protected-access
 
 MAX_LOGPROBS = 20          # top logprobs a request may ask for per token
+# Decode steps per dispatch: requests join and leave between chunks, so this bounds the
+# extra wait of a joining request (and how late a cancelled one is noticed).
+DEFAULT_TOKENS_PER_DISPATCH = 8
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -86,14 +92,19 @@ def _logprob_outputs(logits_NxV, chosen_N, top):
 
 
 class StepFunctions:
-  """The jitted prefill (one request into one slot) and decode step (all slots) for a
-  Generator, a number of slots and a per-slot cache length. Engines over the same Generator
-  and sizes may share one, and with it the compiled programs."""
+  """The jitted prefill (one request into one slot) and decode chunk (all slots, up to
+  `tokens_per_dispatch` steps on the device) for a Generator, a number of slots and a
+  per-slot cache length. Engines over the same Generator and sizes may share one, and with
+  it the compiled programs."""
 
-  def __init__(self, gen: serving.Generator, batch: int, cache_len: int):
+  def __init__(self, gen: serving.Generator, batch: int, cache_len: int, *,
+               tokens_per_dispatch: int = DEFAULT_TOKENS_PER_DISPATCH):
+    if tokens_per_dispatch < 1:
+      raise ValueError(f'tokens_per_dispatch={tokens_per_dispatch} must be at least 1.')
     self.gen = gen
     self.batch = int(batch)
     self.cache_len = int(cache_len)
+    self.tokens_per_dispatch = int(tokens_per_dispatch)
     self.top = min(MAX_LOGPROBS, gen.config.vocab_size)
     # Scanned layers stack their cache on a leading layer axis: the batch axis is next.
     self._batch_axis = 1 if gen.config.scan_layers else 0
@@ -106,15 +117,6 @@ class StepFunctions:
   def new_cache(self):
     return self.gen._empty_cache(self.batch, self.cache_len)  # pylint: disable=protected-access
 
-  def _apply(self, params, cache, rows_BxLxD, ints_BxLx4):
-    gen = self.gen
-    x_BxLxD = gen._input_vectors(params, rows_BxLxD, ints_BxLx4)  # pylint: disable=protected-access
-    logits_BxLxV, state = gen.model.apply(
-        {'params': params, 'cache': cache}, x_BxLxD, positions_BxL=ints_BxLx4[..., _POS],
-        valid_BxL=ints_BxLx4[..., _VALID] > 0, decode=True,
-        method=model_lib.SconeLM.backbone, mutable=['cache'])
-    return logits_BxLxV, state['cache']
-
   def prefill(self, width: int, sampling: bool, logprobs: bool):
     """fn(params, cache, slot, rows [1, W, d] | None, ints [1, W, 4], sampling [1, 3],
     seed [1]) → (outputs, cache): the prompt (left-padded, as Generator.generate lays it out)
@@ -124,7 +126,8 @@ class StepFunctions:
     if key not in self._prefill:
       def fn(params, cache, slot, rows_1xWxD, ints_1xWx4, sampling_1x3, seed_1):
         fresh = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._row_shapes)
-        logits_1xWxV, row_cache = self._apply(params, fresh, rows_1xWxD, ints_1xWx4)
+        logits_1xWxV, row_cache = serving.apply_cached(self.gen.model, params, fresh,
+                                                       rows_1xWxD, ints_1xWx4)
         cache = jax.tree.map(
             lambda big, row: jax.lax.dynamic_update_slice_in_dim(big, row, slot,
                                                                  self._batch_axis),
@@ -141,23 +144,21 @@ class StepFunctions:
     return self._prefill[key]
 
   def decode(self, sampling: bool, logprobs: bool):
-    """fn(params, cache, rows [B, d] | None, ints [B, 4], sampling [B, 3], seeds [B],
-    counters [B]) → (outputs, cache): one token for every slot (rows with valid=0 compute
-    too; their outputs are ignored)."""
+    """fn(params, cache, table, matcher, carry, sampling [B, 3], is_stop [V]) → (carry,
+    cache, outs): `serving.make_decode_loop` over every slot, sampling per row (a row's
+    key: its seed and its token count), outs with per-token logprobs when asked."""
     key = (sampling, logprobs)
     if key not in self._decode:
-      def fn(params, cache, rows_BxD, ints_Bx4, sampling_Bx3, seeds_B, counters_B):
-        rows_Bx1xD = None if rows_BxD is None else rows_BxD[:, None]
-        logits_Bx1xV, cache = self._apply(params, cache, rows_Bx1xD, ints_Bx4[:, None])
-        logits_BxV = logits_Bx1xV[:, 0]
+      def sample(logits_BxV, c, sampling_Bx3):
         tok_B = _sample_rows(logits_BxV, sampling_Bx3[:, 0], sampling_Bx3[:, 1],
-                             sampling_Bx3[:, 2].astype(jnp.int32), _row_keys(seeds_B, counters_B),
-                             sampling=sampling)
-        out = {'token': tok_B}
-        if logprobs:
-          out.update(_logprob_outputs(logits_BxV, tok_B, self.top))
-        return out, cache
-      self._decode[key] = jax.jit(fn, donate_argnums=(1,))
+                             sampling_Bx3[:, 2].astype(jnp.int32),
+                             _row_keys(c['seed'], c['count']), sampling=sampling)
+        return tok_B, c
+      outputs = ((lambda logits_BxV, tok_B: _logprob_outputs(logits_BxV, tok_B, self.top))
+                 if logprobs else None)
+      loop = serving.make_decode_loop(self.gen.model, self.tokens_per_dispatch, sample,
+                                      self.gen.row_gather(), outputs)
+      self._decode[key] = jax.jit(loop, donate_argnums=(1,))
     return self._decode[key]
 
 
@@ -201,7 +202,8 @@ class Engine:
   """
 
   def __init__(self, gen: serving.Generator, max_batch: int = 8, *, static: bool = False,
-               functions: Optional[StepFunctions] = None):
+               functions: Optional[StepFunctions] = None,
+               tokens_per_dispatch: int = DEFAULT_TOKENS_PER_DISPATCH):
     if max_batch < 1:
       raise ValueError(f'max_batch={max_batch} must be at least 1.')
     self.gen = gen
@@ -210,14 +212,17 @@ class Engine:
     # Prompts are left-padded to a multiple of the prefill bucket before their first token.
     cache_len = _bucket(gen.max_len + _PREFILL_BUCKET - 1, _CACHE_BUCKET)
     if functions is None:
-      functions = StepFunctions(gen, self.max_batch, cache_len)
+      functions = StepFunctions(gen, self.max_batch, cache_len,
+                                tokens_per_dispatch=tokens_per_dispatch)
     elif (functions.gen is not gen or functions.batch != self.max_batch):
       raise ValueError('shared StepFunctions were made for another Generator or max_batch.')
     self.fns = functions
     self.eos_id = gen.tokenizer.eos_id if gen.tokenizer is not None else corpus.EOS_ID
+    self._is_stop = np.zeros(gen.config.vocab_size, bool)
+    self._is_stop[self.eos_id] = True
     self._cache = self.fns.new_cache()
-    self._lookup = serving.DecodeLookup(gen.table if gen.use_table else None, gen.fgram_set,
-                                        self.max_batch, gen.config.d_model)
+    self._carry = self._empty_carry()
+    self._sampling = np.zeros((self.max_batch, 3), np.float32)
     self._slots: list = [None] * self.max_batch
     self._pending = collections.deque()
     self._cv = threading.Condition()
@@ -226,7 +231,8 @@ class Engine:
     # shared_steps: steps that decoded two or more requests together.
     self.stats = {'steps': 0, 'shared_steps': 0, 'tokens': 0, 'requests': 0, 'prefills': 0,
                   'errors': 0}
-    # on_timing(kind, seconds) per step, kind 'table_lookup' | 'decode_step' (server metrics).
+    # on_timing(kind, seconds) per decode chunk, kind 'table_lookup' | 'decode_step' (server
+    # metrics); seconds are per token step of the chunk.
     self.on_timing: Optional[Callable[[str, float], None]] = None
 
   # -- the client side (any thread) ---------------------------------------
@@ -312,6 +318,7 @@ class Engine:
           slot.request.on_event('error', f'{type(e).__name__}: {e}')
           self._slots[b] = None
       self._cache = self.fns.new_cache()
+      self._carry = self._empty_carry()
 
   def _admit(self):
     if self.static and any(self._slots):
@@ -332,6 +339,7 @@ class Engine:
         self.stats['errors'] += 1
         request.on_event('error', f'{type(e).__name__}: {e}')
         self._cache = self.fns.new_cache()
+        self._carry = self._empty_carry()
         for b, slot in enumerate(self._slots):  # their rows were in the donated cache
           if slot is not None:
             slot.request.on_event('error', 'the batch was reset after another request failed')
@@ -364,8 +372,27 @@ class Engine:
     slot = _Slot(request, tok, 0)
     lp = {k: v[-1] for k, v in out.items() if k != 'token'} if want_lp else None
     if self._emit(slot, tok, lp):
-      self._lookup.reset_row(b, prompt, length)
+      self._start_row(b, request, prompt, length, tok)
       self._slots[b] = slot
+
+  def _empty_carry(self) -> dict:
+    """The decode loop's per-slot state (serving.make_decode_loop), every slot empty."""
+    gen, batch = self.gen, self.max_batch
+    k = gen.fgram_set.max_len if (gen.use_table and gen.fgram_set is not None) else 2
+    zeros = lambda *shape: np.zeros((batch,) + shape, np.int32)
+    return {'tok': zeros(), 'ctx': zeros(k), 'doc_len': zeros(), 'pos': zeros(),
+            'done': np.ones(batch, bool), 'left': zeros(), 'count': zeros(),
+            'honor_stop': np.ones(batch, bool), 'seed': zeros()}
+
+  def _start_row(self, b: int, request: Request, prompt: np.ndarray, length: int, tok: int):
+    """Slot b decodes `request` from its first token on (the prompt is in its cache row)."""
+    c = self._carry
+    ctx, doc_len = device_match.window([prompt], c['ctx'].shape[1])
+    c['ctx'][b], c['doc_len'][b] = ctx[0], doc_len[0]
+    c['tok'][b], c['pos'][b], c['done'][b] = tok, length, False
+    c['left'][b], c['count'][b] = request.max_tokens - 1, 1
+    c['honor_stop'][b], c['seed'][b] = not request.ignore_eos, request.seed
+    self._sampling[b] = (request.temperature, request.top_p, request.top_k)
 
   def _emit(self, slot: _Slot, tok: int, lp) -> bool:
     """Hands one token to its request; False when the request is finished."""
@@ -388,39 +415,51 @@ class Engine:
         self._slots[b] = None
 
   def _step(self):
+    """One decode chunk for every slot, then each slot's tokens handed out in order."""
     gen = self.gen
-    batch = self.max_batch
     active = np.array([s is not None for s in self._slots])
-    tokens = np.array([s.last if s else 0 for s in self._slots], np.int64)
-    t0 = time.perf_counter()
-    rows, ints = self._lookup.advance(tokens)  # match + gather for every slot: one call
-    t_lookup = time.perf_counter() - t0
-    ints[~active, _VALID] = 0
-    params = np.zeros((batch, 3), np.float32)
-    seeds = np.zeros(batch, np.int32)
-    counters = np.zeros(batch, np.int32)
-    for b, s in enumerate(self._slots):
-      if s is not None:
-        r = s.request
-        params[b] = (r.temperature, r.top_p, r.top_k)
-        seeds[b], counters[b] = r.seed, s.generated
+    self._carry['done'] |= ~active
     live = [s for s in self._slots if s is not None]
-    sampling = any(s.request.temperature > 0 for s in live)
-    want_lp = any(s.request.logprobs is not None for s in live)
-    fn = self.fns.decode(sampling, want_lp)
-    out, self._cache = fn(gen.params, self._cache, rows if gen.use_table else None, ints,
-                          params, seeds, counters)
-    out = jax.device_get(out)
-    if self.on_timing is not None:
-      self.on_timing('table_lookup', t_lookup)
-      self.on_timing('decode_step', time.perf_counter() - t0)
-    self.stats['steps'] += 1
-    self.stats['shared_steps'] += int(active.sum() >= 2)
+    fn = self.fns.decode(any(s.request.temperature > 0 for s in live),
+                         any(s.request.logprobs is not None for s in live))
+    table = gen.table if gen.use_table else None
+    t0, lookup0 = time.perf_counter(), table.host_lookup_seconds if table else 0.0
+    # pylint: disable=protected-access
+    carry, self._cache, outs = fn(gen.params, self._cache, gen._table_operand(),
+                                  gen._matcher(), self._carry, self._sampling, self._is_stop)
+    # pylint: enable=protected-access
+    carry, outs = jax.device_get((carry, outs))
+    self._report_timing(int(outs['steps']), time.perf_counter() - t0,
+                        (table.host_lookup_seconds - lookup0) if table else 0.0)
+    self._carry = {k: np.array(v) for k, v in carry.items()}  # writable host copies
+    steps = int(outs.pop('steps'))
+    self.stats['steps'] += steps
+    self.stats['shared_steps'] += steps if active.sum() >= 2 else 0
     for b, slot in enumerate(self._slots):
-      if slot is None:
-        continue
+      if slot is not None:
+        self._hand_out(b, slot, outs, steps)
+
+  def _report_timing(self, steps: int, seconds: float, lookup_seconds: float):
+    """on_timing per token step of a chunk: the step's share of the chunk's time, and of
+    the host lookups it made (ram/mmap/tensorstore; device and host storages gather inside
+    the compiled step, so their lookup time is part of the decode step and not reported)."""
+    if self.on_timing is None or steps <= 0:
+      return
+    for _ in range(steps):
+      self.on_timing('decode_step', seconds / steps)
+      if lookup_seconds > 0:
+        self.on_timing('table_lookup', lookup_seconds / steps)
+
+  def _hand_out(self, b: int, slot: _Slot, outs: dict, steps: int):
+    """Slot b's tokens of the chunk, as events; frees the slot when its request ends."""
+    for j in range(steps):
+      tok = int(outs['tokens'][b, j])
+      if tok < 0:
+        break
       lp = None
       if slot.request.logprobs is not None:
-        lp = {k: v[b] for k, v in out.items() if k != 'token'}
-      if not self._emit(slot, int(out['token'][b]), lp):
+        lp = {k: v[b, j] for k, v in outs.items() if k != 'tokens'}
+      if not self._emit(slot, tok, lp):
         self._slots[b] = None
+        self._carry['done'][b] = True
+        return

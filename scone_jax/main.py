@@ -36,8 +36,11 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy decoding.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens (0 = off).')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).')
-_TABLE_STORAGE = flags.DEFINE_enum('table_storage', 'ram', ('ram', 'mmap', 'tensorstore'),
-                                   'Where serving keeps the f-gram table.')
+_TABLE_STORAGE = flags.DEFINE_enum(
+    'table_storage', 'host', ('device', 'host', 'ram', 'mmap', 'tensorstore'),
+    'Where serving keeps the f-gram table: device (accelerator memory) or host (host memory '
+    'the compiled step gathers from), both read inside the decode step; ram, mmap or '
+    'tensorstore (tables bigger than memory): host lookups called from the step.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed for --mode=generate.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of a user error too.')
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address --mode=serve listens on.')

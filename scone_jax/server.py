@@ -570,10 +570,12 @@ class _Metrics:
     step_buckets = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, .01, .03, .1, .3, 1, 3)
     self.timings = {
         'table_lookup': prom.Histogram(
-            'scone_table_lookup_seconds', 'Host f-gram match and row gather, per decode step.',
+            'scone_table_lookup_seconds', 'Host table lookup per decode step (ram, mmap, '
+            'tensorstore storages; device and host storages gather inside the step).',
             ['model'], registry=r, buckets=step_buckets),
         'decode_step': prom.Histogram(
-            'scone_decode_step_seconds', 'One decode step of every slot (lookup included).',
+            'scone_decode_step_seconds', 'One decode step of every slot (lookup included), '
+            'its share of an on-device decode chunk.',
             ['model'], registry=r, buckets=step_buckets)}
     gauges = {
         'pending': prom.Gauge('scone_queue_length', 'Prompts waiting for a decode slot.',
@@ -921,7 +923,7 @@ def served_name(export_dir: str) -> str:
 
 
 def run(export_dir: str, *, host: str = '127.0.0.1', port: int = 8000,
-        table_storage: str = 'ram', max_batch: int = 8, max_len: Optional[int] = None,
+        table_storage: str = 'host', max_batch: int = 8, max_len: Optional[int] = None,
         served_model_name: Optional[str] = None, limits: Optional[Limits] = None,
         api_keys: Sequence[str] = ()):
   """Loads an export and serves it as `served_model_name` (default served_name(export_dir))."""

@@ -1,13 +1,15 @@
 """Serving: the main model with a KV cache; f-gram input vectors come from the exported table.
 
-The f-gram model is gone at this point. For each position the host matches the longest
-f-gram ending there (the f-gram set's compiled incremental matcher over the last K tokens)
-and copies that row of the table (host RAM, a memory-mapped file, or tensorstore reads
-through a bounded cache); the jitted step takes [B, d] rows, the matched ids and the token
-ids, uses `where(matched, row, T[token])` as the input vector and runs one KV-cached step of
-the main model. So decoding costs the main model plus a table lookup.
+The f-gram model is gone at this point. The prompt is matched on the host (the f-gram
+set's compiled matcher) and prefilled; then `make_decode_loop` runs up to N decode steps
+per compiled call: per row and step it matches the longest f-gram ending at the new token
+on the device (`device_match`), reads that row of the table (gathered by the step itself
+for the `device` and `host` storages, through a host callback for `ram`, `mmap` and
+`tensorstore`), uses `where(matched, row, T[token])` as the input vector, runs one
+KV-cached step of the main model and samples. So decoding costs the main model plus a
+match and a row read, with no Python between tokens.
 
-  gen = serving.load('runs/scone/export')            # table in RAM, checksum verified
+  gen = serving.load('runs/scone/export')            # table in host memory, checksum verified
   gen.generate_text(['The nation'], max_new_tokens=32)
   gen.evaluate(docs)                                 # == train.eval_documents, via the table
 
@@ -15,22 +17,27 @@ the main model. So decoding costs the main model plus a table lookup.
 model config fingerprints), a truncated or corrupt table, a missing piece, and an export
 that never completed; each message says what to do.
 
-Length (~560 lines): `load` (the export's consistency checks) and the `Generator` (prefill,
-KV-cached decode, evaluation through the table) share the input layout and the jitted
-step; continuous batching and HTTP live in `engine.py` and `server.py`.
+Length (~750 lines): table placement, `load` (the export's consistency checks), the decode
+loop and the `Generator` (prefill, chunked decode, evaluation through the table) share
+the input layout and the jitted step; continuous batching and HTTP live in `engine.py`
+and `server.py`. `DecodeLookup` is the host-side match and gather of one step, kept as the
+reference the on-device loop is tested against and for benchmarks.
 """
 import dataclasses
+import functools
 import logging
 import time
 from typing import Optional, Sequence
 
 from flax import linen as nn
 import jax
+from jax.experimental.compute_on import compute_on
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from scone_jax import corpus
+from scone_jax import device_match
 from scone_jax import tokenizer as tokenizer_lib
 from scone_jax import packing
 from scone_jax import paths
@@ -40,7 +47,11 @@ from scone_jax import metrics
 from scone_jax import table as table_lib
 from scone_jax.table import Table
 
-STORAGES = ('ram', 'mmap', 'tensorstore')
+STORAGES = ('device', 'host', 'ram', 'mmap', 'tensorstore')
+DEFAULT_STORAGE = 'host'
+# Gathered by the compiled step itself; the others are host lookups called from the step.
+IN_STEP_STORAGES = ('device', 'host')
+DEFAULT_TOKENS_PER_DISPATCH = 16
 MMAP_FILE = table_lib.MMAP_FILE
 BOS_ID = packing.BOS_ID
 _PREFILL_BUCKET = 16
@@ -109,6 +120,67 @@ class DecodeLookup:
     return self.rows, self.ints
 
 
+# ----------------------------------------------------------------------------- table placement
+
+
+def _host_memory_kind(device) -> str:
+  kinds = {m.kind for m in device.addressable_memories()}
+  if 'pinned_host' not in kinds:
+    raise ValueError(f'{device.platform} device {device} has no pinned_host memory '
+                     f'(memories: {sorted(kinds)}); use table_storage=device or ram.')
+  return 'pinned_host'
+
+
+def gather_in_step(table_SxD, fid_B, *, host: bool = False):
+  """Rows [B, d] of f-gram ids (-1: row 0, unused), traced inside a jitted step. A table in
+  host memory (host=True) is gathered there (XLA host compute) and only the B rows cross
+  to the device."""
+  ids_B = jnp.maximum(fid_B, 0)
+  if not host:
+    return table_SxD[ids_B]
+  with compute_on('device_host'):
+    rows_BxD = table_SxD[jax.device_put(ids_B, jax.memory.Space.Host)]
+  return jax.device_put(rows_BxD, jax.memory.Space.Device)
+
+
+_gather_jit = jax.jit(gather_in_step, static_argnames='host')
+
+
+def place_table(rows_SxD: np.ndarray, storage: str, device=None) -> Table:
+  """A Table of numpy rows in `storage`: 'ram' (as given), 'device' (accelerator memory) or
+  'host' (host memory the compiled step addresses: a pinned_host memory kind)."""
+  if storage == 'ram':
+    return Table(rows_SxD, storage='ram')
+  if storage not in IN_STEP_STORAGES:
+    raise ValueError(f'place_table(storage={storage!r}); use ram, device or host.')
+  device = device if device is not None else jax.devices()[0]
+  kind = _host_memory_kind(device) if storage == 'host' else 'device'
+  placed = jax.device_put(rows_SxD, jax.sharding.SingleDeviceSharding(device, memory_kind=kind))
+  return Table(device_rows=placed, storage=storage,
+               device_gather=functools.partial(_gather_jit, host=storage == 'host'))
+
+
+def host_gather(table: Table, fid_B: np.ndarray) -> np.ndarray:
+  """Rows [B, d] of ids through a host lookup (ram, mmap, tensorstore); zeros where -1."""
+  t0 = time.perf_counter()
+  fid_B = np.asarray(fid_B)
+  rows = np.zeros((fid_B.size, table.dim), table.dtype)
+  matched = fid_B >= 0
+  if matched.any():
+    rows[matched] = table.lookup(fid_B[matched])
+  table.host_lookup_seconds += time.perf_counter() - t0
+  return rows
+
+
+def callback_gather(table: Table):
+  """gather(operand, fid_B) for host-lookup storages: a host callback from the compiled
+  step (the row depends on the token sampled just before, so nothing can run ahead)."""
+  def gather(_, fid_B):
+    shape = jax.ShapeDtypeStruct((fid_B.shape[0], table.dim), table.dtype)
+    return jax.pure_callback(lambda f: host_gather(table, f), shape, fid_B)
+  return gather
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -140,14 +212,18 @@ def restore_params(params_dir: str, model, device=None):
                      f' {str(e)[:300]}); re-run --mode=export.') from e
 
 
-def load(export_dir: str, table_storage: str = 'ram', *, cache_rows: int = 1 << 16,
+def load(export_dir: str, table_storage: str = DEFAULT_STORAGE, *, cache_rows: int = 1 << 16,
          verify: Optional[bool] = None, mmap_path: Optional[str] = None,
          max_len: Optional[int] = None, device=None) -> 'Generator':
   """A Generator over an export directory written by `export.export`.
 
-  table_storage: 'ram' (whole table in host RAM), 'mmap' (a raw copy of the table next to
-  it, `table.npy`, made once and memory-mapped) or 'tensorstore' (rows read on demand
-  through a cache of about `cache_rows` rows: for tables bigger than RAM).
+  table_storage: where the table lives and who reads it. Gathered by the compiled decode
+  step: 'device' (accelerator memory; tables that fit there) and 'host' (host memory in a
+  pinned_host memory kind, gathered by XLA host compute; on a CPU backend this is plain
+  host memory). Host lookups called from the step: 'ram' (whole table in host RAM), 'mmap'
+  (a raw copy of the table next to it, `table.npy`, made once and memory-mapped) or
+  'tensorstore' (rows read on demand through a cache of about `cache_rows` rows: for
+  tables bigger than RAM). Every storage gives the same tokens.
   verify: check the table's sha256 (default: yes for ram/mmap; for tensorstore only the
   shape, dtype and shard file sizes unless verify=True, which reads the whole table).
   max_len: longest prompt + generation (rope models; learned positions are capped at the
@@ -210,10 +286,11 @@ def load(export_dir: str, table_storage: str = 'ram', *, cache_rows: int = 1 << 
                      f'recorded {want_shape} {layout.dtype}; re-run --mode=export.')
   if verify is None:
     verify = table_storage != 'tensorstore'
-  if table_storage == 'ram':
+  if table_storage in ('ram',) + IN_STEP_STORAGES:
     rows = np.empty(want_shape, np.dtype(jnp.dtype(layout.dtype)))
     table_lib.read_shards(store, meta, into=rows, verify=verify, what=table_dir)
-    table = Table(rows, storage='ram')
+    table = place_table(rows, table_storage, device)
+    del rows
   elif table_storage == 'mmap':
     mmap_path = mmap_path or path(MMAP_FILE)
     try:
@@ -295,6 +372,69 @@ def make_decode_step(model, *, greedy: bool, top_k: int, use_top_p: bool):
   return step
 
 
+def apply_cached(model, params, cache, rows_BxLxD, ints_BxLx4):
+  """One KV-cached forward pass of L new positions per row -> (logits [B, L, V], cache)."""
+  x_BxLxD = input_vectors(model, params, rows_BxLxD, ints_BxLx4)
+  logits_BxLxV, state = model.apply(
+      {'params': params, 'cache': cache}, x_BxLxD, positions_BxL=ints_BxLx4[..., _POS],
+      valid_BxL=ints_BxLx4[..., _VALID] > 0, decode=True,
+      method=model_lib.SconeLM.backbone, mutable=['cache'])
+  return logits_BxLxV, state['cache']
+
+
+def make_decode_loop(model, num_steps: int, sample, gather=None, outputs=None):
+  """Up to `num_steps` decode steps in one compiled call (a `lax.while_loop`; not jitted):
+  (params, cache, table, matcher, carry, sampling, is_stop_V) -> (carry, cache, outs).
+
+  Per step and row, on the device: push the row's last token into its match window, match
+  the longest f-gram ending there (`device_match`), gather its table row (`gather(table,
+  fid_B)`; None = the baseline, no table), run the KV-cached step, sample. carry (arrays
+  [B] unless noted): tok (the token fed next), ctx [B, K] and doc_len (match windows), pos,
+  done, left (tokens a row may still emit), count (tokens emitted), honor_stop (whether
+  is_stop_V ends the row), and whatever `sample(logits_BxV, carry, sampling) -> (tok_B,
+  carry)` keeps (an rng key). Done rows compute but emit nothing; the loop ends early when
+  every row is done. outs: tokens [B, num_steps] (-1 = not emitted) and, if `outputs` is
+  given, `outputs(logits_BxV, tok_B)`'s arrays stacked on axis 1; steps: steps run.
+  """
+  def body(state):
+    i, c, cache, outs, (params, table, matcher, sampling, is_stop_V) = state
+    c = dict(c)
+    live_B = ~c['done']
+    ctx, doc_len = device_match.push(c['ctx'], c['doc_len'], c['tok'], live_B)
+    fid_B = jnp.full_like(c['tok'], -1)
+    rows_Bx1xD = None
+    if gather is not None:
+      fid_B = device_match.match_last(matcher, ctx, doc_len)
+      rows_Bx1xD = gather(table, fid_B)[:, None]
+    ints_Bx1x4 = jnp.stack([c['tok'], c['pos'], fid_B, live_B.astype(jnp.int32)], -1)[:, None]
+    logits_Bx1xV, cache = apply_cached(model, params, cache, rows_Bx1xD, ints_Bx1x4)
+    tok_B, c = sample(logits_Bx1xV[:, 0], c, sampling)
+    outs = dict(outs, tokens=outs['tokens'].at[:, i].set(jnp.where(live_B, tok_B, -1)))
+    if outputs is not None:
+      for k, v in outputs(logits_Bx1xV[:, 0], tok_B).items():
+        outs[k] = outs[k].at[:, i].set(v)
+    left = c['left'] - live_B
+    stop_B = live_B & ((is_stop_V[tok_B] & c['honor_stop']) | (left <= 0))
+    c.update(ctx=ctx, doc_len=doc_len, tok=jnp.where(live_B, tok_B, c['tok']),
+             pos=c['pos'] + live_B, left=left, count=c['count'] + live_B,
+             done=c['done'] | stop_B)
+    return i + 1, c, cache, outs, state[4]
+
+  def run(params, cache, table, matcher, carry, sampling, is_stop_V):
+    batch = carry['tok'].shape[0]
+    outs = {'tokens': jnp.full((batch, num_steps), -1, jnp.int32)}
+    if outputs is not None:
+      shapes = jax.eval_shape(outputs, jnp.zeros((batch, model.config.vocab_size)),
+                              jnp.zeros((batch,), jnp.int32))
+      outs.update({k: jnp.zeros((batch, num_steps) + v.shape[1:], v.dtype)
+                   for k, v in shapes.items()})
+    state = (jnp.int32(0), carry, cache, outs, (params, table, matcher, sampling, is_stop_V))
+    steps, carry, cache, outs, _ = jax.lax.while_loop(
+        lambda st: (st[0] < num_steps) & ~jnp.all(st[1]['done']), body, state)
+    return carry, cache, dict(outs, steps=steps)
+  return run
+
+
 def cache_shapes(model, batch: int, length: int):
   """ShapeDtypeStructs of an empty KV cache of `length` slots for `batch` rows."""
   def init():
@@ -357,6 +497,7 @@ class Generator:
     self._steps = {}
     self._caches = {}
     self._eval_fn = None
+    self._matcher_arrays = None
 
   # -- jitted pieces -------------------------------------------------------
 
@@ -387,7 +528,13 @@ class Generator:
     return self.table.lookup(ids)
 
   def _rows_for(self, fgram_ids: np.ndarray) -> np.ndarray:
-    """[..., d] rows for an id array (-1 = unmatched: zeros, unused by the model)."""
+    """[..., d] rows for an id array (-1 = unmatched: zeros or row 0, unused by the model).
+    A table the step reads (device, host) is gathered at the array's own (bucketed) shape,
+    so prompts of one width bucket share one compiled gather."""
+    if self.use_table and self.table.device_rows is not None:
+      ids = jnp.asarray(np.asarray(fgram_ids, np.int32).reshape(-1))
+      return _gather_jit(self.table.device_rows, ids, host=self.table.storage == 'host'
+                         ).reshape(fgram_ids.shape + (self.config.d_model,))
     rows = np.zeros(fgram_ids.shape + (self.config.d_model,), self._row_dtype)
     if self.use_table:
       matched = fgram_ids >= 0
@@ -400,34 +547,69 @@ class Generator:
   def generate(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                stop_tokens: Optional[Sequence[int]] = (corpus.EOS_ID,),
-               add_bos: bool = True) -> list:
+               add_bos: bool = True,
+               tokens_per_dispatch: int = DEFAULT_TOKENS_PER_DISPATCH) -> list:
     """Continues each prompt (a batch of token id lists of any lengths).
 
     Greedy when temperature == 0, else sampling at that temperature from the top_k tokens
     (0 = all) within the top_p mass (1 = all), reproducible for a seed. A row stops after
     it emits one of stop_tokens (included in its output) or after max_new_tokens. Each
     prompt starts a document: BOS first (as in training), f-grams matched within it.
+    Decoding runs `tokens_per_dispatch` steps per compiled call (match, gather, step and
+    sampling all on the device); the tokens do not depend on it.
     """
-    if max_new_tokens < 1:
-      raise ValueError(f'max_new_tokens={max_new_tokens} must be at least 1.')
+    prompts, lens = self._check_request(prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                                        add_bos, tokens_per_dispatch)
+    if not prompts:
+      return []
+    vocab = self.config.vocab_size
+    greedy = temperature == 0.0
+    kind = (greedy, min(int(top_k), vocab) if not greedy else 0, (not greedy) and top_p < 1.0)
+    t_start = time.perf_counter()
+    sampling = jax.device_put(np.array([max(temperature, 1e-6), top_p], np.float32), self.device)
+    tok, cache, rng = self._prefill(prompts, lens, add_bos, max_new_tokens, kind, sampling,
+                                    seed)
+    is_stop_V = np.zeros(vocab, bool)
+    is_stop_V[[int(x) for x in (stop_tokens or ()) if 0 <= int(x) < vocab]] = True
+    carry = self._start_carry(prompts, lens, tok, rng, max_new_tokens, is_stop_V)
+    t_decode = time.perf_counter()
+    loop = self._loop_fn(int(tokens_per_dispatch), *kind)
+    table, matcher = self._table_operand(), self._matcher()
+    pieces, steps, dispatches = [carry['tok'][:, None]], 0, 0
+    while not carry['done'].all():
+      carry, cache, outs = loop(self.params, cache, table, matcher, carry, sampling, is_stop_V)
+      outs, carry = jax.device_get((outs, carry))
+      pieces.append(outs['tokens'][:, :int(outs['steps'])])
+      steps += int(outs['steps'])
+      dispatches += 1
+    self.last_stats = {
+        'batch': len(prompts), 'prefill_s': t_decode - t_start, 'decode_steps': steps,
+        'decode_s': time.perf_counter() - t_decode, 'tokens': steps * len(prompts),
+        'dispatches': dispatches, 'tokens_per_dispatch': int(tokens_per_dispatch),
+    }
+    out = np.concatenate(pieces, axis=1)
+    return [[int(t) for t in row[:(row < 0).argmax() if (row < 0).any() else row.size]]
+            for row in out]
+
+  def _check_request(self, prompt_ids, max_new_tokens, temperature, top_k, top_p, add_bos,
+                     tokens_per_dispatch):
+    """The prompts as int64 arrays and their lengths with BOS; ValueError when out of range."""
+    if max_new_tokens < 1 or tokens_per_dispatch < 1:
+      raise ValueError(f'max_new_tokens={max_new_tokens} and tokens_per_dispatch='
+                       f'{tokens_per_dispatch} must be at least 1.')
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
       raise ValueError(f'temperature={temperature} (>= 0), top_k={top_k} (>= 0), '
                        f'top_p={top_p} (in (0, 1]) out of range.')
     prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompt_ids]
-    if not prompts:
-      return []
     vocab = self.config.vocab_size
     for i, p in enumerate(prompts):
       if p.size and (p.min() < 0 or p.max() >= vocab):
         raise ValueError(f'prompt {i} has token ids outside [0, {vocab}).')
       if p.size + int(add_bos) == 0:
         raise ValueError(f'prompt {i} is empty and add_bos=False: nothing to condition on.')
-    greedy = temperature == 0.0
-    top_k = min(int(top_k), vocab) if not greedy else 0
-    use_top_p = (not greedy) and top_p < 1.0
-    lens = np.array([p.size + int(add_bos) for p in prompts])
+    lens = np.array([p.size + int(add_bos) for p in prompts], np.int64)
     # Positions 0 .. needed-1: the last generated token is returned, never fed back.
-    needed = int(lens.max()) + max_new_tokens - 1
+    needed = int(lens.max()) + max_new_tokens - 1 if prompts else 0
     if needed > self.max_len:
       what = ('learned positions' if self.config.position == 'learned' else 'max_len')
       raise ValueError(f'a prompt of {int(lens.max())} tokens (with BOS) + {max_new_tokens} new '
@@ -435,61 +617,62 @@ class Generator:
                        f'{self.max_len} ({what}); shorten the prompt or max_new_tokens'
                        + ('' if self.config.position == 'learned' else
                           ', or load(..., max_len=N)') + '.')
+    return prompts, lens
 
-    t_start = time.perf_counter()
-    batch = len(prompts)
+  def _prefill(self, prompts, lens, add_bos, max_new_tokens, kind, sampling, seed):
+    """The prompts through the model into a fresh cache -> (first tokens, cache, rng)."""
     width = _bucket(int(lens.max()), _PREFILL_BUCKET)
     cache_len = _bucket(width + max_new_tokens - 1, _CACHE_BUCKET)
     ints = self._prefill_inputs(prompts, lens, width, add_bos)
     rows = self._rows_for(ints[..., _FID]) if self.use_table else None
-    step = self._step_fn(greedy, top_k, use_top_p)
-    sampling = jax.device_put(np.array([max(temperature, 1e-6), top_p], np.float32), self.device)
     rng = jax.device_put(jax.random.PRNGKey(seed), self.device)
-    cache = self._empty_cache(batch, cache_len)
-    tok, cache, rng = step(self.params, cache, rows, ints, rng, sampling)
-    tok = np.asarray(tok)
-    t_prefill = time.perf_counter() - t_start
+    cache = self._empty_cache(len(prompts), cache_len)
+    return self._step_fn(*kind)(self.params, cache, rows, ints, rng, sampling)
 
-    out = np.zeros((batch, max_new_tokens), np.int32)
-    out[:, 0] = tok
-    stop_set = {int(x) for x in (stop_tokens or ())}
-    is_stop = np.zeros(vocab, bool)
-    is_stop[[x for x in stop_set if 0 <= x < vocab]] = True
-    done = is_stop[tok]
-    lookup = DecodeLookup(self.table if self.use_table else None, self.fgram_set, batch,
-                          self.config.d_model)
-    lookup.reset(prompts, lens)
-    rows3 = lookup.rows.reshape(batch, 1, -1) if self.use_table else None
-    ints3 = lookup.ints.reshape(batch, 1, 4)  # the step sees the buffers as [B, 1, ...]
-    t_host, steps = 0.0, 0
-    step_s = np.zeros(max_new_tokens - 1)
-    t_decode = t_prev = time.perf_counter()
-    for t in range(1, max_new_tokens):
-      if done.all():
-        break
-      t0 = time.perf_counter()
-      lookup.advance(tok)
-      t_host += time.perf_counter() - t0
-      tok, cache, rng = step(self.params, cache, rows3, ints3, rng, sampling)
-      tok = np.asarray(tok)
-      out[:, t] = tok
-      done |= is_stop[tok]
-      steps += 1
-      t_now = time.perf_counter()
-      step_s[t - 1], t_prev = t_now - t_prev, t_now
-    self.last_stats = {
-        'batch': batch, 'prefill_s': t_prefill, 'decode_steps': steps,
-        'decode_s': time.perf_counter() - t_decode, 'host_lookup_s': t_host,
-        'tokens': steps * batch, 'step_s': step_s[:steps],
-    }
-    results = []
-    for row in out.tolist():
-      for i, x in enumerate(row):
-        if x in stop_set:
-          row = row[:i + 1]
-          break
-      results.append(row)
-    return results
+  def _start_carry(self, prompts, lens, tok, rng, max_new_tokens, is_stop_V) -> dict:
+    """The decode loop's state after the prompt (see make_decode_loop), on the host."""
+    tok = np.asarray(tok).astype(np.int32)
+    k = self.fgram_set.max_len if (self.use_table and self.fgram_set is not None) else 2
+    ctx, doc_len = device_match.window(prompts, k)
+    batch = len(prompts)
+    return {'tok': tok, 'ctx': ctx, 'doc_len': doc_len, 'pos': lens.astype(np.int32),
+            'done': is_stop_V[tok] | (max_new_tokens <= 1),
+            'left': np.full(batch, max_new_tokens - 1, np.int32),
+            'count': np.ones(batch, np.int32), 'honor_stop': np.ones(batch, bool), 'rng': rng}
+
+  def _loop_fn(self, num_steps: int, greedy: bool, top_k: int, use_top_p: bool):
+    key = ('loop', num_steps, greedy, top_k, use_top_p)
+    if key not in self._steps:
+      def sample(logits_BxV, c, sampling):
+        rng, sub = jax.random.split(c['rng'])
+        tok_B = _sample(logits_BxV, sub, sampling[0], sampling[1], greedy=greedy, top_k=top_k,
+                        use_top_p=use_top_p)
+        return tok_B, dict(c, rng=rng)
+      self._steps[key] = jax.jit(
+          make_decode_loop(self.model, num_steps, sample, self.row_gather()),
+          donate_argnums=(1,))
+    return self._steps[key]
+
+  # -- the table and matcher as the compiled step reads them ---------------
+
+  def row_gather(self):
+    """gather(table operand, fid_B) -> rows for make_decode_loop; None for the baseline."""
+    if not self.use_table:
+      return None
+    if self.table.storage in IN_STEP_STORAGES:
+      return functools.partial(gather_in_step, host=self.table.storage == 'host')
+    return callback_gather(self.table)
+
+  def _table_operand(self):
+    return self.table.device_rows if self.use_table else None
+
+  def _matcher(self):
+    """The f-gram set as device_match arrays on this Generator's device (built once)."""
+    if not self.use_table:
+      return None
+    if self._matcher_arrays is None:
+      self._matcher_arrays = jax.device_put(device_match.build(self.fgram_set), self.device)
+    return self._matcher_arrays
 
   def _prefill_inputs(self, prompts, lens, width, add_bos):
     """Int inputs [B, width, 4] of the prompts, left-padded so that every row's next token

@@ -185,15 +185,28 @@ def as_bits(arr: np.ndarray) -> np.ndarray:
 
 
 class Table:
-  """The exported [S, d] f-gram table: in RAM, memory-mapped, or read through tensorstore."""
+  """The exported [S, d] f-gram table: in RAM, memory-mapped, read through tensorstore, or a
+  jax array (`device_rows`: accelerator memory, or host memory the compiled step addresses)
+  with `device_gather(rows, ids) -> rows` to read it."""
 
-  def __init__(self, rows_SxD: Optional[np.ndarray] = None, *, store=None, storage='ram'):
-    if (rows_SxD is None) == (store is None):
-      raise ValueError('pass exactly one of rows_SxD (ram/mmap) or store (tensorstore).')
+  def __init__(self, rows_SxD: Optional[np.ndarray] = None, *, store=None, storage='ram',
+               device_rows=None, device_gather=None):
+    if sum(x is not None for x in (rows_SxD, store, device_rows)) != 1:
+      raise ValueError('pass exactly one of rows_SxD (ram/mmap), store (tensorstore) or '
+                       'device_rows (device/host).')
     self.storage = storage
     self._rows = rows_SxD
     self._store = store
-    if rows_SxD is not None:
+    self.device_rows = device_rows
+    self._device_gather = device_gather
+    # Seconds spent in host lookups from a compiled step (serving.host_gather): the server's
+    # table-lookup metric. Device/host storages gather inside the step and add nothing here.
+    self.host_lookup_seconds = 0.0
+    if device_rows is not None:
+      self.num_rows, self.dim = (int(x) for x in device_rows.shape)
+      self.dtype = np.dtype(device_rows.dtype)
+      self._rows_bits = None
+    elif rows_SxD is not None:
       if rows_SxD.ndim != 2:
         raise ValueError(f'table rows have shape {rows_SxD.shape}; expected [S, d].')
       self.num_rows, self.dim = rows_SxD.shape
@@ -206,7 +219,10 @@ class Table:
 
   @property
   def array(self) -> Optional[np.ndarray]:
-    """The rows as a numpy array (RAM or memmap); None for tensorstore storage."""
+    """The rows as a numpy array (RAM or memmap; a host copy for device/host storage); None
+    for tensorstore storage."""
+    if self.device_rows is not None:
+      return np.asarray(self.device_rows)
     return self._rows
 
   @property
@@ -226,7 +242,9 @@ class Table:
     if lo < 0 or hi >= self.num_rows:
       raise IndexError(f'f-gram ids in [{lo}, {hi}] are outside the table of {self.num_rows} '
                        'rows.')
-    if self._rows is not None:
+    if self.device_rows is not None:
+      out[...] = np.asarray(self._device_gather(self.device_rows, ids))
+    elif self._rows is not None:
       gather_rows_kernel(self._rows_bits, ids, as_bits(out))
     else:
       # One read of the distinct rows: tensorstore fetches each chunk once through its cache.

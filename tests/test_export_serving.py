@@ -150,7 +150,7 @@ def test_eval_via_export_matches_checkpoint_eval(setup):
   np.testing.assert_allclose(got['ppl'], want['ppl'], rtol=1e-5)
   np.testing.assert_allclose(got['bits_per_byte'], want['bits_per_byte'], rtol=1e-6)
   assert 0.2 < got['fgram_match_rate'] < 1.0  # the table is actually used
-  for storage in ('mmap', 'tensorstore'):
+  for storage in ('device', 'ram', 'mmap', 'tensorstore'):
     other = serving.load(setup.export_dir, storage).evaluate(setup.run.heldout_docs)
     assert other['loss'] == got['loss'], storage
 
@@ -158,14 +158,25 @@ def test_eval_via_export_matches_checkpoint_eval(setup):
 def test_table_storages_give_the_same_rows(setup):
   ids = np.array([0, 199, 5, 5, 64, 63, 128])
   want = setup.gen.table.array[ids]
-  for storage in ('mmap', 'tensorstore'):
-    gen = serving.load(setup.export_dir, storage, cache_rows=40)
-    np.testing.assert_array_equal(gen.lookup(ids), want)
+  gens = {}
+  for storage in serving.STORAGES:
+    gens[storage] = serving.load(setup.export_dir, storage, cache_rows=40)
+    np.testing.assert_array_equal(gens[storage].lookup(ids), want)
   assert os.path.isfile(os.path.join(setup.export_dir, serving.MMAP_FILE))
-  # Decoding with rows read through tensorstore (its own host path) gives the same tokens.
+  # Decoding with rows gathered by the step (device, host) or read by host lookups called
+  # from it (ram, mmap, tensorstore) gives the same tokens.
   prompts = _prompts(setup)
   want = setup.gen.generate(prompts, max_new_tokens=6, stop_tokens=())
-  assert gen.generate(prompts, max_new_tokens=6, stop_tokens=()) == want
+  for storage, gen in gens.items():
+    assert gen.generate(prompts, max_new_tokens=6, stop_tokens=()) == want, storage
+  assert setup.gen.table.storage == serving.DEFAULT_STORAGE == 'host'
+
+
+def test_one_and_sixteen_tokens_per_dispatch_agree(setup):
+  prompts = _prompts(setup)
+  kw = dict(max_new_tokens=12, stop_tokens=())
+  assert (setup.gen.generate(prompts, tokens_per_dispatch=1, **kw)
+          == setup.gen.generate(prompts, tokens_per_dispatch=16, **kw))
 
 
 def _prompts(setup):

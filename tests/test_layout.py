@@ -13,8 +13,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Data-flow order: a module may import only modules listed before it.
 ORDER = ['paths', 'config', 'loader', 'tokenizer', 'fgrams', 'corpus', 'packing', 'token_shards',
          'beam_dask', 'fgrams_beam', 'artifacts', 'seqio_tasks', 'grain_input', 'model', 'sharding',
-         'flops', 'metrics',
-         'checkpoints', 'table', 'step_batch', 'preemption', 'train', 'export', 'serving',
+         'flops', 'metrics', 'checkpoints', 'table', 'device_match', 'step_batch', 'preemption',
+         'train', 'export', 'serving',
          'engine', 'server', 'compile', 'main']
 # Train, export and serving stand side by side on a shared floor.
 SIBLINGS = {'train', 'export', 'serving'}
@@ -60,7 +60,8 @@ def test_import_graph_runs_one_way():
 # scone_jax module is forbidden there: the training loader (loader), token shards, f-gram
 # extraction, training, export, checkpoints, Beam, seqio ...
 SERVING_MAY_LOAD = {'paths', 'config', 'tokenizer', 'corpus', 'packing', 'fgrams', 'fgrams.fgram_set',
-                    'fgrams.kernels', 'model', 'table', 'metrics', 'serving', 'engine',
+                    'fgrams.kernels', 'model', 'table', 'device_match', 'metrics', 'serving',
+                    'engine',
                     'server'}
 # Named because serving once loaded them: each must exist and stay forbidden.
 MUST_NOT_LOAD = {'loader', 'token_shards', 'fgrams.extraction', 'train', 'artifacts',

@@ -123,7 +123,9 @@ def live(tmp_path_factory):
                      f'--served_model_name={NAME}', f'--api_key_file={key_file}',
                      f'--max_body_mb={MAX_BODY_MB}', f'--max_prompts_per_request={MAX_PROMPTS}',
                      f'--max_pending={MAX_PENDING}', f'--drain_timeout={DRAIN_TIMEOUT}',
-                     '--request_timeout=120')
+                     '--request_timeout=120',
+                     # A host-lookup storage, so the table-lookup metric has lookups to time.
+                     '--table_storage=ram')
   gen = serving.load(export_dir)
   client = openai.OpenAI(base_url=srv.url + '/v1', api_key=KEY, max_retries=0, timeout=120)
   yield types.SimpleNamespace(srv=srv, client=client, url=srv.url, export_dir=export_dir,
