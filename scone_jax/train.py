@@ -652,9 +652,10 @@ def _train_counted(cfg, workdir, run, stop_after_steps, counter, cache_dir, t_st
                compiled['train_step_compile_s'], compiled['eval_step_compile_s'],
                counter.compiles, counter.cache_hits, f' in {cache_dir}' if cache_dir else ': off',
                trainer.fgram_rows, trainer.eval_fgram_rows)
-  writer.write(start, {f'compile/{k}': v for k, v in compiled.items()}
-               | {'compile/fgram_rows': trainer.fgram_rows,
-                  'compile/eval_fgram_rows': trainer.eval_fgram_rows})
+  # Written with the first logged step (metrics.jsonl's first line stays a step's line).
+  compile_line = ({f'compile/{k}': v for k, v in compiled.items()}
+                  | {'compile/fgram_rows': trainer.fgram_rows,
+                     'compile/eval_fgram_rows': trainer.eval_fgram_rows})
   peak = cfg.peak_flops_per_chip or flops.peak_flops(jax.devices()[0].device_kind)
   positions_per_step = cfg.batch_size * cfg.seq_len
   profile = config_lib.parse_profile_steps(cfg.profile_steps)
@@ -666,7 +667,7 @@ def _train_counted(cfg, workdir, run, stop_after_steps, counter, cache_dir, t_st
 
   def finish(done, metrics, logged):
     """Reads step `done`'s metrics, stops on non-finite ones, logs them if it is a log step."""
-    nonlocal last, t_last
+    nonlocal last, t_last, compile_line
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not (math.isfinite(metrics['loss']) and math.isfinite(metrics['grad_norm'])):
       what = 'loss' if not math.isfinite(metrics['loss']) else 'gradient norm'
@@ -707,7 +708,8 @@ def _train_counted(cfg, workdir, run, stop_after_steps, counter, cache_dir, t_st
     logging.info('step %d/%d  loss %.4f  %s tokens/s  %.1f ms/step%s  lr %.2e  ETA %s', done,
                  cfg.num_train_steps, last['loss'], f'{tps:,.0f}', 1e3 * last['step_time_s'],
                  mfu, last['learning_rate'], _format_eta(eta))
-    writer.write(done, {f'train/{k}': v for k, v in last.items()})
+    writer.write(done, {f'train/{k}': v for k, v in last.items()} | compile_line)
+    compile_line = {}
 
   end = cfg.num_train_steps
   if stop_after_steps is not None:
