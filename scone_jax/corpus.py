@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import re
-import time
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np

@@ -7,7 +7,6 @@ import os
 import random
 
 import ml_collections
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
