@@ -37,6 +37,7 @@ from scone_jax.table import PARAMS_DIR
 from scone_jax.table import PARTIAL_SUFFIX
 from scone_jax.table import REQUEST_FILE
 from scone_jax.table import TABLE_DIR
+from scone_jax.table import TOKENIZER_FILE  # re-exported: tests and users name export.TOKENIZER_FILE
 from scone_jax.table import file_digest
 from scone_jax.table import file_tree_digest
 from scone_jax.table import make_layout
