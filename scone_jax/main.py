@@ -47,6 +47,10 @@ _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address --mode=serve listens o
 _PORT = flags.DEFINE_integer('port', 8000, 'Port --mode=serve listens on (0 = any free port).')
 _MAX_BATCH = flags.DEFINE_integer('max_batch', 8, 'Decode slots of --mode=serve: requests '
                                   'decoded together (continuous batching).')
+_TOKENS_PER_DISPATCH = flags.DEFINE_integer(
+    'tokens_per_dispatch', 8, 'Decode steps per compiled call of --mode=serve: requests join '
+    'and leave between these chunks and their tokens stream when a chunk returns (1 = every '
+    'token, more = fewer dispatches).')
 _SERVED_MODEL_NAME = flags.DEFINE_string(
     'served_model_name', None, 'The model id --mode=serve answers to (default: the export '
     'directory\'s base name; the path is never shown to clients).')
@@ -166,6 +170,7 @@ def main(argv):
                            drain_timeout=_DRAIN_TIMEOUT.value).check()
     server.run(_require(_EXPORT_DIR.value, 'export_dir'), host=_HOST.value, port=_PORT.value,
                table_storage=_TABLE_STORAGE.value, max_batch=_MAX_BATCH.value,
+               tokens_per_dispatch=_TOKENS_PER_DISPATCH.value,
                served_model_name=_SERVED_MODEL_NAME.value, limits=limits,
                api_keys=server.read_api_keys(_API_KEY.value, _API_KEY_FILE.value))
     return

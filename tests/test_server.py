@@ -79,7 +79,11 @@ def start_server(export_dir: str, log_path: str, *extra) -> types.SimpleNamespac
 def live(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('server'))
   export_dir = build_export(root)
-  srv = start_server(export_dir, os.path.join(root, 'server.log'))
+  # One token per dispatch: the joining test needs each request still decoding when the
+  # next arrives, and this tiny model's 8-step chunks can end a 40-token request before a
+  # client thread reacts on a loaded host (it failed once so in CI).
+  # tests/test_server_limits.py serves with the default chunks.
+  srv = start_server(export_dir, os.path.join(root, 'server.log'), '--tokens_per_dispatch=1')
   gen = serving.load(export_dir)
   yield types.SimpleNamespace(srv=srv, client=srv.client, url=srv.url,
                               model=server.served_name(export_dir), export_dir=export_dir,
