@@ -204,7 +204,12 @@ class RunLock(ExclusiveLock):
 
 
 def pid_alive(pid) -> bool:
-  """Whether a process with this pid runs on this host."""
+  """Whether a process with this pid runs on this host.
+
+  A zombie (killed, but not yet reaped: its parent died and the process that adopted it,
+  a CI harness or a container's init, has not waited for it) answers signal 0 like a live
+  process; it holds nothing, so it counts as gone.
+  """
   import os  # pylint: disable=g-import-not-at-top
   try:
     os.kill(int(pid), 0)
@@ -212,7 +217,20 @@ def pid_alive(pid) -> bool:
     return False
   except (PermissionError, TypeError, ValueError):
     return True
-  return True
+  return process_state(int(pid)) not in ('Z', 'X')
+
+
+def process_state(pid: int) -> Optional[str]:
+  """The one-letter state of a process from /proc (R, S, D, Z, ...); None off Linux or when
+  it is gone."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      stat = f.read()
+  except OSError:
+    return None
+  # The name (in parentheses) may hold spaces and ')'; the state follows the last ')'.
+  fields = stat[stat.rfind(')') + 2:].split()
+  return fields[0] if fields else None
 
 
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
