@@ -472,6 +472,31 @@ _X_COLUMN = {'fgrams.num_fgrams': 'num_fgrams', 'fgrams.max_len': 'max_len',
              'num_train_steps': 'train_tokens'}
 
 
+def _scatter_baseline_vs_scone(rows, sets, column, xlabel, path, *, names):
+  """One panel per eval set: ppl against `column` (log scale), baselines and SCONE apart."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 3.6), squeeze=False)
+  for ax, s in zip(axes[0], sets):
+    for scone, marker, label in ((False, 's', 'baseline'), (True, 'o', 'SCONE')):
+      pts = [(r[column], r[f'{s}_ppl'], r['name']) for r in rows
+             if bool(r['scone']) == scone and f'{s}_ppl' in r and r.get(column)]
+      if pts:
+        ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], marker=marker, label=label,
+                   alpha=0.8)
+        for x, y, name in pts if names else ():
+          ax.annotate(name, (x, y), fontsize=4, alpha=0.7)
+    ax.set_xscale('log')
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f'{s} ppl')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def _plots(root, rows, points):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -514,43 +539,12 @@ def _plots(root, rows, points):
     fig.savefig(os.path.join(root, f'{group}.png'), dpi=110)
     plt.close(fig)
 
-  # The paper's headline picture: ppl vs inference FLOPs/token, baselines and SCONE together.
-  fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 3.6), squeeze=False)
-  for ax, s in zip(axes[0], sets):
-    for scone, marker, label in ((False, 's', 'baseline'), (True, 'o', 'SCONE')):
-      pts = [(r['inference_flops_per_token'], r[f'{s}_ppl']) for r in rows
-             if bool(r['scone']) == scone and f'{s}_ppl' in r]
-      if pts:
-        ax.scatter([x for x, _ in pts], [y for _, y in pts], marker=marker, label=label,
-                   alpha=0.8)
-    ax.set_xscale('log')
-    ax.set_xlabel('inference FLOPs / token')
-    ax.set_ylabel(f'{s} ppl')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(root, 'ppl_vs_inference_flops.png'), dpi=110)
-  plt.close(fig)
-
-  # The training-compute view: ppl vs training FLOPs (the whole run), baselines and SCONE.
-  fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 3.6), squeeze=False)
-  for ax, s in zip(axes[0], sets):
-    for scone, marker, label in ((False, 's', 'baseline'), (True, 'o', 'SCONE')):
-      pts = [(r['train_flops'], r[f'{s}_ppl'], r['name']) for r in rows
-             if bool(r['scone']) == scone and f'{s}_ppl' in r and r.get('train_flops')]
-      if pts:
-        ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], marker=marker, label=label,
-                   alpha=0.8)
-        for x, y, name in pts:
-          ax.annotate(name, (x, y), fontsize=4, alpha=0.7)
-    ax.set_xscale('log')
-    ax.set_xlabel('training FLOPs (whole run)')
-    ax.set_ylabel(f'{s} ppl')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(root, 'ppl_vs_training_flops.png'), dpi=110)
-  plt.close(fig)
+  # The paper's headline picture: ppl vs inference FLOPs/token, baselines and SCONE together;
+  # and the training-compute view: ppl vs training FLOPs (the whole run), points named.
+  _scatter_baseline_vs_scone(rows, sets, 'inference_flops_per_token', 'inference FLOPs / token',
+                             os.path.join(root, 'ppl_vs_inference_flops.png'), names=False)
+  _scatter_baseline_vs_scone(rows, sets, 'train_flops', 'training FLOPs (whole run)',
+                             os.path.join(root, 'ppl_vs_training_flops.png'), names=True)
 
   # Learning curves: held-out ppl vs training tokens, every point.
   fig, ax = plt.subplots(figsize=(6.5, 4.2))

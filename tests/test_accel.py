@@ -19,18 +19,9 @@ import tiny
 @pytest.fixture(scope='module')
 def run_setup(tmp_path_factory):
   root = tmp_path_factory.mktemp('accel')
-  tiny.write_corpus(str(root / 'corpus'))
-  cfg = tiny.tiny_config(str(root / 'corpus'))
-  workdir = str(root / 'base')
-  run = artifacts.prepare_run(cfg, workdir)
-  cfg.tokenizer.path = os.path.join(workdir, artifacts.TOKENIZER_FILE)
-  cfg.fgrams.path = os.path.join(workdir, artifacts.FGRAMS_FILE)
+  cfg, run = tiny.prepared_run(str(root))
   cfg.compilation_cache_dir = str(root / 'xla_cache')
   return root, cfg, run
-
-
-def _copy(cfg):
-  return type(cfg)(cfg.to_dict())
 
 
 def _metrics(workdir):
@@ -40,7 +31,7 @@ def _metrics(workdir):
 
 def test_fixed_rows_give_one_shape_and_an_overflowing_batch_still_trains_exactly(run_setup):
   _, cfg, run = run_setup
-  cfg = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
   loader, _ = train.make_loaders(cfg, os.path.dirname(cfg.tokenizer.path), run)
   batches = [loader.batch_at(s) for s in range(6)]
   needed = [step_batch.rows_needed(b, run.fgram_set, cfg) for b in batches]
@@ -90,7 +81,7 @@ def test_run_compiles_once_reports_mfu_writes_a_trace_and_a_rerun_hits_the_cache
   included); compile count/seconds, MFU and step time in metrics.jsonl; a profiler trace of
   --config.profile_steps; a second run on this machine loads its steps from the cache."""
   root, cfg, run = run_setup
-  cfg = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
   cfg.num_train_steps = 6
   cfg.log_every_steps = 2
   cfg.eval_every_steps = 3

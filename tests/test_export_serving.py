@@ -29,10 +29,6 @@ CHUNKS_PER_SHARD = 2  # 200 f-grams, 32 rows per chunk: 4 shard files
 STEPS = 4
 
 
-def _copy(cfg):
-  return type(cfg)(cfg.to_dict())
-
-
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   """A tiny SCONE run trained for a few steps and checkpointed, and its float32 export."""
@@ -65,7 +61,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def bf16_export(setup):
-  cfg = _copy(setup.cfg)
+  cfg = tiny.copy_config(setup.cfg)
   cfg.export.dtype = 'bfloat16'
   export_dir = str(setup.root / 'export_bf16')
   export.export(cfg, setup.workdir, setup.run, export_dir, chunks_per_shard=CHUNKS_PER_SHARD)

@@ -30,45 +30,36 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_setup(tmp_path_factory):
   """Corpus, tokenizer and f-gram set built once for the module."""
   root = tmp_path_factory.mktemp('tiny')
-  tiny.write_corpus(str(root / 'corpus'))
-  cfg = tiny.tiny_config(str(root / 'corpus'))
-  workdir = str(root / 'base')
-  run = artifacts.prepare_run(cfg, workdir)
-  cfg.tokenizer.path = os.path.join(workdir, artifacts.TOKENIZER_FILE)
-  cfg.fgrams.path = os.path.join(workdir, artifacts.FGRAMS_FILE)
+  cfg, run = tiny.prepared_run(str(root))
   return root, cfg, run
-
-
-def _copy(cfg):
-  return type(cfg)(cfg.to_dict())
 
 
 # ----------------------------------------------------------------------------- config errors
 
 
 def test_unknown_config_key_fails(run_setup):
-  cfg = _copy(run_setup[1])
+  cfg = tiny.copy_config(run_setup[1])
   cfg.model.num_layer = 3  # typo
   with pytest.raises(ValueError, match='unknown config field config.model.num_layer'):
     train.validate_config(cfg)
 
 
 def test_mesh_that_does_not_divide_devices_fails(run_setup):
-  cfg = _copy(run_setup[1])
+  cfg = tiny.copy_config(run_setup[1])
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 3, 1, 1
   with pytest.raises(ValueError, match='8 devices'):
     train.validate_config(cfg)
 
 
 def test_seq_len_shorter_than_max_len_fails(run_setup):
-  cfg = _copy(run_setup[1])
+  cfg = tiny.copy_config(run_setup[1])
   cfg.seq_len = 3
   with pytest.raises(ValueError, match='seq_len=3 is shorter than config.fgrams.max_len=4'):
     train.validate_config(cfg)
 
 
 def test_batch_must_split_over_mesh(run_setup):
-  cfg = _copy(run_setup[1])
+  cfg = tiny.copy_config(run_setup[1])
   cfg.batch_size = 4  # 8 data shards
   with pytest.raises(ValueError, match='divisible by mesh data'):
     train.validate_config(cfg)
@@ -99,10 +90,10 @@ def run_setup_workdir(cfg):
 
 def test_sharded_matches_single_device(run_setup):
   _, cfg, run = run_setup
-  cfg = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
   mesh8 = sharding.make_mesh(cfg.mesh)
-  single = _copy(cfg)
+  single = tiny.copy_config(cfg)
   single.mesh.data, single.mesh.fsdp, single.mesh.tensor = 1, 1, 1
   mesh1 = sharding.make_mesh(single.mesh, devices=jax.devices()[:1])
   l8, g8, p8 = _steps(cfg, run, mesh8, 3)
@@ -114,9 +105,9 @@ def test_sharded_matches_single_device(run_setup):
 
 def test_grad_accumulation_matches_full_batch(run_setup):
   _, cfg, run = run_setup
-  cfg = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
   cfg.batch_size = 16
-  accum = _copy(cfg)
+  accum = tiny.copy_config(cfg)
   accum.grad_accum_steps = 2
   mesh = sharding.make_mesh(cfg.mesh)
   l_full, g_full, _ = _steps(cfg, run, mesh, 2)
@@ -129,7 +120,7 @@ def test_grad_accumulation_matches_full_batch(run_setup):
 
 
 def test_schema_declares_every_field_the_model_and_sharding_read(run_setup):
-  cfg = _copy(run_setup[1])
+  cfg = tiny.copy_config(run_setup[1])
   cfg.model.remat, cfg.model.scan_layers = True, True
   config_lib.validate(cfg)
   mc = train.model_lib.ModelConfig.from_config(cfg, 400)
@@ -154,8 +145,8 @@ def _step_jaxpr(cfg, run, mesh):
 
 def test_remat_config_recomputes_blocks_with_the_same_gradients(run_setup):
   _, cfg, run = run_setup
-  cfg = _copy(cfg)
-  remat = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
+  remat = tiny.copy_config(cfg)
   remat.model.remat = True
   mesh = sharding.make_mesh(cfg.mesh)
   l0, g0, p0 = _steps(cfg, run, mesh, 2)
@@ -182,8 +173,8 @@ def _restack(params, cfg):
 
 def test_scan_layers_config_stacks_blocks_and_computes_the_same(run_setup):
   root, cfg, run = run_setup
-  cfg = _copy(cfg)
-  scanned = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
+  scanned = tiny.copy_config(cfg)
   scanned.model.scan_layers = True
   mesh = sharding.make_mesh(cfg.mesh)
   plain_t = train.create_trainer(cfg, '/unused', run, mesh=mesh)
@@ -205,10 +196,10 @@ def test_scan_layers_config_stacks_blocks_and_computes_the_same(run_setup):
 
 def test_logical_axis_rules_config_changes_parameter_sharding(run_setup):
   _, cfg, run = run_setup
-  cfg = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
   mesh = sharding.make_mesh(cfg.mesh)
-  custom = _copy(cfg)
+  custom = tiny.copy_config(cfg)
   custom.logical_axis_rules = tuple((name, None if name == 'mlp' else axes)
                                     for name, axes in config_lib.DEFAULT_RULES)
   config_lib.validate(custom)
@@ -254,7 +245,7 @@ class _Compiles:
 
 def test_eval_step_compiles_once_across_evaluate_calls(run_setup):
   root, cfg, run = run_setup
-  cfg = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
   trainer = train.create_trainer(cfg, '/unused', run)
   _, eval_loader = train.make_loaders(cfg, str(root / 'evalonce'), run)
   shapes = {step_batch.make_step_batch(b, run.fgram_set, cfg, grad_accum_steps=1)[0][
@@ -271,7 +262,7 @@ def test_eval_step_compiles_once_across_evaluate_calls(run_setup):
 
 def test_train_step_compiles_once_per_batch_shape(run_setup):
   _, cfg, run = run_setup
-  cfg = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
   trainer = train.create_trainer(cfg, '/unused', run)
   loader, _ = train.make_loaders(cfg, str(run_setup_workdir(cfg)), run)
   batches = [step_batch.make_step_batch(loader.batch_at(s), run.fgram_set, cfg)[0]
@@ -297,7 +288,7 @@ def test_train_step_compiles_once_per_batch_shape(run_setup):
 
 def test_heldout_loss_goes_down_and_checkpoints_restore(run_setup):
   root, cfg, run = run_setup
-  cfg = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
   cfg.num_train_steps = 30
   cfg.checkpoint_every_steps = 10
   cfg.eval_batches = 0
@@ -327,7 +318,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(run_setup,
   """A NaN from the 5th step on (loss and parameters) stops the run naming the step; the
   checkpoint of step 4 stays the newest and restores."""
   root, cfg, run = run_setup
-  cfg = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
   cfg.num_train_steps, cfg.checkpoint_every_steps = 8, 2
   workdir = str(root / 'nan')
   real = train.make_train_step
@@ -360,12 +351,12 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(run_setup,
 
 def test_restore_onto_a_different_mesh(run_setup):
   root, cfg, run = run_setup
-  cfg = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
   cfg.num_train_steps = 2
   workdir = str(root / 'remesh')
   train.train(cfg, workdir, run)
   saved = train.load_for_eval(cfg, workdir, run)
-  other = _copy(cfg)
+  other = tiny.copy_config(cfg)
   other.mesh.data, other.mesh.fsdp, other.mesh.tensor = 2, 2, 2
   moved = train.load_for_eval(other, workdir, run)
   assert moved.mesh.shape == {'data': 2, 'fsdp': 2, 'tensor': 2}
@@ -375,7 +366,7 @@ def test_restore_onto_a_different_mesh(run_setup):
 
 def test_checkpoint_from_another_fgram_set_is_refused(run_setup):
   root, cfg, run = run_setup
-  cfg = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
   cfg.num_train_steps = 2
   workdir = str(root / 'refuse')
   train.train(cfg, workdir, run)
@@ -501,7 +492,7 @@ def test_seqio_pipeline_over_given_token_shards(run_setup, tmp_path):
   first epoch is a permutation of the token shards' rows."""
   from scone_jax import token_shards  # pylint: disable=g-import-not-at-top
   root, cfg, _ = run_setup
-  cfg = _copy(cfg)
+  cfg = tiny.copy_config(cfg)
   cfg.input_pipeline = 'seqio'
   cfg.data.train_shards = str(root / 'base' / artifacts.DATA_DIR / artifacts.TRAIN_SHARDS_DIR)
   workdir = str(tmp_path / 'run')

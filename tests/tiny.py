@@ -14,6 +14,24 @@ _OBJECTS = ['the public interest', 'a stronger union', 'the rights of workers', 
             'the national debt', 'health care for all']
 
 
+def copy_config(cfg):
+  """An independent copy of a ConfigDict (a test edits its copy, never the shared one)."""
+  return type(cfg)(cfg.to_dict())
+
+
+def prepared_run(root):
+  """The tiny corpus, its config and its prepared run (tokenizer and f-grams) under root:
+  (cfg, run), cfg pointing at the run's tokenizer and f-gram files."""
+  from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
+  write_corpus(os.path.join(root, 'corpus'))
+  cfg = tiny_config(os.path.join(root, 'corpus'))
+  workdir = os.path.join(root, 'base')
+  run = artifacts.prepare_run(cfg, workdir)
+  cfg.tokenizer.path = os.path.join(workdir, artifacts.TOKENIZER_FILE)
+  cfg.fgrams.path = os.path.join(workdir, artifacts.FGRAMS_FILE)
+  return cfg, run
+
+
 def write_corpus(directory, num_train=120, num_eval=12, seed=0):
   """Writes train.txt and eval.txt: blank-line-separated documents of templated sentences."""
   rng = np.random.default_rng(seed)
