@@ -276,6 +276,18 @@ def overlap(shards_dir, fgram_path, tokenizer_path, steps, rounds, num_fgrams, m
           'step_over_host_batch': round(1e3 * step_s / host_ms, 1)}
 
 
+def _overlap_stage(result, work, fgram_path, tok_path, args):
+  """Two regimes: the CPU config's step (~1 s, hundreds of host batch times: overlap can
+  hardly show there) and a small model whose step is a few host batch times."""
+  data = _config(args.num_fgrams, args.max_len).data
+  for key, overrides in (('overlap', ()), ('overlap_small_model', SMALL_MODEL)):
+    result[key] = _in_subprocess('overlap', os.path.join(work, 'shards-large'), fgram_path,
+                                 tok_path, args.overlap_steps, args.overlap_rounds,
+                                 args.num_fgrams, args.max_len, data.prefetch, data.workers,
+                                 overrides)
+    logging.info('%s: %s', key, result[key])
+
+
 def _time_builds(build, n):
   t0 = time.perf_counter()
   for s in range(1000, 1000 + n):
@@ -482,8 +494,10 @@ def main():
   parser.add_argument('--overlap_steps', type=int, default=20)
   parser.add_argument('--overlap_rounds', type=int, default=3)
   parser.add_argument('--cli_steps', type=int, default=30)
-  parser.add_argument('--only', default='all', choices=('all', 'formats'),
-                      help='formats: only the prepare-by-format and Parquet RSS measurements')
+  parser.add_argument('--only', default='all', choices=('all', 'formats', 'overlap'),
+                      help='formats: only the prepare-by-format and Parquet RSS measurements; '
+                      'overlap: only the input/step overlap and its inline control (on a '
+                      '--tokens corpus; run it on a quiet host)')
   parser.add_argument('--out', default='', help='also write the JSON result to this file')
   parser.add_argument('--format_tokens', type=int, default=5_000_000)
   parser.add_argument('--parquet_mb', type=int, default=2000)
@@ -503,8 +517,11 @@ def main():
   small_files = big_files[:1]
   sizes = {'small': small_files, 'large': big_files}
   result['corpus_bytes'] = {k: sum(os.path.getsize(f) for f in v) for k, v in sizes.items()}
-  result['formats'] = formats_bench(work, small_files, args)
-  logging.info('formats: %s', result['formats'])
+  if args.only != 'overlap':
+    result['formats'] = formats_bench(work, small_files, args)
+    logging.info('formats: %s', result['formats'])
+  else:
+    sizes = {'large': big_files}
   if args.only == 'formats':
     result['machine'] = _machine()
     if args.out:
@@ -549,6 +566,14 @@ def main():
       prepare[name] = paths.read_json(os.path.join(directory, 'prepare_timing.json'))
     logging.info('prepare %s: %s', name, prepare[name])
   result['prepare_in_process'] = prepare
+  if args.only == 'overlap':
+    _overlap_stage(result, work, fgram_path, tok_path, args)
+    result['machine'] = _machine()
+    result['load_average'] = os.getloadavg()
+    if args.out:
+      paths.write_json_atomic(args.out, result, indent=1)
+    print(json.dumps(result))
+    return
   beam_dir = os.path.join(work, 'shards-beam')
   beam_files = sizes[args.beam_corpus]
   seconds, _, _ = _rss_of([
@@ -583,15 +608,7 @@ def main():
                                           rates['large']['peak_rss_mb']]
 
   # 5. Overlap of input and step, on the large corpus.
-  # Two regimes: the CPU config's step (~1 s, hundreds of host batch times: overlap can
-  # hardly show there) and a small model whose step is a few host batch times.
-  data = _config(args.num_fgrams, args.max_len).data
-  for key, overrides in (('overlap', ()), ('overlap_small_model', SMALL_MODEL)):
-    result[key] = _in_subprocess('overlap', os.path.join(work, 'shards-large'), fgram_path,
-                                 tok_path, args.overlap_steps, args.overlap_rounds,
-                                 args.num_fgrams, args.max_len, data.prefetch, data.workers,
-                                 overrides)
-    logging.info('%s: %s', key, result[key])
+  _overlap_stage(result, work, fgram_path, tok_path, args)
 
   # 6. The CLI trains from the large corpus's shards.
   eval_path = os.path.join(work, 'eval.txt')
