@@ -513,6 +513,34 @@ def cache_shapes(model, batch: int, length: int):
   return jax.eval_shape(init)
 
 
+def jit_on_mesh(fn, mesh, rules, *, donate_argnums=(), cache_out: Optional[int] = None):
+  """jax.jit(fn), called (and `.lower`ed) under a serving mesh and its logical rules, so the
+  model's activation constraints take effect. With `cache_out`, output `cache_out` (the KV
+  cache) is pinned to `cache_shardings`: a donated cache comes back as it went in and the
+  next call reuses the compiled program."""
+  def pinned(*args):
+    out = fn(*args)
+    if cache_out is None:
+      return out
+    out = list(out)
+    out[cache_out] = jax.lax.with_sharding_constraint(
+        out[cache_out], cache_shardings(out[cache_out], mesh, rules))
+    return tuple(out)
+
+  jitted = jax.jit(pinned, donate_argnums=donate_argnums)
+
+  @functools.wraps(fn)
+  def call(*args):
+    with sharding.mesh_context(mesh, rules):
+      return jitted(*args)
+
+  def lower(*args):
+    with sharding.mesh_context(mesh, rules):
+      return jitted.lower(*args)
+  call.lower = lower
+  return call
+
+
 def _on_mesh(table: Optional[Table], mesh) -> Optional[Table]:
   """`table` as the compiled steps over `mesh` read it: a device or host table placed
   elsewhere (e.g. on one device) is moved to `table_sharding`; the others are unchanged."""
@@ -604,30 +632,11 @@ class Generator:
     return input_vectors(self.model, params, rows_BxLxD, ints_BxLx4)
 
   def jit(self, fn, *, donate_argnums=(), cache_out: Optional[int] = None):
-    """jax.jit(fn) for this Generator's placement. On a mesh it traces under the mesh and its
-    logical rules (the model's activation constraints take effect) and, with `cache_out`,
-    output `cache_out` (the KV cache) keeps the cache's shardings, so a donated cache comes
-    back as it went in and the next call reuses the compiled program."""
+    """jax.jit(fn) for this Generator's placement (`jit_on_mesh` over its mesh, if any)."""
     if self.mesh is None:
       return jax.jit(fn, donate_argnums=donate_argnums)
-    mesh, rules = self.mesh, self.rules
-
-    def pinned(*args):
-      out = fn(*args)
-      if cache_out is None:
-        return out
-      out = list(out)
-      out[cache_out] = jax.lax.with_sharding_constraint(
-          out[cache_out], cache_shardings(out[cache_out], mesh, rules))
-      return tuple(out)
-
-    jitted = jax.jit(pinned, donate_argnums=donate_argnums)
-
-    @functools.wraps(fn)
-    def call(*args):
-      with sharding.mesh_context(mesh, rules):
-        return jitted(*args)
-    return call
+    return jit_on_mesh(fn, self.mesh, self.rules, donate_argnums=donate_argnums,
+                       cache_out=cache_out)
 
   def cache_shardings(self, cache):
     """The shardings of a KV cache tree: split on heads over a mesh, else this device."""
