@@ -113,6 +113,11 @@ def test_mesh_flag_and_refusals(parts):
       vocab_size=12, num_layers=1, d_model=DIM, num_heads=HEADS, head_dim=4, mlp_dim=64),
       sharding.serving_mesh('tensor:8')))
   assert rules['vocab'] is None and rules['heads'] == rules['mlp'] == 'tensor'
+  # Training has its own mesh (config.mesh): --mesh there is a usage error, not ignored.
+  out = subprocess.run([sys.executable, '-m', 'scone_jax.main', '--mode=train', '--mesh=8'],
+                       cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2 and 'error: --mesh is for serve, generate and eval' in out.stderr
 
 
 # ----------------------------------------------------------------------------- Generator
@@ -125,6 +130,10 @@ def test_generate_on_8_devices_equals_one_device(parts, mesh, one_device, storag
   got = gen.generate(PROMPTS, max_new_tokens=NEW, stop_tokens=())
   assert got == one_device['scone' if storage else 'baseline']
   _assert_params_split(gen.params)
+  if storage is None:
+    # Sampling too: the same key splits, and the random bits do not depend on the sharding.
+    kw = dict(max_new_tokens=NEW, stop_tokens=(), temperature=1.0, top_k=8, seed=4)
+    assert gen.generate(PROMPTS, **kw) == _gen(parts, None).generate(PROMPTS, **kw)
   if storage == 'host':
     # Host memory still, one copy in all: each device holds d/8 columns of every row.
     rows = gen.table.device_rows
