@@ -17,9 +17,13 @@ match and a row read, with no Python between tokens.
 model config fingerprints), a truncated or corrupt table, a missing piece, and an export
 that never completed; each message says what to do.
 
-Length (~750 lines): table placement, `load` (the export's consistency checks), the decode
-loop and the `Generator` (prefill, chunked decode, evaluation through the table) share
-the input layout and the jitted step; continuous batching and HTTP live in `engine.py`
+`load(..., mesh=sharding.serving_mesh('tensor:8'))` (`--mesh`) splits the main model over
+local devices as training's rules do (heads, MLP units, vocab over `tensor`), the KV cache on
+heads, and a device/host table along d (one copy in all); tokens equal one device's.
+
+Length (~870 lines): table placement, `load` (the export's consistency checks), the mesh
+placement, the decode loop and the `Generator` (prefill, chunked decode, evaluation through
+the table) share the input layout and the jitted step; continuous batching and HTTP live in `engine.py`
 and `server.py`. `DecodeLookup` is the host-side match and gather of one step, kept as the
 reference the on-device loop is tested against and for benchmarks.
 """
