@@ -21,7 +21,7 @@ that never completed; each message says what to do.
 local devices as training's rules do (heads, MLP units, vocab over `tensor`), the KV cache on
 heads, and a device/host table along d (one copy in all); tokens equal one device's.
 
-Length (~870 lines): table placement, `load` (the export's consistency checks), the mesh
+Length (~910 lines): table placement, `load` (the export's consistency checks), the mesh
 placement, the decode loop and the `Generator` (prefill, chunked decode, evaluation through
 the table) share the input layout and the jitted step; continuous batching and HTTP live in `engine.py`
 and `server.py`. `DecodeLookup` is the host-side match and gather of one step, kept as the
