@@ -140,7 +140,7 @@ class StepFunctions:
           next_W = jnp.concatenate([ints_1xWx4[0, 1:, _TOK], tok_1])
           out.update(_logprob_outputs(logits_1xWxV[0], next_W, self.top))
         return out, cache
-      self._prefill[key] = jax.jit(fn, donate_argnums=(1,))
+      self._prefill[key] = self.gen.jit(fn, donate_argnums=(1,), cache_out=1)
     return self._prefill[key]
 
   def decode(self, sampling: bool, logprobs: bool):
@@ -158,7 +158,7 @@ class StepFunctions:
                  if logprobs else None)
       loop = serving.make_decode_loop(self.gen.model, self.tokens_per_dispatch, sample,
                                       self.gen.row_gather(), outputs)
-      self._decode[key] = jax.jit(loop, donate_argnums=(1,))
+      self._decode[key] = self.gen.jit(loop, donate_argnums=(1,), cache_out=1)
     return self._decode[key]
 
 

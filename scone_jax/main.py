@@ -5,7 +5,7 @@
   python -m scone_jax.main --mode=eval    --config=... --workdir=DIR --eval_text=a.txt,b.txt
   python -m scone_jax.main --mode=export  --config=... --workdir=DIR [--export_dir=OUT]
   python -m scone_jax.main --mode=generate --export_dir=OUT --prompt="..."
-  python -m scone_jax.main --mode=serve --export_dir=OUT [--port=8000] [--max_batch=8] [--api_key_file=F]
+  python -m scone_jax.main --mode=serve --export_dir=OUT [--port=8000] [--max_batch=8] [--api_key_file=F] [--mesh=tensor:8]
   python -m scone_jax.main --mode=compile --config=... --topology=v5e:4x4 [--num_slices=N]
 
 This file wires stages together; the work happens in the modules it calls.
@@ -41,6 +41,12 @@ _TABLE_STORAGE = flags.DEFINE_enum(
     'Where serving keeps the f-gram table: device (accelerator memory) or host (host memory '
     'the compiled step gathers from), both read inside the decode step; ram, mmap or '
     'tensorstore (tables bigger than memory): host lookups called from the step.')
+_MESH = flags.DEFINE_string(
+    'mesh', '', 'serve / generate / eval of an export: tensor-parallel over local devices. '
+    'tensor:N (or N; -1 = every local device) splits the main model\'s attention heads and MLP '
+    'units (as training\'s mesh.tensor does) and the KV cache\'s heads over N devices; the '
+    'f-gram table stays in --table_storage (device/host: split along d over the same devices). '
+    'Empty: one device.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed for --mode=generate.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of a user error too.')
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address --mode=serve listens on.')
@@ -161,6 +167,16 @@ def main(argv):
         raise app.UsageError(f'--{flag.name}={flag.value}: {e}') from None
       paths.check_access(flag.value)   # gs://: one error line if the bucket cannot be used
 
+  serving_export = mode in ('serve', 'generate') or (
+      mode == 'eval' and _EXPORT_DIR.value and not _WORKDIR.value)
+  if _MESH.value and not serving_export:
+    raise app.UsageError(f'--mesh is for serve, generate and eval of an --export_dir; '
+                         f'--mode={mode} uses the config\'s mesh (--config.mesh.tensor=N).')
+  mesh = None
+  if serving_export:
+    from scone_jax import sharding  # pylint: disable=g-import-not-at-top
+    mesh = sharding.serving_mesh(_MESH.value)
+
   if mode == 'serve':
     from scone_jax import server  # pylint: disable=g-import-not-at-top
     limits = server.Limits(max_body_mb=_MAX_BODY_MB.value,
@@ -172,13 +188,13 @@ def main(argv):
                table_storage=_TABLE_STORAGE.value, max_batch=_MAX_BATCH.value,
                tokens_per_dispatch=_TOKENS_PER_DISPATCH.value,
                served_model_name=_SERVED_MODEL_NAME.value, limits=limits,
-               api_keys=server.read_api_keys(_API_KEY.value, _API_KEY_FILE.value))
+               api_keys=server.read_api_keys(_API_KEY.value, _API_KEY_FILE.value), mesh=mesh)
     return
 
-  if mode == 'generate' or (mode == 'eval' and _EXPORT_DIR.value and not _WORKDIR.value):
+  if serving_export:
     from scone_jax import serving  # pylint: disable=g-import-not-at-top
     export_dir = _require(_EXPORT_DIR.value, 'export_dir')
-    gen = serving.load(export_dir, table_storage=_TABLE_STORAGE.value)
+    gen = serving.load(export_dir, table_storage=_TABLE_STORAGE.value, mesh=mesh)
     if mode == 'generate':
       prompts = _require(_PROMPT.value, 'prompt')
       texts = gen.generate_text(prompts, max_new_tokens=_MAX_NEW_TOKENS.value,

@@ -926,18 +926,20 @@ def run(export_dir: str, *, host: str = '127.0.0.1', port: int = 8000,
         table_storage: str = 'host', max_batch: int = 8, max_len: Optional[int] = None,
         tokens_per_dispatch: int = 8,
         served_model_name: Optional[str] = None, limits: Optional[Limits] = None,
-        api_keys: Sequence[str] = ()):
-  """Loads an export and serves it as `served_model_name` (default served_name(export_dir))."""
+        api_keys: Sequence[str] = (), mesh=None):
+  """Loads an export and serves it as `served_model_name` (default served_name(export_dir));
+  mesh: a serving mesh (`--mesh`, sharding.serving_mesh) the model is split over."""
   limits = (limits or Limits()).check()
   name = served_model_name or served_name(export_dir)
   t0 = time.time()
-  gen = serving.load(export_dir, table_storage, max_len=max_len)
+  gen = serving.load(export_dir, table_storage, max_len=max_len, mesh=mesh)
   if tokens_per_dispatch < 1:
     raise ValueError(f'--tokens_per_dispatch={tokens_per_dispatch} must be at least 1.')
   engine = Engine(gen, max_batch, tokens_per_dispatch=tokens_per_dispatch)
   engine.warmup()
-  logging.info('serving %s as %r: %d slots, %d positions, %s, ready in %.1fs', export_dir,
+  logging.info('serving %s as %r: %d slots, %d positions, %s, %s, ready in %.1fs', export_dir,
                name, max_batch, gen.max_len, 'API key required' if api_keys else 'no API key',
+               f'mesh {dict(mesh.shape)}' if mesh is not None else 'one device',
                time.time() - t0)
   serve(build_app({name: engine}, gen.tokenizer, limits=limits, api_keys=api_keys), host, port,
         drain_timeout=limits.drain_timeout)

@@ -17,9 +17,13 @@ match and a row read, with no Python between tokens.
 model config fingerprints), a truncated or corrupt table, a missing piece, and an export
 that never completed; each message says what to do.
 
-Length (~750 lines): table placement, `load` (the export's consistency checks), the decode
-loop and the `Generator` (prefill, chunked decode, evaluation through the table) share
-the input layout and the jitted step; continuous batching and HTTP live in `engine.py`
+`load(..., mesh=sharding.serving_mesh('tensor:8'))` (`--mesh`) splits the main model over
+local devices as training's rules do (heads, MLP units, vocab over `tensor`), the KV cache on
+heads, and a device/host table along d (one copy in all); tokens equal one device's.
+
+Length (~910 lines): table placement, `load` (the export's consistency checks), the mesh
+placement, the decode loop and the `Generator` (prefill, chunked decode, evaluation through
+the table) share the input layout and the jitted step; continuous batching and HTTP live in `engine.py`
 and `server.py`. `DecodeLookup` is the host-side match and gather of one step, kept as the
 reference the on-device loop is tested against and for benchmarks.
 """
@@ -44,6 +48,7 @@ from scone_jax import paths
 from scone_jax import fgrams as fgrams_lib
 from scone_jax import model as model_lib
 from scone_jax import metrics
+from scone_jax import sharding
 from scone_jax import table as table_lib
 from scone_jax.table import Table
 
@@ -146,18 +151,37 @@ def gather_in_step(table_SxD, fid_B, *, host: bool = False):
 _gather_jit = jax.jit(gather_in_step, static_argnames='host')
 
 
-def place_table(rows_SxD: np.ndarray, storage: str, device=None) -> Table:
+def place_table(rows_SxD: np.ndarray, storage: str, device=None, mesh=None) -> Table:
   """A Table of numpy rows in `storage`: 'ram' (as given), 'device' (accelerator memory) or
-  'host' (host memory the compiled step addresses: a pinned_host memory kind)."""
+  'host' (host memory the compiled step addresses: a pinned_host memory kind).
+
+  With a serving mesh (`--mesh`) the device and host tables are split over the tensor axis
+  along d (`table_sharding`): still one copy in all, each device gathering its columns of
+  the matched rows."""
   if storage == 'ram':
     return Table(rows_SxD, storage='ram')
   if storage not in IN_STEP_STORAGES:
     raise ValueError(f'place_table(storage={storage!r}); use ram, device or host.')
-  device = device if device is not None else jax.devices()[0]
-  kind = _host_memory_kind(device) if storage == 'host' else 'device'
-  placed = jax.device_put(rows_SxD, jax.sharding.SingleDeviceSharding(device, memory_kind=kind))
+  if mesh is not None:
+    placement = table_sharding(mesh, rows_SxD.shape[1], storage)
+  else:
+    device = device if device is not None else jax.devices()[0]
+    kind = _host_memory_kind(device) if storage == 'host' else 'device'
+    placement = jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+  placed = jax.device_put(rows_SxD, placement)
   return Table(device_rows=placed, storage=storage,
                device_gather=functools.partial(_gather_jit, host=storage == 'host'))
+
+
+def table_sharding(mesh, dim: int, storage: str) -> jax.sharding.NamedSharding:
+  """A device/host table on a serving mesh: columns split over `tensor` (replicated when d
+  does not divide). Split rather than replicated: a replicated pinned_host table would be
+  one copy per device in the host's memory; split, each device gathers [B, d/N] of the B
+  matched rows locally and only those cross between devices."""
+  kind = _host_memory_kind(mesh.devices.flat[0]) if storage == 'host' else 'device'
+  split = dim % mesh.shape['tensor'] == 0
+  spec = jax.sharding.PartitionSpec(None, 'tensor' if split else None)
+  return jax.sharding.NamedSharding(mesh, spec, memory_kind=kind)
 
 
 def host_gather(table: Table, fid_B: np.ndarray) -> np.ndarray:
@@ -190,20 +214,25 @@ def _mismatch(what, path, got, want):
                     'put back the export\'s own file or re-run --mode=export.')
 
 
-def abstract_params(model, device):
-  """The main model's parameters as ShapeDtypeStructs on one device (a restore target)."""
+def abstract_params(model, device, *, mesh=None, rules=None):
+  """The main model's parameters as ShapeDtypeStructs on one device, or in their shardings
+  over a serving mesh (a restore target)."""
+  if mesh is not None:
+    return sharding.abstract_params(model, {'inputs_BxL': jnp.zeros((1, 1), jnp.int32)},
+                                    mesh, rules)[0]
   def init():
     return nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))['params'])
   shapes = jax.eval_shape(init)
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+  single = jax.sharding.SingleDeviceSharding(device)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=single),
                       shapes)
 
 
-def restore_params(params_dir: str, model, device=None):
-  """The main model's parameters from an export's param-only checkpoint, on one device."""
+def restore_params(params_dir: str, model, device=None, *, mesh=None, rules=None):
+  """The main model's parameters from an export's param-only checkpoint, on one device or
+  straight into their shardings over a serving mesh."""
   device = device if device is not None else jax.devices()[0]
-  target = abstract_params(model, device)
+  target = abstract_params(model, device, mesh=mesh, rules=rules)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(paths.abspath(params_dir), target)
@@ -212,9 +241,48 @@ def restore_params(params_dir: str, model, device=None):
                      f' {str(e)[:300]}); re-run --mode=export.') from e
 
 
+def mesh_rules(config: model_lib.ModelConfig, mesh) -> tuple:
+  """The training rules (sharding.DEFAULT_RULES: heads, MLP and vocab over `tensor`) for a
+  serving mesh; ValueError when the mesh is not tensor-only or the model does not split."""
+  sizes = dict(mesh.shape)
+  n = sizes.get('tensor', 0)
+  if set(sizes) != set(sharding.MESH_AXES) or sizes['data'] * sizes['fsdp'] != 1:
+    raise ValueError(f'serving mesh {sizes}: serving shards over the tensor axis only; build '
+                     'it with sharding.serving_mesh("tensor:N").')
+  for what, size in (('attention heads', config.num_heads), ('MLP units', config.mlp_dim)):
+    if size % n:
+      raise ValueError(f'--mesh=tensor:{n}: the model has {size} {what}, not divisible by {n}; '
+                       f'use a tensor size that divides {config.num_heads} heads and '
+                       f'{config.mlp_dim} MLP units.')
+  rules = []
+  for name, axes in sharding.DEFAULT_RULES:
+    if name == 'vocab' and config.vocab_size % n:
+      logging.info('vocab %d does not divide over tensor=%d: embeddings and logits replicated '
+                   'along the vocab.', config.vocab_size, n)
+      axes = None
+    rules.append((name, axes))
+  return tuple(rules)
+
+
+# The cache's logical axes (model.Attention's variables; a scanned stack adds 'layers' first),
+# sharded as MaxText shards its decode cache: the heads over `tensor`.
+_CACHE_AXES = {'cached_key': ('batch', 'length', 'heads', 'kv'),
+               'cached_value': ('batch', 'length', 'heads', 'kv'),
+               'cached_valid': ('batch', 'length'), 'cache_index': ('batch',)}
+
+
+def cache_shardings(cache, mesh, rules):
+  """NamedShardings of a KV cache tree (arrays or ShapeDtypeStructs) over a serving mesh."""
+  def one(path, leaf):
+    axes = _CACHE_AXES[path[-1].key]
+    axes = ('layers',) * (len(leaf.shape) - len(axes)) + axes
+    return jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules))
+  return jax.tree_util.tree_map_with_path(one, cache)
+
+
 def load(export_dir: str, table_storage: str = DEFAULT_STORAGE, *, cache_rows: int = 1 << 16,
          verify: Optional[bool] = None, mmap_path: Optional[str] = None,
-         max_len: Optional[int] = None, device=None) -> 'Generator':
+         max_len: Optional[int] = None, device=None, mesh=None) -> 'Generator':
   """A Generator over an export directory written by `export.export`.
 
   table_storage: where the table lives and who reads it. Gathered by the compiled decode
@@ -228,6 +296,9 @@ def load(export_dir: str, table_storage: str = DEFAULT_STORAGE, *, cache_rows: i
   shape, dtype and shard file sizes unless verify=True, which reads the whole table).
   max_len: longest prompt + generation (rope models; learned positions are capped at the
   training seq_len).
+  mesh: a serving mesh (`sharding.serving_mesh('tensor:N')`, `--mesh`): parameters restored
+  straight into their tensor-parallel shardings, the KV cache split on heads, a device or
+  host table split along d over the same devices (see `Generator`).
   """
   if table_storage not in STORAGES:
     raise ValueError(f'table_storage={table_storage!r}; use one of {", ".join(STORAGES)}.')
@@ -260,6 +331,7 @@ def load(export_dir: str, table_storage: str = DEFAULT_STORAGE, *, cache_rows: i
                     meta['params_sha256'])
   model_json = table_lib.read_json(path(table_lib.MODEL_CONFIG_FILE))
   full_config = model_lib.ModelConfig(**model_json['model'])
+  rules = mesh_rules(full_config, mesh) if mesh is not None else None  # before the table read
 
   table_dir = path(table_lib.TABLE_DIR)
   layout = table_lib.TableLayout(**meta['layout'])
@@ -289,7 +361,7 @@ def load(export_dir: str, table_storage: str = DEFAULT_STORAGE, *, cache_rows: i
   if table_storage in ('ram',) + IN_STEP_STORAGES:
     rows = np.empty(want_shape, np.dtype(jnp.dtype(layout.dtype)))
     table_lib.read_shards(store, meta, into=rows, verify=verify, what=table_dir)
-    table = place_table(rows, table_storage, device)
+    table = place_table(rows, table_storage, device, mesh)
     del rows
   elif table_storage == 'mmap':
     mmap_path = mmap_path or path(MMAP_FILE)
@@ -306,14 +378,15 @@ def load(export_dir: str, table_storage: str = DEFAULT_STORAGE, *, cache_rows: i
 
   model_config = dataclasses.replace(full_config, fgrams_enabled=False)
   model = model_lib.SconeLM(model_config)
-  params = restore_params(path(table_lib.PARAMS_DIR), model, device)
+  params = restore_params(path(table_lib.PARAMS_DIR), model, device, mesh=mesh, rules=rules)
   gen = Generator(model_config, params, table, fgram_set, tokenizer,
                   seq_len=model_json['seq_len'], batch_size=model_json['batch_size'],
-                  max_len=max_len, device=device)
+                  max_len=max_len, device=device, mesh=mesh)
   gen.metadata = meta
-  logging.info('loaded export %s (step %d, %d f-grams, d=%d, %s, table in %s) in %.1fs',
+  logging.info('loaded export %s (step %d, %d f-grams, d=%d, %s, table in %s%s) in %.1fs',
                export_dir, meta['step'], layout.num_rows, layout.dim, layout.dtype,
-               table_storage, time.time() - t0)
+               table_storage, f', mesh {dict(mesh.shape)}' if mesh is not None else '',
+               time.time() - t0)
   return gen
 
 
@@ -444,6 +517,46 @@ def cache_shapes(model, batch: int, length: int):
   return jax.eval_shape(init)
 
 
+def jit_on_mesh(fn, mesh, rules, *, donate_argnums=(), cache_out: Optional[int] = None):
+  """jax.jit(fn), called (and `.lower`ed) under a serving mesh and its logical rules, so the
+  model's activation constraints take effect. With `cache_out`, output `cache_out` (the KV
+  cache) is pinned to `cache_shardings`: a donated cache comes back as it went in and the
+  next call reuses the compiled program."""
+  def pinned(*args):
+    out = fn(*args)
+    if cache_out is None:
+      return out
+    out = list(out)
+    out[cache_out] = jax.lax.with_sharding_constraint(
+        out[cache_out], cache_shardings(out[cache_out], mesh, rules))
+    return tuple(out)
+
+  jitted = jax.jit(pinned, donate_argnums=donate_argnums)
+
+  @functools.wraps(fn)
+  def call(*args):
+    with sharding.mesh_context(mesh, rules):
+      return jitted(*args)
+
+  def lower(*args):
+    with sharding.mesh_context(mesh, rules):
+      return jitted.lower(*args)
+  call.lower = lower
+  return call
+
+
+def _on_mesh(table: Optional[Table], mesh) -> Optional[Table]:
+  """`table` as the compiled steps over `mesh` read it: a device or host table placed
+  elsewhere (e.g. on one device) is moved to `table_sharding`; the others are unchanged."""
+  if table is None or table.device_rows is None:
+    return table
+  want = table_sharding(mesh, table.dim, table.storage)
+  if table.device_rows.sharding.is_equivalent_to(want, 2):
+    return table
+  return Table(device_rows=jax.device_put(table.device_rows, want), storage=table.storage,
+               device_gather=functools.partial(_gather_jit, host=table.storage == 'host'))
+
+
 def _bucket(n, size):
   return max(size, -(-n // size) * size)
 
@@ -456,12 +569,18 @@ class Generator:
   of the latest generate call).
   use_table=False turns the lookups off (every position gets T[token]): the baseline cost of
   the same main model, for benchmarks.
+  mesh: a serving mesh (`sharding.serving_mesh('tensor:N')`): tensor parallelism as in
+  training (sharding.DEFAULT_RULES: attention heads, MLP units and, where it divides, the
+  vocab split over `tensor`), the KV cache split on heads, a device or host table split
+  along d (`table_sharding`; a table given on one device is moved there), host-lookup
+  tables (ram, mmap, tensorstore) and the matcher arrays as before; every compiled step
+  traces under the mesh and its rules. None: one device.
   """
 
   def __init__(self, model_config: model_lib.ModelConfig, params, table: Optional[Table],
                fgram_set: Optional[fgrams_lib.FGramSet], tokenizer=None, *, seq_len: int,
                batch_size: int = 16, max_len: Optional[int] = None, device=None,
-               use_table: bool = True):
+               use_table: bool = True, mesh=None):
     if model_config.fgrams_enabled:
       # Serving never builds (or reads) the f-gram model.
       model_config = dataclasses.replace(model_config, fgrams_enabled=False)
@@ -476,8 +595,20 @@ class Generator:
                          f'f-grams of width {model_config.d_model}.')
     self.config = model_config
     self.model = model_lib.SconeLM(model_config)
-    self.device = device if device is not None else jax.devices()[0]
-    self.params = jax.device_put(params, self.device)
+    self.mesh = mesh
+    if mesh is not None:
+      self.rules = mesh_rules(model_config, mesh)
+      self.device = mesh.devices.flat[0]
+      self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      param_shardings = jax.tree.map(lambda s: s.sharding, abstract_params(
+          self.model, self.device, mesh=mesh, rules=self.rules))
+      table = _on_mesh(table, mesh)
+    else:
+      self.rules = None
+      self.device = device if device is not None else jax.devices()[0]
+      self.replicated = jax.sharding.SingleDeviceSharding(self.device)
+      param_shardings = self.replicated
+    self.params = jax.device_put(params, param_shardings)
     self.table = table
     self.fgram_set = fgram_set
     self.tokenizer = tokenizer
@@ -504,12 +635,25 @@ class Generator:
   def _input_vectors(self, params, rows_BxLxD, ints_BxLx4):
     return input_vectors(self.model, params, rows_BxLxD, ints_BxLx4)
 
+  def jit(self, fn, *, donate_argnums=(), cache_out: Optional[int] = None):
+    """jax.jit(fn) for this Generator's placement (`jit_on_mesh` over its mesh, if any)."""
+    if self.mesh is None:
+      return jax.jit(fn, donate_argnums=donate_argnums)
+    return jit_on_mesh(fn, self.mesh, self.rules, donate_argnums=donate_argnums,
+                       cache_out=cache_out)
+
+  def cache_shardings(self, cache):
+    """The shardings of a KV cache tree: split on heads over a mesh, else this device."""
+    if self.mesh is None:
+      return jax.tree.map(lambda _: self.replicated, cache)
+    return cache_shardings(cache, self.mesh, self.rules)
+
   def _step_fn(self, greedy: bool, top_k: int, use_top_p: bool):
     key = (greedy, top_k, use_top_p)
     if key not in self._steps:
-      self._steps[key] = jax.jit(
+      self._steps[key] = self.jit(
           make_decode_step(self.model, greedy=greedy, top_k=top_k, use_top_p=use_top_p),
-          donate_argnums=(1,))
+          donate_argnums=(1,), cache_out=1)
     return self._steps[key]
 
   def _empty_cache(self, batch: int, length: int):
@@ -518,7 +662,7 @@ class Generator:
       shapes = cache_shapes(self.model, batch, length)
       self._caches[key] = jax.jit(
           lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-          out_shardings=jax.sharding.SingleDeviceSharding(self.device))
+          out_shardings=self.cache_shardings(shapes))
     return self._caches[key]()
 
   # -- lookups -------------------------------------------------------------
@@ -566,7 +710,8 @@ class Generator:
     greedy = temperature == 0.0
     kind = (greedy, min(int(top_k), vocab) if not greedy else 0, (not greedy) and top_p < 1.0)
     t_start = time.perf_counter()
-    sampling = jax.device_put(np.array([max(temperature, 1e-6), top_p], np.float32), self.device)
+    sampling = jax.device_put(np.array([max(temperature, 1e-6), top_p], np.float32),
+                              self.replicated)
     tok, cache, rng = self._prefill(prompts, lens, add_bos, max_new_tokens, kind, sampling,
                                     seed)
     is_stop_V = np.zeros(vocab, bool)
@@ -625,7 +770,7 @@ class Generator:
     cache_len = _bucket(width + max_new_tokens - 1, _CACHE_BUCKET)
     ints = self._prefill_inputs(prompts, lens, width, add_bos)
     rows = self._rows_for(ints[..., _FID]) if self.use_table else None
-    rng = jax.device_put(jax.random.PRNGKey(seed), self.device)
+    rng = jax.device_put(jax.random.PRNGKey(seed), self.replicated)
     cache = self._empty_cache(len(prompts), cache_len)
     return self._step_fn(*kind)(self.params, cache, rows, ints, rng, sampling)
 
@@ -648,9 +793,9 @@ class Generator:
         tok_B = _sample(logits_BxV, sub, sampling[0], sampling[1], greedy=greedy, top_k=top_k,
                         use_top_p=use_top_p)
         return tok_B, dict(c, rng=rng)
-      self._steps[key] = jax.jit(
+      self._steps[key] = self.jit(
           make_decode_loop(self.model, num_steps, sample, self.row_gather()),
-          donate_argnums=(1,))
+          donate_argnums=(1,), cache_out=1)
     return self._steps[key]
 
   # -- the table and matcher as the compiled step reads them ---------------
@@ -667,11 +812,13 @@ class Generator:
     return self.table.device_rows if self.use_table else None
 
   def _matcher(self):
-    """The f-gram set as device_match arrays on this Generator's device (built once)."""
+    """The f-gram set as device_match arrays on this Generator's device, or replicated over
+    its mesh (built once)."""
     if not self.use_table:
       return None
     if self._matcher_arrays is None:
-      self._matcher_arrays = jax.device_put(device_match.build(self.fgram_set), self.device)
+      self._matcher_arrays = jax.device_put(device_match.build(self.fgram_set),
+                                            self.replicated)
     return self._matcher_arrays
 
   def _prefill_inputs(self, prompts, lens, width, add_bos):
@@ -712,7 +859,7 @@ class Generator:
         nll_BxL = metrics.token_nll(logits_BxLxV, targets_BxL)
         mask_BxL = loss_mask_BxL.astype(jnp.float32)
         return jnp.sum(nll_BxL * mask_BxL), jnp.sum(mask_BxL), nll_BxL * mask_BxL
-      self._eval_fn = jax.jit(fn)
+      self._eval_fn = self.jit(fn)
     return self._eval_fn
 
   def evaluate(self, docs, *, max_batches: int = 0, split_by=None) -> dict:

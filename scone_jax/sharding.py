@@ -118,3 +118,41 @@ def _mesh_axes(axes):
   if axes is None or isinstance(axes, str):
     return axes
   return tuple(axes)
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def parse_serving_mesh(text: Optional[str]) -> int:
+  """`--mesh` → the tensor-parallel size: '' → 0 (no mesh: one device, as before),
+  'tensor:N' or 'N' → N, with N = -1 meaning every local device."""
+  text = (text or '').strip()
+  if not text:
+    return 0
+  axis, _, size = text.rpartition(':')
+  if axis not in ('', 'tensor'):
+    raise ValueError(f'--mesh={text}: serving shards the model over the tensor axis only '
+                     '(heads and MLP); use --mesh=tensor:N (or --mesh=N).')
+  try:
+    n = int(size)
+  except ValueError:
+    n = 0
+  if n == 0 or n < -1:
+    raise ValueError(f'--mesh={text}: expected tensor:N (or N) with N a positive number of '
+                     'local devices, or -1 for all of them.')
+  return n
+
+
+def serving_mesh(text: Optional[str], devices: Optional[Sequence[Any]] = None):
+  """The serving mesh of `--mesh` (see parse_serving_mesh): the training mesh's axes with
+  data = fsdp = 1 and tensor = N over the first N local devices; None without --mesh."""
+  n = parse_serving_mesh(text)
+  if not n:
+    return None
+  devices = list(jax.local_devices() if devices is None else devices)
+  n = len(devices) if n == -1 else n
+  if n > len(devices):
+    raise ValueError(f'--mesh={text} needs {n} devices but this host has {len(devices)} local '
+                     f'{devices[0].platform} device(s); use --mesh=tensor:N with N <= '
+                     f'{len(devices)}.')
+  return make_mesh({'data': 1, 'fsdp': 1, 'tensor': n}, devices[:n])

@@ -56,11 +56,13 @@ def test_import_graph_runs_one_way():
 
 
 # What a serving host may load: the tokenizer (corpus), the packing rule (packing), f-gram
-# matching (fgrams' set and kernels), the model, the table and the metrics. Every other
+# matching (fgrams' set and kernels), the model, its sharding rules (--mesh), the table and
+# the metrics. Every other
 # scone_jax module is forbidden there: the training loader (loader), token shards, f-gram
 # extraction, training, export, checkpoints, Beam, seqio ...
 SERVING_MAY_LOAD = {'paths', 'config', 'tokenizer', 'corpus', 'packing', 'fgrams', 'fgrams.fgram_set',
-                    'fgrams.kernels', 'model', 'table', 'device_match', 'metrics', 'serving',
+                    'fgrams.kernels', 'model', 'sharding', 'table', 'device_match', 'metrics',
+                    'serving',
                     'engine',
                     'server'}
 # Named because serving once loaded them: each must exist and stay forbidden.
