@@ -41,6 +41,11 @@ _TABLE_STORAGE = flags.DEFINE_enum(
     'Where serving keeps the f-gram table: device (accelerator memory) or host (host memory '
     'the compiled step gathers from), both read inside the decode step; ram, mmap or '
     'tensorstore (tables bigger than memory): host lookups called from the step.')
+_TABLE_DTYPE = flags.DEFINE_enum(
+    'table_dtype', None, ('float32', 'float16', 'bfloat16', 'int8'),
+    'The f-gram table as serve, generate and eval hold it (default: the export\'s dtype): '
+    'float16 / bfloat16, or int8 with a float32 scale per row (about half of float16\'s '
+    'host memory; rows dequantized in the gather). Converted as the table is read.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed for --mode=generate.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of a user error too.')
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address --mode=serve listens on.')
@@ -169,7 +174,8 @@ def main(argv):
                            request_timeout=_REQUEST_TIMEOUT.value,
                            drain_timeout=_DRAIN_TIMEOUT.value).check()
     server.run(_require(_EXPORT_DIR.value, 'export_dir'), host=_HOST.value, port=_PORT.value,
-               table_storage=_TABLE_STORAGE.value, max_batch=_MAX_BATCH.value,
+               table_storage=_TABLE_STORAGE.value, table_dtype=_TABLE_DTYPE.value,
+               max_batch=_MAX_BATCH.value,
                tokens_per_dispatch=_TOKENS_PER_DISPATCH.value,
                served_model_name=_SERVED_MODEL_NAME.value, limits=limits,
                api_keys=server.read_api_keys(_API_KEY.value, _API_KEY_FILE.value))
@@ -178,7 +184,8 @@ def main(argv):
   if mode == 'generate' or (mode == 'eval' and _EXPORT_DIR.value and not _WORKDIR.value):
     from scone_jax import serving  # pylint: disable=g-import-not-at-top
     export_dir = _require(_EXPORT_DIR.value, 'export_dir')
-    gen = serving.load(export_dir, table_storage=_TABLE_STORAGE.value)
+    gen = serving.load(export_dir, table_storage=_TABLE_STORAGE.value,
+                       table_dtype=_TABLE_DTYPE.value)
     if mode == 'generate':
       prompts = _require(_PROMPT.value, 'prompt')
       texts = gen.generate_text(prompts, max_new_tokens=_MAX_NEW_TOKENS.value,
