@@ -222,3 +222,23 @@ def test_cli_table_dtype(export_dir, tmp_path):
   want = serving.load(path, 'ram', table_dtype='int8').evaluate(docs)
   assert got['tokens'] == want['tokens']
   np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_serve_with_an_int8_table_answers_as_generate_does(export_dir, tmp_path):
+  from test_server import start_server   # pylint: disable=g-import-not-at-top
+  path, _ = export_dir
+  srv = start_server(path, str(tmp_path / 'server.log'), '--table_dtype=int8')
+  try:
+    gen = serving.load(path, 'host', table_dtype='int8')
+    prompt = 'The nation must protect the public interest'
+    ids = gen.tokenizer.encode(prompt).tolist()
+    want = [t for t in gen.generate([ids], max_new_tokens=8)[0] if t != gen.tokenizer.eos_id]
+    got = srv.client.completions.create(model='export', prompt=prompt, max_tokens=8,
+                                        temperature=0)
+    assert got.choices[0].text == gen.tokenizer.decode(want)
+    assert 'held as int8' in open(srv.log_path).read()
+  finally:
+    srv.proc.kill()
+    srv.proc.wait()
+    srv.log.close()
