@@ -47,6 +47,11 @@ _MESH = flags.DEFINE_string(
     'units (as training\'s mesh.tensor does) and the KV cache\'s heads over N devices; the '
     'f-gram table stays in --table_storage (device/host: split along d over the same devices). '
     'Empty: one device.')
+_TABLE_DTYPE = flags.DEFINE_enum(
+    'table_dtype', None, ('float32', 'float16', 'bfloat16', 'int8'),
+    'The f-gram table as serve, generate and eval hold it (default: the export\'s dtype): '
+    'float16 / bfloat16, or int8 with a float32 scale per row (about half of float16\'s '
+    'host memory; rows dequantized in the gather). Converted as the table is read.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed for --mode=generate.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of a user error too.')
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address --mode=serve listens on.')
@@ -185,7 +190,8 @@ def main(argv):
                            request_timeout=_REQUEST_TIMEOUT.value,
                            drain_timeout=_DRAIN_TIMEOUT.value).check()
     server.run(_require(_EXPORT_DIR.value, 'export_dir'), host=_HOST.value, port=_PORT.value,
-               table_storage=_TABLE_STORAGE.value, max_batch=_MAX_BATCH.value,
+               table_storage=_TABLE_STORAGE.value, table_dtype=_TABLE_DTYPE.value,
+               max_batch=_MAX_BATCH.value,
                tokens_per_dispatch=_TOKENS_PER_DISPATCH.value,
                served_model_name=_SERVED_MODEL_NAME.value, limits=limits,
                api_keys=server.read_api_keys(_API_KEY.value, _API_KEY_FILE.value), mesh=mesh)
@@ -194,7 +200,8 @@ def main(argv):
   if serving_export:
     from scone_jax import serving  # pylint: disable=g-import-not-at-top
     export_dir = _require(_EXPORT_DIR.value, 'export_dir')
-    gen = serving.load(export_dir, table_storage=_TABLE_STORAGE.value, mesh=mesh)
+    gen = serving.load(export_dir, table_storage=_TABLE_STORAGE.value, mesh=mesh,
+                       table_dtype=_TABLE_DTYPE.value)
     if mode == 'generate':
       prompts = _require(_PROMPT.value, 'prompt')
       texts = gen.generate_text(prompts, max_new_tokens=_MAX_NEW_TOKENS.value,

@@ -923,7 +923,8 @@ def served_name(export_dir: str) -> str:
 
 
 def run(export_dir: str, *, host: str = '127.0.0.1', port: int = 8000,
-        table_storage: str = 'host', max_batch: int = 8, max_len: Optional[int] = None,
+        table_storage: str = 'host', table_dtype: Optional[str] = None, max_batch: int = 8,
+        max_len: Optional[int] = None,
         tokens_per_dispatch: int = 8,
         served_model_name: Optional[str] = None, limits: Optional[Limits] = None,
         api_keys: Sequence[str] = (), mesh=None):
@@ -932,7 +933,8 @@ def run(export_dir: str, *, host: str = '127.0.0.1', port: int = 8000,
   limits = (limits or Limits()).check()
   name = served_model_name or served_name(export_dir)
   t0 = time.time()
-  gen = serving.load(export_dir, table_storage, max_len=max_len, mesh=mesh)
+  gen = serving.load(export_dir, table_storage, max_len=max_len, mesh=mesh,
+                     table_dtype=table_dtype)
   if tokens_per_dispatch < 1:
     raise ValueError(f'--tokens_per_dispatch={tokens_per_dispatch} must be at least 1.')
   engine = Engine(gen, max_batch, tokens_per_dispatch=tokens_per_dispatch)

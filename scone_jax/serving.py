@@ -88,9 +88,10 @@ class DecodeLookup:
     self.fgram_set = fgram_set if table is not None else None
     self.k = self.fgram_set.max_len if self.fgram_set is not None else 2
     self.state = np.zeros((batch, self.k + 2), np.int64)
-    self.rows = np.zeros((batch, dim), table.dtype if table is not None else np.float32)
+    self.rows = np.zeros((batch, dim), table.row_dtype if table is not None else np.float32)
     self.ints = np.zeros((batch, 4), np.int32)
-    self._in_ram = table is not None and table.array is not None
+    # An int8 table's rows need their scales: read through table.lookup like tensorstore.
+    self._in_ram = table is not None and table.array is not None and not table.quantized
     rows_bits = table_lib.as_bits(self.rows)
     table_bits = table_lib.as_bits(table.array) if self._in_ram else np.zeros((0, dim), rows_bits.dtype)
     if self.fgram_set is not None:
@@ -139,37 +140,46 @@ def _host_memory_kind(device) -> str:
 def gather_in_step(table_SxD, fid_B, *, host: bool = False):
   """Rows [B, d] of f-gram ids (-1: row 0, unused), traced inside a jitted step. A table in
   host memory (host=True) is gathered there (XLA host compute) and only the B rows cross
-  to the device."""
+  to the device. An int8 table is (rows int8 [S, d], scales [S]): its rows and scales cross
+  as they are and are dequantized (float32) on the device."""
   ids_B = jnp.maximum(fid_B, 0)
+  parts = table_SxD if isinstance(table_SxD, tuple) else (table_SxD,)
   if not host:
-    return table_SxD[ids_B]
-  with compute_on('device_host'):
-    rows_BxD = table_SxD[jax.device_put(ids_B, jax.memory.Space.Host)]
-  return jax.device_put(rows_BxD, jax.memory.Space.Device)
+    got = tuple(p[ids_B] for p in parts)
+  else:
+    with compute_on('device_host'):
+      host_ids_B = jax.device_put(ids_B, jax.memory.Space.Host)
+      got = tuple(p[host_ids_B] for p in parts)
+    got = jax.device_put(got, jax.memory.Space.Device)
+  return table_lib.dequantize_rows(*got) if len(got) == 2 else got[0]
 
 
 _gather_jit = jax.jit(gather_in_step, static_argnames='host')
 
 
-def place_table(rows_SxD: np.ndarray, storage: str, device=None, mesh=None) -> Table:
-  """A Table of numpy rows in `storage`: 'ram' (as given), 'device' (accelerator memory) or
-  'host' (host memory the compiled step addresses: a pinned_host memory kind).
+def place_table(rows_SxD: np.ndarray, storage: str, device=None, mesh=None,
+                scales_S=None) -> Table:
+  """A Table of numpy rows (int8 ones with their per-row scales) in `storage`: 'ram' (as
+  given), 'device' (accelerator memory) or 'host' (host memory the compiled step addresses:
+  a pinned_host memory kind).
 
   With a serving mesh (`--mesh`) the device and host tables are split over the tensor axis
   along d (`table_sharding`): still one copy in all, each device gathering its columns of
-  the matched rows."""
+  the matched rows (an int8 table's scales, [S], are replicated beside them)."""
   if storage == 'ram':
-    return Table(rows_SxD, storage='ram')
+    return Table(rows_SxD, storage='ram', scales=scales_S)
   if storage not in IN_STEP_STORAGES:
     raise ValueError(f'place_table(storage={storage!r}); use ram, device or host.')
   if mesh is not None:
     placement = table_sharding(mesh, rows_SxD.shape[1], storage)
+    scale_placement = scales_sharding(placement)
   else:
     device = device if device is not None else jax.devices()[0]
     kind = _host_memory_kind(device) if storage == 'host' else 'device'
-    placement = jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+    placement = scale_placement = jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
   placed = jax.device_put(rows_SxD, placement)
-  return Table(device_rows=placed, storage=storage,
+  scales = jax.device_put(scales_S, scale_placement) if scales_S is not None else None
+  return Table(device_rows=placed, storage=storage, scales=scales,
                device_gather=functools.partial(_gather_jit, host=storage == 'host'))
 
 
@@ -184,11 +194,17 @@ def table_sharding(mesh, dim: int, storage: str) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, spec, memory_kind=kind)
 
 
+def scales_sharding(table_placement: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+  """An int8 table's scales [S] beside its rows on a mesh: replicated, same memory kind."""
+  return jax.sharding.NamedSharding(table_placement.mesh, jax.sharding.PartitionSpec(None),
+                                    memory_kind=table_placement.memory_kind)
+
+
 def host_gather(table: Table, fid_B: np.ndarray) -> np.ndarray:
   """Rows [B, d] of ids through a host lookup (ram, mmap, tensorstore); zeros where -1."""
   t0 = time.perf_counter()
   fid_B = np.asarray(fid_B)
-  rows = np.zeros((fid_B.size, table.dim), table.dtype)
+  rows = np.zeros((fid_B.size, table.dim), table.row_dtype)
   matched = fid_B >= 0
   if matched.any():
     rows[matched] = table.lookup(fid_B[matched])
@@ -200,7 +216,7 @@ def callback_gather(table: Table):
   """gather(operand, fid_B) for host-lookup storages: a host callback from the compiled
   step (the row depends on the token sampled just before, so nothing can run ahead)."""
   def gather(_, fid_B):
-    shape = jax.ShapeDtypeStruct((fid_B.shape[0], table.dim), table.dtype)
+    shape = jax.ShapeDtypeStruct((fid_B.shape[0], table.dim), table.row_dtype)
     return jax.pure_callback(lambda f: host_gather(table, f), shape, fid_B)
   return gather
 
@@ -282,7 +298,8 @@ def cache_shardings(cache, mesh, rules):
 
 def load(export_dir: str, table_storage: str = DEFAULT_STORAGE, *, cache_rows: int = 1 << 16,
          verify: Optional[bool] = None, mmap_path: Optional[str] = None,
-         max_len: Optional[int] = None, device=None, mesh=None) -> 'Generator':
+         max_len: Optional[int] = None, device=None, mesh=None,
+         table_dtype: Optional[str] = None) -> 'Generator':
   """A Generator over an export directory written by `export.export`.
 
   table_storage: where the table lives and who reads it. Gathered by the compiled decode
@@ -299,9 +316,14 @@ def load(export_dir: str, table_storage: str = DEFAULT_STORAGE, *, cache_rows: i
   mesh: a serving mesh (`sharding.serving_mesh('tensor:N')`, `--mesh`): parameters restored
   straight into their tensor-parallel shardings, the KV cache split on heads, a device or
   host table split along d over the same devices (see `Generator`).
+  table_dtype: the table as held (default: the export's dtype): float32, float16, bfloat16,
+  or int8 with a float32 scale per row (about half of float16's memory; rows dequantized in
+  the gather). Converted shard by shard as it is read; tensorstore converts rows per read,
+  and mmap makes its copy (`table.<dtype>.npy`) in this dtype.
   """
   if table_storage not in STORAGES:
     raise ValueError(f'table_storage={table_storage!r}; use one of {", ".join(STORAGES)}.')
+  table_lib.check_table_dtype(table_dtype)
   t0 = time.time()
   export_dir = paths.abspath(export_dir)
   meta = table_lib.read_metadata(export_dir)
@@ -358,23 +380,25 @@ def load(export_dir: str, table_storage: str = DEFAULT_STORAGE, *, cache_rows: i
                      f'recorded {want_shape} {layout.dtype}; re-run --mode=export.')
   if verify is None:
     verify = table_storage != 'tensorstore'
+  table_dtype = table_dtype or layout.dtype
   if table_storage in ('ram',) + IN_STEP_STORAGES:
-    rows = np.empty(want_shape, np.dtype(jnp.dtype(layout.dtype)))
-    table_lib.read_shards(store, meta, into=rows, verify=verify, what=table_dir)
-    table = place_table(rows, table_storage, device, mesh)
-    del rows
+    rows, scales = table_lib.read_table(store, meta, table_dtype, verify=verify, what=table_dir)
+    table = place_table(rows, table_storage, device, mesh, scales)
+    del rows, scales
   elif table_storage == 'mmap':
-    mmap_path = mmap_path or path(MMAP_FILE)
+    mmap_path = mmap_path or path(MMAP_FILE if table_dtype == layout.dtype
+                                  else f'table.{table_dtype}.npy')
     try:
-      rows = table_lib.mmap_table(store, meta, mmap_path, verify, table_dir)
+      rows, scales = table_lib.mmap_table(store, meta, mmap_path, verify, table_dir,
+                                          table_dtype)
     except OSError as e:
       raise OSError(f'cannot write the memory-mapped copy of the table at {mmap_path} ({e}); '
                     'pass load(..., mmap_path=A_WRITABLE_FILE) or use table_storage=ram.') from e
-    table = Table(rows, storage='mmap')
+    table = Table(rows, storage='mmap', scales=scales)
   else:
     if verify:
       table_lib.read_shards(store, meta, verify=True, what=table_dir)
-    table = Table(store=store, storage='tensorstore')
+    table = Table(store=store, storage='tensorstore', table_dtype=table_dtype)
 
   model_config = dataclasses.replace(full_config, fgrams_enabled=False)
   model = model_lib.SconeLM(model_config)
@@ -383,10 +407,10 @@ def load(export_dir: str, table_storage: str = DEFAULT_STORAGE, *, cache_rows: i
                   seq_len=model_json['seq_len'], batch_size=model_json['batch_size'],
                   max_len=max_len, device=device, mesh=mesh)
   gen.metadata = meta
-  logging.info('loaded export %s (step %d, %d f-grams, d=%d, %s, table in %s%s) in %.1fs',
-               export_dir, meta['step'], layout.num_rows, layout.dim, layout.dtype,
-               table_storage, f', mesh {dict(mesh.shape)}' if mesh is not None else '',
-               time.time() - t0)
+  logging.info('loaded export %s (step %d, %d f-grams, d=%d, %s table held as %s, %.1f MB, in '
+               '%s%s) in %.1fs', export_dir, meta['step'], layout.num_rows, layout.dim,
+               layout.dtype, table_dtype, table.nbytes / 1e6, table_storage,
+               f', mesh {dict(mesh.shape)}' if mesh is not None else '', time.time() - t0)
   return gen
 
 
@@ -553,7 +577,10 @@ def _on_mesh(table: Optional[Table], mesh) -> Optional[Table]:
   want = table_sharding(mesh, table.dim, table.storage)
   if table.device_rows.sharding.is_equivalent_to(want, 2):
     return table
+  scales = (jax.device_put(table.scales, scales_sharding(want)) if table.scales is not None
+            else None)
   return Table(device_rows=jax.device_put(table.device_rows, want), storage=table.storage,
+               scales=scales,
                device_gather=functools.partial(_gather_jit, host=table.storage == 'host'))
 
 
@@ -624,7 +651,7 @@ class Generator:
       self.max_len = int(max_len or _DEFAULT_ROPE_MAX_LEN_FACTOR * self.seq_len)
     self.metadata = {}
     self.last_stats = {}
-    self._row_dtype = table.dtype if table is not None else np.dtype(np.float32)
+    self._row_dtype = table.row_dtype if table is not None else np.dtype(np.float32)
     self._steps = {}
     self._caches = {}
     self._eval_fn = None
@@ -677,7 +704,7 @@ class Generator:
     so prompts of one width bucket share one compiled gather."""
     if self.use_table and self.table.device_rows is not None:
       ids = jnp.asarray(np.asarray(fgram_ids, np.int32).reshape(-1))
-      return _gather_jit(self.table.device_rows, ids, host=self.table.storage == 'host'
+      return _gather_jit(self.table.operand, ids, host=self.table.storage == 'host'
                          ).reshape(fgram_ids.shape + (self.config.d_model,))
     rows = np.zeros(fgram_ids.shape + (self.config.d_model,), self._row_dtype)
     if self.use_table:
@@ -809,7 +836,7 @@ class Generator:
     return callback_gather(self.table)
 
   def _table_operand(self):
-    return self.table.device_rows if self.use_table else None
+    return self.table.operand if self.use_table else None
 
   def _matcher(self):
     """The f-gram set as device_match arrays on this Generator's device, or replicated over

@@ -11,6 +11,13 @@ An export directory:
                      sha256); written last, so a directory without it is not an export
 The table checksum is sha256 over the per-shard sha256 digests in order, each taken over the
 shard's rows as stored (little-endian, row-major).
+
+The table on disk is always float (export.dtype). Serving may hold it in another dtype
+(`table_dtype`): float16 / bfloat16 (a cast), or int8 with one float32 scale per row
+(symmetric: scale = max|row| / 127, q = round(row / scale)), converted shard by shard as it
+is read, so the float table is never held beside the converted one. A row's int8 values
+depend on that row alone, so every storage (including rows quantized as they are read from
+tensorstore) gives the same numbers.
 """
 import dataclasses
 import hashlib
@@ -36,6 +43,14 @@ MODEL_CONFIG_FILE = 'model_config.json'
 METADATA_FILE = 'export.json'
 REQUEST_FILE = 'request.json'
 TABLE_DTYPES = ('float32', 'bfloat16', 'float16')
+# What serving may hold the table as (`table_dtype`); int8 carries a float32 scale per row.
+SERVING_DTYPES = TABLE_DTYPES + ('int8',)
+INT8 = 'int8'
+# float32, not float16: the scale's own rounding would add up to 127 * 2^-11 of a scale per
+# element (float16 has 11 significant bits) and small rows' scales would go subnormal; the
+# 2 extra bytes per row are 1.5% of an int8 row at d=128, 0.1% at d=2048.
+SCALE_DTYPE = np.float32
+_QUANTIZE_BLOCK_ROWS = 1 << 14   # rows converted at a time: bounds the float32 temporaries
 _TABLE_DIGEST_TAG = b'scone_jax.table.v1'
 _SHARD_TARGET_BYTES = 64 << 20   # default shard file size: few files, cheap random reads
 MMAP_FILE = 'table.npy'
@@ -114,6 +129,9 @@ class TableLayout:
 def make_layout(num_rows: int, dim: int, dtype: str, rows_per_chunk: int,
                 chunks_per_shard: int = 0) -> TableLayout:
   """A layout; chunks_per_shard=0 picks shard files of about 64 MiB."""
+  if dtype == INT8:
+    raise ValueError("export.dtype='int8': the export stays float (int8 is made as serving "
+                     'loads it); export float32 or float16 and load with --table_dtype=int8.')
   if dtype not in TABLE_DTYPES:
     raise ValueError(f'export.dtype={dtype!r}; use one of {", ".join(TABLE_DTYPES)}.')
   if rows_per_chunk < 1:
@@ -178,7 +196,79 @@ def gather_rows_kernel(table_SxW, ids_N, out_NxW):
 
 def as_bits(arr: np.ndarray) -> np.ndarray:
   """The same memory as unsigned ints of the item size (numba copies them; no bfloat16 there)."""
-  return arr.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[arr.dtype.itemsize])
+  return arr.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[arr.dtype.itemsize])
+
+
+# ----------------------------------------------------------------------------- table dtypes
+
+
+def check_table_dtype(table_dtype: Optional[str]) -> Optional[str]:
+  """table_dtype itself (None: the export's own dtype); ValueError for an unknown one."""
+  if table_dtype is not None and table_dtype not in SERVING_DTYPES:
+    raise ValueError(f'table_dtype={table_dtype!r}; use one of {", ".join(SERVING_DTYPES)} '
+                     '(or none: the export\'s own dtype).')
+  return table_dtype
+
+
+def np_dtype(name: str) -> np.dtype:
+  return np.dtype(jnp.dtype(name))
+
+
+def quantize_rows(rows_NxD: np.ndarray) -> tuple:
+  """Symmetric per-row int8: (q [N, d] int8, scale [N] float32), scale = max|row| / 127, so
+  |q * scale - row| <= scale / 2 per element. A zero row gets scale 0."""
+  x_NxD = np.asarray(rows_NxD, np.float32)
+  if not np.isfinite(x_NxD).all():
+    bad = int(np.flatnonzero(~np.isfinite(x_NxD).all(axis=1))[0])
+    raise ValueError(f'table row {bad} (of this block) is not finite: it cannot be quantized '
+                     'to int8; check the export (re-run --mode=export) or use a float table_dtype.')
+  scale_N = (np.abs(x_NxD).max(axis=1) / np.float32(127)).astype(SCALE_DTYPE)
+  safe_N = np.where(scale_N > 0, scale_N, np.float32(1))
+  q_NxD = np.clip(np.rint(x_NxD / safe_N[:, None]), -127, 127).astype(np.int8)
+  return q_NxD, scale_N
+
+
+def dequantize_rows(q_NxD, scale_N):
+  """q * scale as float32 (numpy or jax arrays alike: int8 -> float32 is exact, then one
+  rounded multiply, so the host and the compiled step agree bit for bit)."""
+  return q_NxD.astype(np.float32) * scale_N[..., None]
+
+
+def convert_rows(rows_NxD: np.ndarray, table_dtype: str, out=None, scales_out=None):
+  """Rows of the export's dtype as table_dtype, in blocks (bounded float32 temporaries):
+  into `out` (and `scales_out` for int8) when given; returns (rows, scales or None)."""
+  n = rows_NxD.shape[0]
+  if out is None:
+    out = np.empty(rows_NxD.shape, np_dtype(table_dtype))
+  if table_dtype != INT8:
+    out[...] = rows_NxD
+    return out, None
+  if scales_out is None:
+    scales_out = np.empty(n, SCALE_DTYPE)
+  for lo in range(0, n, _QUANTIZE_BLOCK_ROWS):
+    hi = min(n, lo + _QUANTIZE_BLOCK_ROWS)
+    out[lo:hi], scales_out[lo:hi] = quantize_rows(rows_NxD[lo:hi])
+  return out, scales_out
+
+
+def read_table(store, meta, table_dtype: str, *, verify=True, what=''):
+  """The whole table in host memory as table_dtype: (rows [S, d], scales [S] or None). Read
+  and converted shard by shard (each shard checked against its sha256 as stored), so peak
+  memory is the converted table plus one shard, never the float table beside it."""
+  layout = TableLayout(**meta['layout'])
+  rows = np.empty((layout.num_rows, layout.dim), np_dtype(table_dtype))
+  scales = np.empty(layout.num_rows, SCALE_DTYPE) if table_dtype == INT8 else None
+  if table_dtype == layout.dtype:
+    read_shards(store, meta, into=rows, verify=verify, what=what)
+    return rows, None
+
+  class _Into:   # read_shards assigns each verified shard: convert it on the way in
+    def __setitem__(self, sl, shard_rows):
+      convert_rows(shard_rows, table_dtype, rows[sl],
+                   None if scales is None else scales[sl])
+
+  read_shards(store, meta, into=_Into(), verify=verify, what=what)
+  return rows, scales
 
 
 # ----------------------------------------------------------------------------- table
@@ -187,10 +277,16 @@ def as_bits(arr: np.ndarray) -> np.ndarray:
 class Table:
   """The exported [S, d] f-gram table: in RAM, memory-mapped, read through tensorstore, or a
   jax array (`device_rows`: accelerator memory, or host memory the compiled step addresses)
-  with `device_gather(rows, ids) -> rows` to read it."""
+  with `device_gather(operand, ids) -> rows` to read it.
+
+  An int8 table also has `scales` [S] (float32; numpy, or a jax array beside device_rows) and
+  its lookups return float32 rows q * scale (`row_dtype`). A tensorstore table stays as the
+  export wrote it on disk; `table_dtype` converts each row as it is read (the same numbers
+  as a table converted at load)."""
 
   def __init__(self, rows_SxD: Optional[np.ndarray] = None, *, store=None, storage='ram',
-               device_rows=None, device_gather=None):
+               device_rows=None, device_gather=None, scales=None,
+               table_dtype: Optional[str] = None):
     if sum(x is not None for x in (rows_SxD, store, device_rows)) != 1:
       raise ValueError('pass exactly one of rows_SxD (ram/mmap), store (tensorstore) or '
                        'device_rows (device/host).')
@@ -198,10 +294,12 @@ class Table:
     self._rows = rows_SxD
     self._store = store
     self.device_rows = device_rows
+    self.scales = scales
     self._device_gather = device_gather
     # Seconds spent in host lookups from a compiled step (serving.host_gather): the server's
     # table-lookup metric. Device/host storages gather inside the step and add nothing here.
     self.host_lookup_seconds = 0.0
+    self._convert_on_read = None
     if device_rows is not None:
       self.num_rows, self.dim = (int(x) for x in device_rows.shape)
       self.dtype = np.dtype(device_rows.dtype)
@@ -216,24 +314,50 @@ class Table:
       self.num_rows, self.dim = (int(x) for x in store.shape)
       self.dtype = np.dtype(store.dtype.numpy_dtype)
       self._rows_bits = None
+      if table_dtype is not None and np_dtype(table_dtype) != self.dtype:
+        self._convert_on_read = table_dtype
+        self.dtype = np_dtype(table_dtype)
+    if (self.dtype == np.int8) != (scales is not None or self._convert_on_read == INT8):
+      raise ValueError('an int8 table needs its per-row scales, and only an int8 table has '
+                       'them.')
+    if scales is not None and tuple(scales.shape) != (self.num_rows,):
+      raise ValueError(f'scales have shape {tuple(scales.shape)}; expected [{self.num_rows}].')
+
+  @property
+  def quantized(self) -> bool:
+    return self.dtype == np.int8
+
+  @property
+  def row_dtype(self) -> np.dtype:
+    """The dtype of the rows a lookup or gather returns (float32 for an int8 table)."""
+    return np.dtype(np.float32) if self.quantized else self.dtype
+
+  @property
+  def operand(self):
+    """What a compiled step gathers from: device_rows, or (device_rows, scales) for int8."""
+    if self.device_rows is None:
+      return None
+    return (self.device_rows, self.scales) if self.quantized else self.device_rows
 
   @property
   def array(self) -> Optional[np.ndarray]:
-    """The rows as a numpy array (RAM or memmap; a host copy for device/host storage); None
-    for tensorstore storage."""
+    """The rows as stored, as a numpy array (RAM or memmap; a host copy for device/host
+    storage; int8 for an int8 table: see `scales`); None for tensorstore storage."""
     if self.device_rows is not None:
       return np.asarray(self.device_rows)
     return self._rows
 
   @property
   def nbytes(self) -> int:
-    return self.num_rows * self.dim * self.dtype.itemsize
+    """Bytes of the table as held (rows plus an int8 table's scales)."""
+    rows = self.num_rows * self.dim * self.dtype.itemsize
+    return rows + (self.num_rows * np.dtype(SCALE_DTYPE).itemsize if self.quantized else 0)
 
   def lookup(self, ids, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """Rows [n, d] of f-gram ids (each in [0, S)); `out` ([n, d], table dtype) is reused."""
+    """Rows [n, d] of f-gram ids (each in [0, S)) in row_dtype; `out` ([n, d]) is reused."""
     ids = np.asarray(ids).reshape(-1)
     if out is None:
-      out = np.empty((ids.size, self.dim), self.dtype)
+      out = np.empty((ids.size, self.dim), self.row_dtype)
     if ids.size == 0:
       return out
     if ids.dtype != np.int64 and ids.dtype != np.int32:
@@ -243,13 +367,22 @@ class Table:
       raise IndexError(f'f-gram ids in [{lo}, {hi}] are outside the table of {self.num_rows} '
                        'rows.')
     if self.device_rows is not None:
-      out[...] = np.asarray(self._device_gather(self.device_rows, ids))
+      out[...] = np.asarray(self._device_gather(self.operand, ids))
     elif self._rows is not None:
-      gather_rows_kernel(self._rows_bits, ids, as_bits(out))
+      if self.quantized:
+        q = np.empty((ids.size, self.dim), np.int8)
+        gather_rows_kernel(self._rows_bits, ids, as_bits(q))
+        out[...] = dequantize_rows(q, np.asarray(self.scales)[ids])
+      else:
+        gather_rows_kernel(self._rows_bits, ids, as_bits(out))
     else:
       # One read of the distinct rows: tensorstore fetches each chunk once through its cache.
       uniq, inverse = np.unique(ids, return_inverse=True)
       rows = self._store[uniq].read().result()
+      if self._convert_on_read is not None:
+        rows, scales = convert_rows(rows, self._convert_on_read)
+        if scales is not None:
+          rows = dequantize_rows(rows, scales)
       np.take(rows, inverse.reshape(-1), axis=0, out=out)
     return out
 
@@ -275,35 +408,52 @@ def read_shards(store, meta, *, into=None, verify=True, what=''):
       into[lo:hi] = rows
 
 
-def verify_array(rows_SxD, meta, what):
+def verify_array(rows_SxD, meta, what, shard_sha256=None):
+  """Checks rows against the export's shard digests (or shard_sha256: those of a converted
+  copy, recorded when it was made)."""
   layout = TableLayout(**meta['layout'])
+  digests = shard_sha256 if shard_sha256 is not None else meta['shard_sha256']
   for s in range(layout.num_shards):
     lo, hi = layout.shard_range(s)
     got = rows_digest(rows_SxD[lo:hi])
-    if got != meta['shard_sha256'][s]:
-      raise ValueError(f'{what}: rows {lo}..{hi} have sha256 {got[:12]}… but the export '
-                       f'recorded {meta["shard_sha256"][s][:12]}…: the file is truncated or '
+    if got != digests[s]:
+      raise ValueError(f'{what}: rows {lo}..{hi} have sha256 {got[:12]}… but '
+                       f'{digests[s][:12]}… was recorded: the file is truncated or '
                        'corrupt; delete it (it is rebuilt from the table) or re-run '
                        '--mode=export.')
 
 
-def mmap_table(store, meta, path, verify, table_dir) -> np.ndarray:
-  """A read-only memmap of the table, materialised from the zarr table once and verified."""
+def scales_path(path: str) -> str:
+  """Where the memory-mapped copy of an int8 table keeps its per-row scales."""
+  return (path[:-4] if path.endswith('.npy') else path) + '.scales.npy'
+
+
+def mmap_table(store, meta, path, verify, table_dir, table_dtype: Optional[str] = None):
+  """A read-only memmap of the table as table_dtype (default: the export's), materialised
+  from the zarr table once (converted shard by shard) and verified -> (rows, scales or None;
+  an int8 table's scales are a second memmapped file, `scales_path(path)`)."""
   layout = TableLayout(**meta['layout'])
-  dtype = np.dtype(jnp.dtype(layout.dtype))
+  table_dtype = table_dtype or layout.dtype
+  dtype = np_dtype(table_dtype)
+  converted = table_dtype != layout.dtype
+  quantized = table_dtype == INT8
   bits_dtype = as_bits(np.zeros(1, dtype)).dtype
   sidecar = path + '.json'
+  spath = scales_path(path)
   if paths.is_cloud(path):
     raise ValueError(f'{path}: a memory-mapped table needs a local file; pass '
                      'mmap_path=LOCAL_FILE or use table_storage=ram or tensorstore.')
   fresh = False
-  if paths.isfile(path) and paths.isfile(sidecar):
+  info = {}
+  if paths.isfile(path) and paths.isfile(sidecar) and (not quantized or paths.isfile(spath)):
     try:
-      ok = read_json(sidecar).get('table_sha256') == meta['table_sha256']
+      info = read_json(sidecar)
+      ok = (info.get('table_sha256') == meta['table_sha256']
+            and info.get('dtype') == table_dtype)
     except (OSError, ValueError):
       ok = False
     if not ok:
-      logging.info('%s was built from another table; rebuilding it', path)
+      logging.info('%s was built from another table or as another dtype; rebuilding it', path)
   else:
     ok = False
   if not ok:
@@ -312,22 +462,54 @@ def mmap_table(store, meta, path, verify, table_dir) -> np.ndarray:
     # Stored as unsigned ints of the item size: .npy has no bfloat16.
     out = np.lib.format.open_memmap(tmp, mode='w+', dtype=bits_dtype,
                                     shape=(layout.num_rows, layout.dim))
-    read_shards(store, meta, into=out.view(dtype), verify=True, what=table_dir)
+    rows_view = out.view(dtype)
+    scales_tmp = f'{spath}.tmp{os.getpid()}'
+    scales = (np.lib.format.open_memmap(scales_tmp, mode='w+', dtype=SCALE_DTYPE,
+                                        shape=(layout.num_rows,)) if quantized else None)
+    info = {'table_sha256': meta['table_sha256'], 'dtype': table_dtype}
+    if converted:
+      digests = []
+
+      class _Into:   # each verified float shard, converted into the copy, its digest kept
+        def __setitem__(self, sl, shard_rows):
+          convert_rows(shard_rows, table_dtype, rows_view[sl],
+                       None if scales is None else scales[sl])
+          digests.append(rows_digest(rows_view[sl]))
+
+      read_shards(store, meta, into=_Into(), verify=True, what=table_dir)
+      info['shard_sha256'] = digests
+    else:
+      read_shards(store, meta, into=rows_view, verify=True, what=table_dir)
     out.flush()
-    del out
+    del out, rows_view
+    if quantized:
+      scales.flush()
+      info['scales_sha256'] = rows_digest(np.asarray(scales))
+      del scales
+      paths.replace(scales_tmp, spath)
     paths.replace(tmp, path)
-    write_json_atomic(sidecar, {'table_sha256': meta['table_sha256'], 'dtype': layout.dtype})
+    write_json_atomic(sidecar, info)
     fresh = True
-    logging.info('materialised the table as %s (%.1f MB, %.1fs)', path,
+    logging.info('materialised the table as %s (%s, %.1f MB, %.1fs)', path, table_dtype,
                  layout.num_rows * layout.dim * dtype.itemsize / 1e6, time.time() - t0)
   mm = np.load(path, mmap_mode='r')
   if mm.shape != (layout.num_rows, layout.dim) or mm.dtype != bits_dtype:
     raise ValueError(f'{path} holds {mm.shape} {mm.dtype}, not the table '
-                     f'[{layout.num_rows}, {layout.dim}] {layout.dtype}; delete it.')
+                     f'[{layout.num_rows}, {layout.dim}] {table_dtype}; delete it.')
   rows = np.asarray(mm).view(dtype)
+  scales = None
+  if quantized:
+    scales = np.asarray(np.load(spath, mmap_mode='r'))
+    if scales.shape != (layout.num_rows,) or scales.dtype != SCALE_DTYPE:
+      raise ValueError(f'{spath} holds {scales.shape} {scales.dtype}, not the table\'s '
+                       f'[{layout.num_rows}] scales; delete it.')
   if verify and not fresh:
-    verify_array(rows, meta, path)
-  return rows
+    verify_array(rows, meta, path, info.get('shard_sha256') if converted else None)
+    if quantized and rows_digest(scales) != info.get('scales_sha256'):
+      raise ValueError(f'{spath}: the scales do not match the sha256 recorded when they '
+                       'were made: the file is truncated or corrupt; delete it (it is '
+                       'rebuilt from the table).')
+  return rows, scales
 
 
 _PIECES = (

@@ -19,6 +19,7 @@ from scone_jax import fgrams
 from scone_jax import model as model_lib
 from scone_jax import serving
 from scone_jax import sharding
+from scone_jax import table as table_lib
 from scone_jax import train
 import tiny
 
@@ -169,6 +170,29 @@ def test_eval_on_8_devices_equals_one_device(parts, mesh):
 
 
 # ----------------------------------------------------------------------------- Engine
+
+
+@pytest.mark.parametrize('storage', ['host', pytest.param('device', marks=pytest.mark.slow),
+                                     pytest.param('ram', marks=pytest.mark.slow)])
+def test_int8_table_on_8_devices_equals_one_device(parts, mesh, storage):
+  """--table_dtype=int8 with --mesh: rows split along d like a float table, per-row scales
+  on every device, tokens equal one device's."""
+  mc, params, fs, table = parts
+  q, s = table_lib.quantize_rows(table)
+  kw = dict(max_new_tokens=12, stop_tokens=())
+
+  def gen(m, placed_on=None):
+    placed = serving.place_table(q, storage, mesh=placed_on, scales_S=s)
+    return serving.Generator(mc, params, placed, fs, seq_len=32, max_len=64, mesh=m)
+
+  one = gen(None).generate(PROMPTS, **kw)
+  eight = gen(mesh, placed_on=mesh)
+  assert eight.generate(PROMPTS, **kw) == one
+  if storage != 'ram':
+    assert not eight.table.device_rows.sharding.is_fully_replicated
+    assert eight.table.scales.sharding.is_fully_replicated
+  # A one-device int8 table handed to a mesh Generator is moved there, scales too.
+  assert gen(mesh).generate(PROMPTS, **kw) == one
 
 
 def _engine_run(gen):
