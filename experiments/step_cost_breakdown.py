@@ -18,7 +18,10 @@ It sums them by model part (from each instruction's op_name metadata: main block
 model, token embedding, LM head + loss, optimizer, ...) and by op kind (matmul fusion,
 elementwise, reduce, gather, scatter, copy/transpose, collective, ...), prints both tables
 for baseline and SCONE, then the instructions SCONE adds or grows (matched by part, kind,
-op_name and shape), largest bytes first. The last line is one JSON object.
+op_name and shape), largest bytes first. Asynchronous moves between memory spaces
+(copy-start / slice-start, no op_name) are split into float32 arrays of a parameter's shape
+(weights, their gradients and optimizer states) and the rest (activations). The last line
+is one JSON object.
 
   python experiments/step_cost_breakdown.py --topology=v5e:2x2 [--hlo_dir DIR] [--reuse]
 
@@ -57,7 +60,8 @@ _LAYOUT_ONLY = {'copy', 'transpose', 'bitcast', 'reshape', 'broadcast', 'paramet
 PARTS = ('fgram_model', 'fgram_inputs', 'token_embed', 'main_blocks', 'lm_head_loss',
          'optimizer', 'collectives', 'memory_moves', 'other')
 KINDS = ('matmul', 'attention_custom', 'elementwise', 'reduce', 'convert', 'copy_transpose',
-         'gather', 'scatter', 'dynamic_update_slice', 'collective', 'async_copy', 'other')
+         'gather', 'scatter', 'dynamic_update_slice', 'collective', 'async_copy_weights',
+         'async_copy_activations', 'other')
 
 
 def shape_bytes(shape: str) -> int:
@@ -176,7 +180,10 @@ def _dot_flops(ins: Instr, table: dict) -> float:
 class Program:
   """Per-instruction bytes / FLOPs / part / kind of one optimized HLO module."""
 
-  def __init__(self, text: str):
+  def __init__(self, text: str, param_shapes=frozenset()):
+    # f32 arrays of these shapes are parameters, their gradients or optimizer states.
+    self.param_shapes = param_shapes
+    self.weight_moves = collections.Counter()  # async_copy_weights bytes by origin
     self.comps, self.entry = parse_module(text)
     self.tables = {c: {i.name: i for i in ins} for c, ins in self.comps.items()}
     self.rows = []  # (part, kind, op_name, shape, opcode, bytes, flops, count)
@@ -284,12 +291,25 @@ class Program:
       elif op in ('copy-start', 'slice-start', 'copy-done', 'slice-done'):
         # Asynchronous moves between memory spaces (HBM <-> on-chip): read and write the
         # moved array (the first of the start's tuple) once; the done moves nothing.
-        kind = 'async_copy'
         # copy-start: (destination, source, context); slice-start: ((source), result, ctx).
         arrays = [a.group(0) for a in _ARRAY.finditer(ins.shape)]
         moved = arrays[1 if op == 'slice-start' else 0] if len(arrays) > 1 else ''
         out_bytes = shape_bytes(moved) if op.endswith('-start') else 0
         operand_bytes = [out_bytes]
+        m = _ARRAY.search(moved)
+        dims = tuple(int(d) for d in m.group(2).split(',') if d) if m else ()
+        kind = ('async_copy_weights' if m and m.group(1) == 'f32' and dims in self.param_shapes
+                else 'async_copy_activations')
+        if kind == 'async_copy_weights' and out_bytes:
+          # What is moved: a step input (parameter / optimizer state) or a value computed in
+          # the step (e.g. the optimizer's new state on its way to the outputs).
+          src = table.get(ins.operands[0]) if ins.operands else None
+          while src is not None and src.opcode in ('get-tuple-element', 'bitcast') and \
+              src.operands and src.operands[0] in table:
+            src = table[src.operands[0]]
+          origin = ('step_input' if src is not None and src.opcode == 'parameter'
+                    else part_of(src.op_name, '') if src is not None else 'unknown')
+          self.weight_moves[origin] += 2 * out_bytes * times
       elif op in ('copy', 'transpose'):
         kind = 'copy_transpose'
       elif op == 'convert':
@@ -328,7 +348,7 @@ def part_of(op_name: str, kind: str) -> str:
   """The model part an instruction serves, from its op_name (Flax module path in it)."""
   if kind == 'collective':
     return 'collectives'
-  if kind == 'async_copy' and not op_name:
+  if kind.startswith('async_copy') and not op_name:
     return 'memory_moves'
   if 'fgram_model' in op_name:
     return 'fgram_model'
@@ -406,6 +426,12 @@ def load_or_compile(args):
   from scone_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   params = flops.param_counts(model_lib.ModelConfig.from_config(cfg, cfg.tokenizer.vocab_size))
   args.params = {'main': params['main_total'], 'fgram_model': params['fgram_model']}
+  m, f, v = cfg.model, cfg.fgram_model, cfg.tokenizer.vocab_size
+  d = m.d_model
+  args.param_shapes = frozenset([
+      (d,), (v, d), (d, v), (cfg.fgrams.max_len, d),
+      (d, m.num_heads, m.head_dim), (m.num_heads, m.head_dim, d), (d, m.mlp_dim), (m.mlp_dim, d),
+      (d, f.num_heads, f.head_dim), (f.num_heads, f.head_dim, d), (d, f.mlp_dim), (f.mlp_dim, d)])
   args.positions = {'main_tokens': cfg.batch_size * cfg.seq_len,
                     'fgram_slots': args.fgram_rows * cfg.fgram_model.pack_len,
                     'main_layers': cfg.model.num_layers,
@@ -460,7 +486,7 @@ def main():
   parser.add_argument('--set', action='append', default=[], help='FIELD=VALUE override')
   args = parser.parse_args()
   got = load_or_compile(args)
-  progs = {k: Program(v.pop('text')) for k, v in got.items()}
+  progs = {k: Program(v.pop('text'), args.param_shapes) for k, v in got.items()}
   pre = {k: Program(v.pop('pre_text')) for k, v in got.items()}
   for k, p in progs.items():
     # FLOPs by part from the unoptimized program's dots, per device.
@@ -477,6 +503,9 @@ def main():
         f'{_fmt(tf["scone"])} (XLA {_fmt(got["scone"]["xla_flops"])})')
   print(compare_table('by model part', PARTS, b.table(0), s.table(0), tb['baseline']))
   print(compare_table('by op kind', KINDS, b.table(1), s.table(1), tb['baseline']))
+  print('\nfloat32 parameter-shaped moves by origin (bytes): baseline '
+        f'{ {k: _fmt(v) for k, v in b.weight_moves.items()} }, scone '
+        f'{ {k: _fmt(v) for k, v in s.weight_moves.items()} }')
   fg = [r for r in s.rows if r[0] == 'fgram_model']
   fk = collections.defaultdict(lambda: [0.0, 0.0, 0])
   for r in fg:
@@ -505,6 +534,8 @@ def main():
             'ratio_model_flops': got['scone']['model_flops'] / got['baseline']['model_flops'],
             'params': args.params, 'positions_per_step': args.positions,
             'parsed_bytes': tb, 'parsed_matmul_flops': tf,
+            'weight_moves_by_origin': {'baseline': dict(b.weight_moves),
+                                       'scone': dict(s.weight_moves)},
             'baseline': tables(b), 'scone': tables(s), 'scone_added_top': added}
   print(json.dumps(result))
 
