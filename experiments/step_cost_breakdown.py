@@ -208,8 +208,8 @@ class Program:
     params = {}
     for i in ins_list:
       if i.opcode == 'parameter':
-        idx = int(re.match(r'\s*(\d+)', i.attrs.lstrip('(')).group(1)) if re.match(
-            r'\s*\(?\s*\d+', i.attrs) else None
+        # `parameter(N)`: N parsed as the only operand.
+        idx = int(i.operands[0]) if i.operands and i.operands[0].isdigit() else None
         u = users.get(i.name, [])
         if idx is not None and u and all(x.opcode in _SLICERS and x.operands[0] == i.name
                                          for x in u):
