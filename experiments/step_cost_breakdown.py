@@ -506,6 +506,12 @@ def main():
   print('\nfloat32 parameter-shaped moves by origin (bytes): baseline '
         f'{ {k: _fmt(v) for k, v in b.weight_moves.items()} }, scone '
         f'{ {k: _fmt(v) for k, v in s.weight_moves.items()} }')
+  # The f-gram output path into the main model's input: the take of the selected slots, the
+  # final norm over them (forward and backward), the scatter-add back, the where().
+  output_path = sum(r[5] for r in s.rows
+                    if r[0] == 'fgram_inputs' or (r[0] == 'fgram_model' and (
+                        '/final_norm/' in r[2] or 'fgram_model/jit(_take)' in r[2])))
+  print(f'f-gram output path (take, final norm, scatter-add, where): {_fmt(output_path)}B')
   fg = [r for r in s.rows if r[0] == 'fgram_model']
   fk = collections.defaultdict(lambda: [0.0, 0.0, 0])
   for r in fg:
@@ -532,6 +538,7 @@ def main():
                                          / got['baseline']['xla_bytes_accessed']),
             'ratio_xla_flops': got['scone']['xla_flops'] / got['baseline']['xla_flops'],
             'ratio_model_flops': got['scone']['model_flops'] / got['baseline']['model_flops'],
+            'fgram_output_path_bytes': output_path,
             'params': args.params, 'positions_per_step': args.positions,
             'parsed_bytes': tb, 'parsed_matmul_flops': tf,
             'weight_moves_by_origin': {'baseline': dict(b.weight_moves),
