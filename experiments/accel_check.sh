@@ -37,7 +37,8 @@ done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-PY="${PYTHON:-python}"
+# $PYTHON, else python3, else python (a CUDA image often has only python3).
+PY="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
 if [ -z "$WORKDIR" ]; then
   WORKDIR="$(mktemp -d /tmp/accel_check.XXXXXX)"
 fi
@@ -78,7 +79,8 @@ if [ "$QUICK" = 1 ]; then
            --set model.head_dim=32 --set model.mlp_dim=512 --set fgram_model.num_heads=4
            --set fgram_model.head_dim=32 --set fgram_model.mlp_dim=512 --set seq_len=64
            --set batch_size=8 --set model.dtype=bfloat16)
-  SERVING=("--model=readme --quick")
+  # bench_serving.py has no --quick: a small table and few tokens instead.
+  SERVING=("--model=readme --table_rows=100000 --repeats=1 --new_tokens=9")
 else
   README_STEPS=200
   BENCH_ARGS=(--quick --steps 10 --rounds 3)

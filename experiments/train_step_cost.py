@@ -17,6 +17,7 @@ positions per step, as measured there). The last line printed is one JSON object
 """
 import argparse
 import collections
+import gzip
 import json
 import os
 import re
@@ -54,6 +55,17 @@ def issue_config():
   return c
 
 
+def apply_override(cfg, item: str):
+  """FIELD=VALUE (e.g. model.attention=einsum) onto cfg, in the field's type."""
+  key, value = item.split('=', 1)
+  node = cfg
+  *parents, leaf = key.split('.')
+  for p in parents:
+    node = node[p]
+  old = node[leaf]
+  node[leaf] = (value.lower() in ('1', 'true')) if isinstance(old, bool) else type(old)(value)
+
+
 def hlo_census(text: str) -> dict:
   """Scatter / gather / convert / fusion counts of optimized HLO, scatters by dtype+size."""
   ops = collections.Counter()
@@ -72,7 +84,8 @@ def hlo_census(text: str) -> dict:
           'scatters': dict(scatters), 'gathers': dict(gathers)}
 
 
-def compile_train_step(cfg, devices, num_rows: int) -> dict:
+def lower_train_step(cfg, devices, num_rows: int):
+  """The train step lowered (jax.stages.Lowered) for `devices`, packed rows fixed."""
   config_lib.validate(cfg, num_devices=len(devices))
   mesh = sharding.make_mesh(cfg.mesh, devices)
   rules = sharding.logical_axis_rules(cfg)
@@ -84,11 +97,20 @@ def compile_train_step(cfg, devices, num_rows: int) -> dict:
                                   state_shardings, shardings)
   batch = step_batch.abstract_step_batch(cfg, shardings, num_rows=num_rows)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=state_shardings.step)
+  return train_step.lower(state, batch, rng)
+
+
+def compile_train_step(cfg, devices, num_rows: int, hlo_path: str = '') -> dict:
+  """Compiles one train step; hlo_path (optional): where to write its optimized HLO (gzip)."""
   t0 = time.time()
-  compiled = train_step.lower(state, batch, rng).compile()
+  compiled = lower_train_step(cfg, devices, num_rows).compile()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
+  text = compiled.as_text()
+  if hlo_path:
+    with gzip.open(hlo_path, 'wt') as f:
+      f.write(text)
   positions = cfg.batch_size * cfg.seq_len
   fgram_per_token = (num_rows * cfg.fgram_model.pack_len / positions
                      if cfg.fgrams.enabled else 0.0)
@@ -97,7 +119,7 @@ def compile_train_step(cfg, devices, num_rows: int) -> dict:
           'xla_bytes_accessed': float(cost.get('bytes accessed', 0.0)),
           'model_flops': train.model_flops_per_token(cfg, cfg.tokenizer.vocab_size,
                                                      fgram_per_token) * positions,
-          'hlo': hlo_census(compiled.as_text())}
+          'hlo': hlo_census(text)}
 
 
 def main():
@@ -109,13 +131,7 @@ def main():
   args = parser.parse_args()
   cfg = issue_config()
   for item in args.set:
-    key, value = item.split('=', 1)
-    node = cfg
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    old = node[leaf]
-    node[leaf] = (value.lower() in ('1', 'true')) if isinstance(old, bool) else type(old)(value)
+    apply_override(cfg, item)
   if args.topology == 'cpu':
     devices = jax.devices()[:1]
   else:

@@ -151,12 +151,17 @@ def apply_rope(x_BxLxHxK, positions_BxL):
   return out.astype(x_BxLxHxK.dtype)
 
 
-def attention_implementation(name: str, dtype, head_dim: int) -> str:
-  """'auto' -> 'cudnn' on a GPU where cuDNN's fused attention takes the shapes, else 'xla'."""
+def attention_implementation(name: str, dtype, head_dim: int, length: int = 0) -> str:
+  """'auto' -> 'cudnn' on a GPU where cuDNN's fused attention takes the shapes, else 'xla'.
+
+  length: the rows' query/key length where known. jax's cuDNN path turns the mask into a
+  bias, and cuDNN trains with a bias only over even lengths (jax raises otherwise), so an
+  odd length (e.g. fgram_model.pack_len=5) falls back to 'xla'.
+  """
   if name != 'auto':
     return name
   fused = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-           and head_dim % 8 == 0 and head_dim <= 128)
+           and head_dim % 8 == 0 and head_dim <= 128 and length % 2 == 0)
   return 'cudnn' if fused else 'xla'
 
 
@@ -251,8 +256,11 @@ class Attention(nn.Module):
       out_BxLxHxK = jnp.einsum('bhls,bshk->blhk', probs_BxHxLxS, v_BxLxHxK.astype(c.dtype))
     else:
       out_BxLxHxK = attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask, dtype=c.dtype,
-                           implementation=attention_implementation(c.attention, c.dtype,
-                                                                   c.head_dim))
+                           implementation=attention_implementation(
+                               c.attention, c.dtype, c.head_dim,
+                               # cuDNN needs both lengths even: pass an odd one if any.
+                               q_BxLxHxK.shape[1] if q_BxLxHxK.shape[1] % 2
+                               else k_BxLxHxK.shape[1]))
     out_BxLxHxK = nn.with_logical_constraint(out_BxLxHxK, act)
     return Projection('blhk,hkd->bld', (c.num_heads, c.head_dim, x_BxLxD.shape[-1]),
                       ('heads', 'kv', 'embed'), (0, 1), 2, c.dtype, c.param_dtype,

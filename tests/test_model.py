@@ -364,5 +364,7 @@ def test_attention_implementation_choice():
       'cudnn' if jax.default_backend() == 'gpu' else 'xla')
   assert model_lib.attention_implementation('auto', jnp.float32, 64) == 'xla'
   assert model_lib.attention_implementation('einsum', jnp.bfloat16, 64) == 'einsum'
+  # cuDNN trains with the mask-as-bias only over even lengths: odd rows stay on XLA.
+  assert model_lib.attention_implementation('auto', jnp.bfloat16, 64, 5) == 'xla'
   with pytest.raises(ValueError, match='model.attention'):
     _config(attention='flash')
