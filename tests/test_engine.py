@@ -39,6 +39,12 @@ def gen():
                            max_len=96)
 
 
+@pytest.fixture(scope='module')
+def fns(gen):
+  """Compiled programs shared by the engines of these tests (fewer compiles)."""
+  return engine_lib.Engine(gen, MAX_BATCH).fns
+
+
 def _prompts(lengths, seed=0):
   rng = np.random.default_rng(seed)
   return [rng.integers(2, 8, n) for n in lengths]  # the f-grams' alphabet: many matches
@@ -79,29 +85,32 @@ def _same(a: dict, b: dict):
         np.testing.assert_allclose(x[k], y[k], rtol=0, atol=1e-5)
 
 
-def test_batched_prefill_equals_one_by_one_and_generate(gen):
+@pytest.mark.slow
+def test_batched_prefill_equals_one_by_one_and_generate(gen, fns):
   """Six prompts of three widths joining at once: three prefill calls (padded to 4, 2 and 1
   rows) instead of six, and every request's first token, logprobs (echoed prompt too) and
   greedy continuation as when prefilled alone and as Generator.generate."""
   lengths = (3, 20, 0, 9, 25, 40)  # with BOS: widths 16, 32, 16, 16, 32, 48
   prompts = _prompts(lengths)
   reqs = [dict(prompt_ids=p, max_tokens=7, logprobs=3, echo=True) for p in prompts]
-  batched = engine_lib.Engine(gen, MAX_BATCH)
-  one_by_one = engine_lib.Engine(gen, MAX_BATCH, functions=batched.fns, batch_prefill=False)
+  batched = engine_lib.Engine(gen, MAX_BATCH, functions=fns)
+  one_by_one = engine_lib.Engine(gen, MAX_BATCH, functions=fns, batch_prefill=False)
   got, want = _run(batched, reqs), _run(one_by_one, reqs)
   assert batched.stats['prefill_calls'] == 3 and one_by_one.stats['prefill_calls'] == 6
   assert batched.stats['prefill_tokens'] == sum(lengths) + len(lengths)
-  for p, a, b in zip(prompts, got, want):
+  generated = gen.generate(prompts, max_new_tokens=7, stop_tokens=())
+  for p, a, b, tokens in zip(prompts, got, want, generated):
     _same(a, b)
-    assert a['tokens'] == gen.generate([p], max_new_tokens=7, stop_tokens=())[0]
+    assert a['tokens'] == tokens
     assert len(a['prompt']['logprob']) == p.size  # BOS is not scored
   assert {k[:2] for k in batched.fns._prefill} >= {(16, 4), (32, 2), (48, 1)}
 
 
-def test_a_mixed_group_gives_each_request_what_it_gets_alone(gen):
+@pytest.mark.slow
+def test_a_mixed_group_gives_each_request_what_it_gets_alone(gen, fns):
   """One width, one call: greedy and sampled rows (own seeds, temperatures, top_k/top_p),
-  logprobs on and off, with and without BOS; each equals the request alone in an empty
-  engine (its seeded samples too)."""
+  logprobs on and off, with and without BOS; each equals the request prefilled alone (its
+  seeded samples too; decoding beside others changes no row: see the sampling test)."""
   prompts = _prompts((5, 11, 2, 8, 14, 6), seed=1)
   reqs = [dict(prompt_ids=prompts[0], max_tokens=6),
           dict(prompt_ids=prompts[1], max_tokens=9, temperature=1.0, seed=3, logprobs=2),
@@ -110,59 +119,66 @@ def test_a_mixed_group_gives_each_request_what_it_gets_alone(gen):
           dict(prompt_ids=prompts[4], max_tokens=6, temperature=1.2, top_p=0.9, seed=3,
                add_bos=False),
           dict(prompt_ids=prompts[5], max_tokens=4, logprobs=2, echo=True)]
-  engine = engine_lib.Engine(gen, MAX_BATCH)
+  engine = engine_lib.Engine(gen, MAX_BATCH, functions=fns)
   together = _run(engine, reqs)
   assert engine.stats['prefill_calls'] == 1
-  alone = engine_lib.Engine(gen, MAX_BATCH, functions=engine.fns)
-  for kw, got in zip(reqs, together):
-    _same(got, _run(alone, [kw])[0])
+  alone = engine_lib.Engine(gen, MAX_BATCH, functions=fns, batch_prefill=False)
+  for got, want in zip(together, _run(alone, reqs)):
+    _same(got, want)
+  assert alone.stats['prefill_calls'] == len(reqs)
   assert together[0]['tokens'] == gen.generate([prompts[0]], max_new_tokens=6,
                                                stop_tokens=())[0]
   assert together[2]['tokens'] == gen.generate([prompts[2]], max_new_tokens=5,
                                                stop_tokens=(), add_bos=False)[0]
 
 
-def test_compiled_prefill_shapes_stay_bounded(gen):
+def test_compiled_prefill_shapes_stay_bounded(gen, fns):
   """Groups of 1..8 requests of one width compile 4 prefill programs (1, 2, 4 and 8 rows)."""
-  engine = engine_lib.Engine(gen, MAX_BATCH)
+  engine = engine_lib.Engine(gen, MAX_BATCH, functions=fns)
   for n in range(1, MAX_BATCH + 1):
     _run(engine, [dict(prompt_ids=p, max_tokens=1) for p in _prompts([4] * n, seed=n)])
   assert engine.stats['prefill_calls'] == MAX_BATCH
-  assert sorted(k[1] for k in engine.fns._prefill) == [1, 2, 4, 8]
-  # More joiners than free slots: one slot per request; the rest wait for the next round.
+  assert sorted(k[1] for k in fns._prefill if k[0] == 16 and not any(k[2:])) == [1, 2, 4, 8]
+  # More joiners than slots: one slot each, the rest join as slots free up; a batch that is
+  # not a power of two caps the rows.
   small = engine_lib.Engine(gen, 3)
-  outs = _run(small, [dict(prompt_ids=p, max_tokens=3) for p in _prompts([4] * 7, seed=9)])
-  assert small.stats['prefill_calls'] == 3 and {k[1] for k in small.fns._prefill} <= {1, 2, 3}
-  assert [len(o['tokens']) for o in outs] == [3] * 7
+  outs = _run(small, [dict(prompt_ids=p, max_tokens=1) for p in _prompts([4] * 7, seed=9)])
+  assert small.stats['prefill_calls'] == 3 and sorted(k[1] for k in small.fns._prefill) == [1, 3]
+  assert [len(o['tokens']) for o in outs] == [1] * 7
 
 
 def _reference_samples(gen, prompt, n, seed, temperature, top_k=0, top_p=1.0):
   """The engine's sampling design, computed without the engine: token i is drawn with key
   fold_in(PRNGKey(seed), i) from a full forward pass (no cache) over BOS, prompt and the
-  tokens before it."""
+  tokens before it (right-padded to one width: causal, so the padding changes nothing)."""
+  width = prompt.size + n
+  forward = jax.jit(lambda rows, ints: gen.model.apply(
+      {'params': gen.params}, gen._input_vectors(gen.params, rows, ints),
+      positions_BxL=ints[..., 1], method=model_lib.SconeLM.backbone))
   sample_rows = jax.jit(engine_lib._sample_rows, static_argnames='sampling')
   toks = []
   for i in range(n):
     seq = np.concatenate([prompt, np.array(toks, np.int64)])
-    ints = gen._prefill_inputs([seq], np.array([seq.size + 1]), seq.size + 1, True)
-    x = gen._input_vectors(gen.params, gen._rows_for(ints[..., 2]), ints)
-    logits = gen.model.apply({'params': gen.params}, x, positions_BxL=ints[..., 1],
-                             method=model_lib.SconeLM.backbone)
+    ints = np.zeros((1, width, 4), np.int32)
+    ints[..., 2] = -1
+    ints[:, :seq.size + 1] = gen._prefill_inputs([seq], np.array([seq.size + 1]),
+                                                 seq.size + 1, True)
+    logits = forward(gen._rows_for(ints[..., 2]), ints)
     keys = engine_lib._row_keys(np.array([seed], np.int32), np.array([i], np.int32))
-    toks.append(int(sample_rows(logits[:, -1], np.array([temperature], np.float32),
+    toks.append(int(sample_rows(logits[:, seq.size], np.array([temperature], np.float32),
                                 np.array([top_p], np.float32), np.array([top_k], np.int32),
                                 keys, sampling=True)[0]))
   return toks
 
 
-def test_seeded_sampling_follows_the_seed_alone(gen):
+def test_seeded_sampling_follows_the_seed_alone(gen, fns):
   """A sampled request's i-th token uses fold_in(seed, i) (the prefill's token is i = 0,
   the decode loop's count goes on from 1), alone or beside other requests; same seed, same
   tokens; another seed, other tokens. Generator.generate samples differently by design
   (one key split per step for its whole batch), so it is not the reference here."""
   prompt = _prompts([6], seed=4)[0]
   kw = dict(prompt_ids=prompt, max_tokens=12, temperature=1.5, seed=11)
-  engine = engine_lib.Engine(gen, 4, tokens_per_dispatch=4)
+  engine = engine_lib.Engine(gen, MAX_BATCH, functions=fns)  # 8 tokens per chunk: two
   alone = _run(engine, [kw])[0]['tokens']
   assert alone == _reference_samples(gen, prompt, 12, 11, 1.5)
   assert _run(engine, [kw])[0]['tokens'] == alone
