@@ -136,7 +136,7 @@ def build_export(workdir: str, vocab: int) -> str:
 # ----------------------------------------------------------------------------- the server
 
 
-def serve(export_dir: str, max_batch: int):
+def serve(export_dir: str, max_batch: int, warm_widths: tuple):
   """The server process: three engines over one export (see the module docstring)."""
   from scone_jax import engine as engine_lib  # pylint: disable=g-import-not-at-top
   from scone_jax import server  # pylint: disable=g-import-not-at-top
@@ -148,14 +148,16 @@ def serve(export_dir: str, max_batch: int):
   engines = {'scone': scone, 'baseline': engine_lib.Engine(base, max_batch),
              'scone_static': engine_lib.Engine(gen, max_batch, static=True, functions=scone.fns)}
   for engine in engines.values():
-    engine.warmup()
+    engine.warmup(warm_widths)  # every prefill shape the workload can meet: none in a round
   server.serve(server.build_app(engines, gen.tokenizer), '127.0.0.1', 0, log_level='warning')
 
 
-def start_server(export_dir: str, max_batch: int, log_path: str):
+def start_server(export_dir: str, max_batch: int, log_path: str, warm_widths: list):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
+  widths = ','.join(map(str, warm_widths))
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--serve', export_dir,
-                           f'--max_batch={max_batch}'], cwd=ROOT, env=env,
+                           f'--max_batch={max_batch}', f'--warm_widths={widths}'], cwd=ROOT,
+                          env=env,
                           stdout=subprocess.PIPE, stderr=open(log_path, 'w'), text=True)
   line = proc.stdout.readline()
   if not line.startswith('serving on '):
@@ -425,15 +427,16 @@ def prefill_throughput(export_dir: str, prompts: list, max_batch: int, rounds: i
 def server_rounds(args, export_dir: str, tok, words: list, work: list, log_path: str,
                   t_start: float):
   """The served rounds: per engine (or, --adversarial, the adversarial mix) their results."""
-  proc, url = start_server(export_dir, args.max_batch, log_path)
+  # Compile outside the measurement: the server warms every prefill shape of the workload's
+  # widths, then one short request per width compiles the rest.
+  by_width = {}
+  for reqs in work:
+    for prompt, _ in reqs:
+      by_width.setdefault(-(-(tok.encode(prompt).size + 1) // 16) * 16, prompt)
+  proc, url = start_server(export_dir, args.max_batch, log_path, sorted(by_width))
   logging.info('server up at %s after %.0fs', url, time.time() - t_start)
   adversarial = None
   try:
-    # Compile outside the measurement: one short request per prefill width in the workload.
-    by_width = {}
-    for reqs in work:
-      for prompt, _ in reqs:
-        by_width.setdefault(-(-(tok.encode(prompt).size + 1) // 16), prompt)
     warm = [[(p, 2)] for p in by_width.values()]
     for name in ENGINES:
       asyncio.run(run_round(url, name, warm))
@@ -477,9 +480,10 @@ def main():
   parser.add_argument('--prefill_only', action='store_true',
                       help='only the prefill measurement (batched vs one-by-one)')
   parser.add_argument('--serve', help=argparse.SUPPRESS)  # internal: the server process
+  parser.add_argument('--warm_widths', default='16', help=argparse.SUPPRESS)  # and its widths
   args = parser.parse_args()
   if args.serve:
-    serve(args.serve, args.max_batch)
+    serve(args.serve, args.max_batch, tuple(int(w) for w in args.warm_widths.split(',')))
     return
   if args.quick:
     args.clients, args.requests, args.rounds = 4, 2, 1

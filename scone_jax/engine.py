@@ -289,8 +289,13 @@ class Engine:
     if self._thread is not None:
       self._thread.join(timeout)
 
-  def warmup(self):
-    """Compiles the common programs (short prompt, greedy) before the first request."""
+  def warmup(self, widths=(_PREFILL_BUCKET,)):
+    """Compiles the common programs before the first request: greedy prefill of every row
+    count at each prompt width of `widths` (before start() only) and a short greedy
+    request's prefill and decode."""
+    if self._thread is None:
+      for width in widths:
+        self._warm_prefill(_bucket(width, _PREFILL_BUCKET))
     done = threading.Event()
     self.submit(Request(np.zeros(1, np.int64), 2, lambda *e: e[0] in ('done', 'error') and
                         done.set()))
@@ -300,6 +305,21 @@ class Engine:
     else:
       done.wait()
     self.stats = dict.fromkeys(self.stats, 0)
+
+  def _warm_prefill(self, width: int):
+    """Runs the greedy prefill of every row count once at `width`, writing no slot."""
+    for n in sorted({self._prefill_rows(k) for k in range(1, self.max_batch + 1)}):
+      ints = np.zeros((n, width, 4), np.int32)
+      ints[..., _FID], ints[..., _VALID] = -1, 1
+      rows = self.gen._rows_for(ints[..., _FID]) if self.gen.use_table else None  # pylint: disable=protected-access
+      _, self._cache = self.fns.prefill(width, n, False, False)(
+          self.gen.params, self._cache, np.full(n, self.max_batch, np.int32), rows, ints,
+          np.zeros((n, 3), np.float32), np.zeros(n, np.int32))
+
+  def _prefill_rows(self, requests: int) -> int:
+    """Rows of the prefill call for this many requests: the next power of two (few
+    compiled shapes), at most max_batch."""
+    return min(1 << (requests - 1).bit_length(), self.max_batch)
 
   # -- the decode thread ----------------------------------------------------
 
@@ -387,7 +407,7 @@ class Engine:
     prompts = [np.asarray(r.prompt_ids, np.int64).reshape(-1) for r in requests]
     lens = [p.size + int(r.add_bos) for p, r in zip(prompts, requests)]
     width = _bucket(max(lens), _PREFILL_BUCKET)
-    n = min(1 << (len(requests) - 1).bit_length(), self.max_batch)
+    n = self._prefill_rows(len(requests))
     pad = lambda x: np.concatenate([x, np.repeat(x[:1], n - len(x), 0)])  # dropped rows
     # pylint: disable=protected-access
     ints = pad(np.concatenate([self.gen._prefill_inputs([p], np.array([k]), width, r.add_bos)

@@ -139,12 +139,15 @@ def test_compiled_prefill_shapes_stay_bounded(gen, fns):
     _run(engine, [dict(prompt_ids=p, max_tokens=1) for p in _prompts([4] * n, seed=n)])
   assert engine.stats['prefill_calls'] == MAX_BATCH
   assert sorted(k[1] for k in fns._prefill if k[0] == 16 and not any(k[2:])) == [1, 2, 4, 8]
-  # More joiners than slots: one slot each, the rest join as slots free up; a batch that is
-  # not a power of two caps the rows.
+  # warmup() compiles every row count of a width without writing a slot; more joiners than
+  # slots get one slot each, the rest join as slots free up; max_batch caps the rows.
   small = engine_lib.Engine(gen, 3)
-  outs = _run(small, [dict(prompt_ids=p, max_tokens=1) for p in _prompts([4] * 7, seed=9)])
-  assert small.stats['prefill_calls'] == 3 and sorted(k[1] for k in small.fns._prefill) == [1, 3]
-  assert [len(o['tokens']) for o in outs] == [1] * 7
+  small.warmup(widths=(16,))
+  assert sorted(k[1] for k in small.fns._prefill if k[0] == 16) == [1, 2, 3]
+  prompts = _prompts([4] * 7, seed=9)
+  outs = _run(small, [dict(prompt_ids=p, max_tokens=2) for p in prompts])
+  assert small.stats['prefill_calls'] == 3 and len(small.fns._prefill) == 3
+  assert [o['tokens'] for o in outs] == gen.generate(prompts, max_new_tokens=2, stop_tokens=())
 
 
 def _reference_samples(gen, prompt, n, seed, temperature, top_k=0, top_p=1.0):
