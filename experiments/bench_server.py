@@ -31,11 +31,12 @@ ratios (goal for p99: < 1.2).
 
 Prefill throughput (every run; --prefill_only: this alone): the normal workload's prompts,
 clients x requests of them, arrive at once (--prefill_bursts times per round) at an engine
-in this process (max_tokens=1: the one token comes from the prefill) with batched prefill on (those that join together go in
-one call per prompt width) and off (`Engine(batch_prefill=False)`: one call each), taking
-turns over rounds after one untimed pass that compiles every shape. Reported: prompt
-tokens (with BOS) prefilled per second, mean time to the first token, prefill calls per
-round, and the batched/one-by-one ratio (median over rounds of the ratio within a round).
+in this process (max_tokens=1: the one token comes from the prefill) with batched prefill
+on (those that join together go in one call per prompt width) and off
+(`Engine(batch_prefill=False)`: one call each), taking turns over rounds after one untimed
+pass that compiles every shape. Reported: prompt tokens (with BOS) prefilled per second,
+mean time to the first token, prefill calls per burst, and the batched/one-by-one ratio
+(median over rounds of the ratio within a round).
 
 The export is synthetic and small so that the run fits in a few minutes of one CPU core:
 a 300-piece tokenizer on random words, every bigram of it as an f-gram (90,000 rows, so
@@ -415,7 +416,7 @@ def prefill_throughput(export_dir: str, prompts: list, max_batch: int, rounds: i
   for name, rs in per.items():
     out[f'prefill_{name}_tokens_per_s'] = statistics.median(r['tokens_per_s'] for r in rs)
     out[f'prefill_{name}_ttft_ms_mean'] = statistics.median(r['ttft_ms_mean'] for r in rs)
-    out[f'prefill_{name}_calls_per_round'] = rs[0]['calls']
+    out[f'prefill_{name}_calls_per_burst'] = rs[0]['calls']
     out[f'prefill_{name}_round_tokens_per_s'] = [r['tokens_per_s'] for r in rs]
   out['prefill_batched_vs_one_by_one_round_ratios'] = [
       a['tokens_per_s'] / b['tokens_per_s'] for a, b in zip(per['batched'], per['one_by_one'])]

@@ -311,7 +311,8 @@ class Engine:
     for n in sorted({self._prefill_rows(k) for k in range(1, self.max_batch + 1)}):
       ints = np.zeros((n, width, 4), np.int32)
       ints[..., _FID], ints[..., _VALID] = -1, 1
-      rows = self.gen._rows_for(ints[..., _FID]) if self.gen.use_table else None  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      rows = self.gen._rows_for(ints[..., _FID]) if self.gen.use_table else None
       _, self._cache = self.fns.prefill(width, n, False, False)(
           self.gen.params, self._cache, np.full(n, self.max_batch, np.int32), rows, ints,
           np.zeros((n, 3), np.float32), np.zeros(n, np.int32))
