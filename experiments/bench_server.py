@@ -35,8 +35,8 @@ in this process (max_tokens=1: the one token comes from the prefill) with batche
 on (those that join together go in one call per prompt width) and off
 (`Engine(batch_prefill=False)`: one call each), taking turns over rounds after one untimed
 pass that compiles every shape. Reported: prompt tokens (with BOS) prefilled per second,
-mean time to the first token, prefill calls per burst, and the batched/one-by-one ratio
-(median over rounds of the ratio within a round).
+mean time to the first token, prefill calls and rows (padding included) per burst, and the
+batched/one-by-one ratio (median over rounds of the ratio within a round).
 
 The export is synthetic and small so that the run fits in a few minutes of one CPU core:
 a 300-piece tokenizer on random words, every bigram of it as an f-gram (90,000 rows, so
@@ -374,7 +374,7 @@ def _prefill_round(engine, prompts: list, bursts: int) -> dict:
   (one token each, from its prefill)."""
   from scone_jax import engine as engine_lib  # pylint: disable=g-import-not-at-top
   waits = []
-  calls = engine.stats['prefill_calls']
+  calls, rows = engine.stats['prefill_calls'], engine.stats['prefill_rows']
   wall = 0.0
   for _ in range(bursts):
     t0 = time.perf_counter()
@@ -387,7 +387,8 @@ def _prefill_round(engine, prompts: list, bursts: int) -> dict:
   assert len(waits) == bursts * len(prompts)
   tokens = bursts * sum(p.size + 1 for p in prompts)
   return {'tokens_per_s': tokens / wall, 'wall_s': wall, 'ttft_ms_mean': 1e3 * np.mean(waits),
-          'calls': (engine.stats['prefill_calls'] - calls) // bursts}
+          'calls': (engine.stats['prefill_calls'] - calls) // bursts,
+          'rows': (engine.stats['prefill_rows'] - rows) // bursts}
 
 
 def prefill_throughput(export_dir: str, prompts: list, max_batch: int, rounds: int,
@@ -417,6 +418,7 @@ def prefill_throughput(export_dir: str, prompts: list, max_batch: int, rounds: i
     out[f'prefill_{name}_tokens_per_s'] = statistics.median(r['tokens_per_s'] for r in rs)
     out[f'prefill_{name}_ttft_ms_mean'] = statistics.median(r['ttft_ms_mean'] for r in rs)
     out[f'prefill_{name}_calls_per_burst'] = rs[0]['calls']
+    out[f'prefill_{name}_rows_per_burst'] = rs[0]['rows']  # padding rows included
     out[f'prefill_{name}_round_tokens_per_s'] = [r['tokens_per_s'] for r in rs]
   out['prefill_batched_vs_one_by_one_round_ratios'] = [
       a['tokens_per_s'] / b['tokens_per_s'] for a, b in zip(per['batched'], per['one_by_one'])]

@@ -237,9 +237,10 @@ class Engine:
     self._stopping = False
     self._thread = None
     # shared_steps: steps that decoded two or more requests together; prefills: requests
-    # prefilled, in prefill_calls compiled calls, prefill_tokens prompt tokens (with BOS).
+    # prefilled, in prefill_calls compiled calls of prefill_rows rows in all (padding
+    # included), prefill_tokens prompt tokens (with BOS).
     self.stats = {'steps': 0, 'shared_steps': 0, 'tokens': 0, 'requests': 0, 'prefills': 0,
-                  'prefill_calls': 0, 'prefill_tokens': 0, 'errors': 0}
+                  'prefill_calls': 0, 'prefill_rows': 0, 'prefill_tokens': 0, 'errors': 0}
     # on_timing(kind, seconds) per decode chunk, kind 'table_lookup' | 'decode_step' (server
     # metrics); seconds are per token step of the chunk.
     self.on_timing: Optional[Callable[[str, float], None]] = None
@@ -424,6 +425,7 @@ class Engine:
     out = jax.device_get(out)
     self.stats['prefills'] += len(requests)
     self.stats['prefill_calls'] += 1
+    self.stats['prefill_rows'] += n
     self.stats['prefill_tokens'] += sum(lens)
     for i, (b, request) in enumerate(zip(slots, requests)):
       self._first_token(b, request, prompts[i], lens[i], {k: v[i] for k, v in out.items()})
