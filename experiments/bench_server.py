@@ -29,6 +29,15 @@ extra decode work is told apart from the misbehaviour. Reported: p50/p99 time pe
 token of the normal requests in each, and the adversarial/plain and adversarial/control
 ratios (goal for p99: < 1.2).
 
+Prefill throughput (every run; --prefill_only: this alone): the normal workload's prompts,
+clients x requests of them, arrive at once (--prefill_bursts times per round) at an engine
+in this process (max_tokens=1: the one token comes from the prefill) with batched prefill
+on (those that join together go in one call per prompt width) and off
+(`Engine(batch_prefill=False)`: one call each), taking turns over rounds after one untimed
+pass that compiles every shape. Reported: prompt tokens (with BOS) prefilled per second,
+mean time to the first token, prefill calls and rows (padding included) per burst, and the
+batched/one-by-one ratio (median over rounds of the ratio within a round).
+
 The export is synthetic and small so that the run fits in a few minutes of one CPU core:
 a 300-piece tokenizer on random words, every bigram of it as an f-gram (90,000 rows, so
 every decode step matches and gathers), random weights, a small main model (4 layers,
@@ -37,6 +46,7 @@ d=128).
   taskset -c 1 python experiments/bench_server.py            # ~3 minutes on one core
   python experiments/bench_server.py --quick                 # smoke test
   python experiments/bench_server.py --adversarial           # the adversarial mix
+  python experiments/bench_server.py --prefill_only          # prefill batched vs one-by-one
 
 The last line printed is one JSON object with every figure.
 """
@@ -127,7 +137,7 @@ def build_export(workdir: str, vocab: int) -> str:
 # ----------------------------------------------------------------------------- the server
 
 
-def serve(export_dir: str, max_batch: int):
+def serve(export_dir: str, max_batch: int, warm_widths: tuple):
   """The server process: three engines over one export (see the module docstring)."""
   from scone_jax import engine as engine_lib  # pylint: disable=g-import-not-at-top
   from scone_jax import server  # pylint: disable=g-import-not-at-top
@@ -139,14 +149,16 @@ def serve(export_dir: str, max_batch: int):
   engines = {'scone': scone, 'baseline': engine_lib.Engine(base, max_batch),
              'scone_static': engine_lib.Engine(gen, max_batch, static=True, functions=scone.fns)}
   for engine in engines.values():
-    engine.warmup()
+    engine.warmup(warm_widths)  # every prefill shape the workload can meet: none in a round
   server.serve(server.build_app(engines, gen.tokenizer), '127.0.0.1', 0, log_level='warning')
 
 
-def start_server(export_dir: str, max_batch: int, log_path: str):
+def start_server(export_dir: str, max_batch: int, log_path: str, warm_widths: list):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
+  widths = ','.join(map(str, warm_widths))
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--serve', export_dir,
-                           f'--max_batch={max_batch}'], cwd=ROOT, env=env,
+                           f'--max_batch={max_batch}', f'--warm_widths={widths}'], cwd=ROOT,
+                          env=env,
                           stdout=subprocess.PIPE, stderr=open(log_path, 'w'), text=True)
   line = proc.stdout.readline()
   if not line.startswith('serving on '):
@@ -354,6 +366,101 @@ def summarize(rounds: list) -> dict:
           'round_tokens_per_s': [r['tokens'] / r['wall_s'] for r in rounds]}
 
 
+# ----------------------------------------------------------------------------- prefill
+
+
+def _prefill_round(engine, prompts: list, bursts: int) -> dict:
+  """`bursts` times: every prompt submitted at once, the engine run until all are answered
+  (one token each, from its prefill)."""
+  from scone_jax import engine as engine_lib  # pylint: disable=g-import-not-at-top
+  waits = []
+  calls, rows = engine.stats['prefill_calls'], engine.stats['prefill_rows']
+  wall = 0.0
+  for _ in range(bursts):
+    t0 = time.perf_counter()
+    for p in prompts:
+      engine.submit(engine_lib.Request(p, 1, lambda kind, *a, t0=t0: kind == 'done' and
+                                       waits.append(time.perf_counter() - t0), ignore_eos=True))
+    while engine.load()['pending'] or engine.load()['active']:
+      engine._iterate()  # pylint: disable=protected-access
+    wall += time.perf_counter() - t0
+  assert len(waits) == bursts * len(prompts)
+  tokens = bursts * sum(p.size + 1 for p in prompts)
+  return {'tokens_per_s': tokens / wall, 'wall_s': wall, 'ttft_ms_mean': 1e3 * np.mean(waits),
+          'calls': (engine.stats['prefill_calls'] - calls) // bursts,
+          'rows': (engine.stats['prefill_rows'] - rows) // bursts}
+
+
+def prefill_throughput(export_dir: str, prompts: list, max_batch: int, rounds: int,
+                       bursts: int) -> dict:
+  """Prompt tokens prefilled per second, batched prefill on vs off (module docstring)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from scone_jax import engine as engine_lib  # pylint: disable=g-import-not-at-top
+  from scone_jax import serving  # pylint: disable=g-import-not-at-top
+  gen = serving.load(export_dir, max_len=MAX_LEN)
+  batched = engine_lib.Engine(gen, max_batch)
+  engines = {'batched': batched, 'one_by_one': engine_lib.Engine(
+      gen, max_batch, functions=batched.fns, batch_prefill=False)}
+  for engine in engines.values():
+    _prefill_round(engine, prompts, 1)  # compiles every shape this workload needs
+  per = {name: [] for name in engines}
+  for i in range(rounds):
+    for name in (list(engines) if i % 2 == 0 else list(engines)[::-1]):
+      per[name].append(_prefill_round(engines[name], prompts, bursts))
+      logging.info('prefill round %d %s: %.0f prompt tokens/s', i, name,
+                   per[name][-1]['tokens_per_s'])
+  out = {'prefill_requests': len(prompts), 'prefill_bursts_per_round': bursts,
+         'prefill_prompt_tokens': sum(p.size + 1
+                                                                        for p in prompts),
+         'prefill_widths': sorted({-(-(p.size + 1) // 16) * 16 for p in prompts}),
+         'prefill_backend': jax.default_backend()}
+  for name, rs in per.items():
+    out[f'prefill_{name}_tokens_per_s'] = statistics.median(r['tokens_per_s'] for r in rs)
+    out[f'prefill_{name}_ttft_ms_mean'] = statistics.median(r['ttft_ms_mean'] for r in rs)
+    out[f'prefill_{name}_calls_per_burst'] = rs[0]['calls']
+    out[f'prefill_{name}_rows_per_burst'] = rs[0]['rows']  # padding rows included
+    out[f'prefill_{name}_round_tokens_per_s'] = [r['tokens_per_s'] for r in rs]
+  out['prefill_batched_vs_one_by_one_round_ratios'] = [
+      a['tokens_per_s'] / b['tokens_per_s'] for a, b in zip(per['batched'], per['one_by_one'])]
+  out['prefill_batched_vs_one_by_one_ratio'] = statistics.median(
+      out['prefill_batched_vs_one_by_one_round_ratios'])
+  return out
+
+
+def server_rounds(args, export_dir: str, tok, words: list, work: list, log_path: str,
+                  t_start: float):
+  """The served rounds: per engine (or, --adversarial, the adversarial mix) their results."""
+  # Compile outside the measurement: the server warms every prefill shape of the workload's
+  # widths, then one short request per width compiles the rest.
+  by_width = {}
+  for reqs in work:
+    for prompt, _ in reqs:
+      by_width.setdefault(-(-(tok.encode(prompt).size + 1) // 16) * 16, prompt)
+  proc, url = start_server(export_dir, args.max_batch, log_path, sorted(by_width))
+  logging.info('server up at %s after %.0fs', url, time.time() - t_start)
+  adversarial = None
+  try:
+    warm = [[(p, 2)] for p in by_width.values()]
+    for name in ENGINES:
+      asyncio.run(run_round(url, name, warm))
+    logging.info('warm after %.0fs (%d prefill widths)', time.time() - t_start, len(warm))
+    if args.adversarial:
+      plain = ' '.join(w for w in words if w.isascii() and w.isalpha()) + ' '
+      huge_prompt = (plain * (3 * 2**20 // len(plain) + 1))[:3 * 2**20]  # 3 MB as JSON too
+      adversarial = run_adversarial(args, url, work, words, huge_prompt)
+    per_engine = {name: [] for name in ENGINES}
+    for i in range(0 if args.adversarial else args.rounds):
+      order = ENGINES[i % 3:] + ENGINES[:i % 3]
+      for name in order:
+        r = asyncio.run(run_round(url, name, work))
+        per_engine[name].append(r)
+        logging.info('round %d %s: %.0f tokens/s', i, name, r['tokens'] / r['wall_s'])
+  finally:
+    proc.terminate()
+    proc.wait(60)
+  return per_engine, adversarial
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -371,10 +478,15 @@ def main():
                       help='plain vs adversarial-mix rounds on the scone engine (docstring)')
   parser.add_argument('--adversarial_clients', type=int, default=0,
                       help='--adversarial: extra streaming clients (default clients / 4)')
+  parser.add_argument('--prefill_bursts', type=int, default=20,
+                      help='prefill measurement: bursts of all prompts per round and side')
+  parser.add_argument('--prefill_only', action='store_true',
+                      help='only the prefill measurement (batched vs one-by-one)')
   parser.add_argument('--serve', help=argparse.SUPPRESS)  # internal: the server process
+  parser.add_argument('--warm_widths', default='16', help=argparse.SUPPRESS)  # and its widths
   args = parser.parse_args()
   if args.serve:
-    serve(args.serve, args.max_batch)
+    serve(args.serve, args.max_batch, tuple(int(w) for w in args.warm_widths.split(',')))
     return
   if args.quick:
     args.clients, args.requests, args.rounds = 4, 2, 1
@@ -394,33 +506,13 @@ def main():
     from scone_jax import corpus  # pylint: disable=g-import-not-at-top
     tok = corpus.Tokenizer(os.path.join(export_dir, 'tokenizer.model'))
     words = sorted({tok.decode([i]).strip() for i in range(3, tok.vocab_size)} - {''})
-    proc, url = start_server(export_dir, args.max_batch, os.path.join(tmp, 'server.log'))
-    logging.info('server up at %s after %.0fs', url, time.time() - t_start)
-    try:
-      work = workload(args.clients, args.requests, words)
-      # Compile outside the measurement: one short request per prefill width in the workload.
-      by_width = {}
-      for reqs in work:
-        for prompt, _ in reqs:
-          by_width.setdefault(-(-(tok.encode(prompt).size + 1) // 16), prompt)
-      warm = [[(p, 2)] for p in by_width.values()]
-      for name in ENGINES:
-        asyncio.run(run_round(url, name, warm))
-      logging.info('warm after %.0fs (%d prefill widths)', time.time() - t_start, len(warm))
-      if args.adversarial:
-        plain = ' '.join(w for w in words if w.isascii() and w.isalpha()) + ' '
-        huge_prompt = (plain * (3 * 2**20 // len(plain) + 1))[:3 * 2**20]  # 3 MB as JSON too
-        adversarial = run_adversarial(args, url, work, words, huge_prompt)
-      per_engine = {name: [] for name in ENGINES}
-      for i in range(0 if args.adversarial else args.rounds):
-        order = ENGINES[i % 3:] + ENGINES[:i % 3]
-        for name in order:
-          r = asyncio.run(run_round(url, name, work))
-          per_engine[name].append(r)
-          logging.info('round %d %s: %.0f tokens/s', i, name, r['tokens'] / r['wall_s'])
-    finally:
-      proc.terminate()
-      proc.wait(60)
+    work = workload(args.clients, args.requests, words)
+    per_engine = adversarial = None
+    if not args.prefill_only:
+      per_engine, adversarial = server_rounds(args, export_dir, tok, words, work,
+                                              os.path.join(tmp, 'server.log'), t_start)
+    prefill = prefill_throughput(export_dir, [tok.encode(p) for reqs in work for p, _ in reqs],
+                                 args.max_batch, args.rounds, args.prefill_bursts)
 
   result = {
       'platform': platform.platform(), 'cpus': os.cpu_count(),
@@ -432,27 +524,39 @@ def main():
   }
   if args.adversarial:
     result.update(adversarial)
-    result.update({
-        'export_seconds': t_export, 'seconds': time.time() - t_start,
-        'setup': ('the synthetic export below; the scone engine only; rounds of plain, '
-                  'control and adversarial, order rotated per round (adversarial: 1% huge '
-                  'prompts of 3 MB refused as too long, and --adversarial_clients extra '
-                  'streaming clients of 64 tokens, half pausing 50 ms after every event, '
-                  'half leaving after 3 events; control: the same extra clients reading at '
-                  'full speed); figures are of the normal requests only; batched prefill is '
-                  'not implemented (issue 19 owns the engine), so prefill batched vs '
-                  'one-by-one is not measured')})
-    print(json.dumps(result))
-    return
+    setup = ('the synthetic export below; the scone engine only; rounds of plain, '
+             'control and adversarial, order rotated per round (adversarial: 1% huge '
+             'prompts of 3 MB refused as too long, and --adversarial_clients extra '
+             'streaming clients of 64 tokens, half pausing 50 ms after every event, '
+             'half leaving after 3 events; control: the same extra clients reading at '
+             'full speed); figures are of the normal requests only. ')
+  elif per_engine is not None:
+    result.update(engine_ratios(per_engine))
+    setup = ('one server process with three engines (scone, baseline = use_table=False, '
+             'scone_static = static batching), bare asyncio HTTP/1.0 clients, streaming '
+             'greedy requests with ignore_eos on 127.0.0.1; engines take turns on the same '
+             'workload, rotated per round; ratios from the same run. ')
+  else:
+    setup = ''
+  result.update(prefill)
+  result.update({
+      'export_seconds': t_export, 'seconds': time.time() - t_start,
+      'setup': setup + (
+          f'Synthetic export: {args.vocab}-piece BPE tokenizer on random words, every '
+          'bigram an f-gram (every decode step matches and gathers a float16 row), '
+          'main model 4 layers d=128 4x32 heads mlp 512 rope (float32, random weights), '
+          f'max_len {MAX_LEN}. Prefill: the workload\'s prompts arriving at once at an '
+          'in-process scone engine, max_tokens=1, batched prefill on vs '
+          'Engine(batch_prefill=False), alternating per round after a compiling pass; '
+          'mean time to the first token of a burst\'s requests.'),
+  })
+  print(json.dumps(result))
+
+
+def engine_ratios(per_engine: dict) -> dict:
+  """Per engine its summary; scone/baseline and continuous/static ratios."""
   s = {name: summarize(rs) for name, rs in per_engine.items()}
-  result = {
-      'platform': platform.platform(), 'cpus': os.cpu_count(),
-      'affinity': sorted(os.sched_getaffinity(0)), 'python': platform.python_version(),
-      'load_avg_1m': os.getloadavg()[0],
-      'clients': args.clients, 'requests_per_client_round': args.requests,
-      'rounds': args.rounds, 'max_batch': args.max_batch,
-      'output_tokens_per_request': OUTPUT_TOKENS, 'prompt_words': PROMPT_WORDS,
-  }
+  result = {}
   for name in ENGINES:
     for k, v in s[name].items():
       result[f'{name}_{k}'] = v
@@ -474,18 +578,7 @@ def main():
   # The same tokens in fewer steps: slots refilled as soon as a request leaves.
   result['static_vs_continuous_decode_steps_ratio'] = (s['scone_static']['decode_steps']
                                                        / max(s['scone']['decode_steps'], 1))
-  result.update({
-      'export_seconds': t_export, 'seconds': time.time() - t_start,
-      'setup': (f'synthetic export: {args.vocab}-piece BPE tokenizer on random words, every '
-                'bigram an f-gram (every decode step matches and gathers a float16 row), '
-                'main model 4 layers d=128 4x32 heads mlp 512 rope (float32, random weights), '
-                f'max_len {MAX_LEN}; one server '
-                'process with three engines (scone, baseline = use_table=False, '
-                'scone_static = static batching), bare asyncio HTTP/1.0 clients, '
-                'streaming greedy requests with ignore_eos on 127.0.0.1; engines take turns '
-                'on the same workload, rotated per round; ratios from the same run'),
-  })
-  print(json.dumps(result))
+  return result
 
 
 if __name__ == '__main__':

@@ -1,10 +1,12 @@
 """Continuous batching over an export: decode slots, per-row KV cache, decode in chunks.
 
 The `Engine` holds `max_batch` decode slots, each a row of one KV cache whose rows keep
-their own fill level (the model's per-row cache index). A request joins between chunks:
-its prompt is prefilled alone into a fresh one-row cache that then replaces its slot's row;
-from then on it decodes with the other slots and leaves when it stops, runs out of tokens
-or is cancelled. A chunk is `serving.make_decode_loop`: up to `tokens_per_dispatch` steps
+their own fill level (the model's per-row cache index). A request joins between chunks: the
+requests that join together are prefilled in one call per prompt width bucket (padded to a
+power of two rows) into fresh cache rows that then replace their slots' rows (each row
+samples with its own parameters and seed, as it would alone); from then on a request
+decodes with the other slots and leaves when it stops, runs out of tokens or is cancelled.
+A chunk is `serving.make_decode_loop`: up to `tokens_per_dispatch` steps
 on the device, each matching the f-gram ending at every slot's newest token, gathering its
 table row, running the model and sampling per row, with no Python between tokens; then
 each token of the chunk is handed out as its own event. The loop runs in its own thread
@@ -28,7 +30,6 @@ import numpy as np
 
 from scone_jax import corpus
 from scone_jax import device_match
-from scone_jax import model as model_lib
 from scone_jax import serving
 
 # pylint: disable=protected-access
@@ -92,7 +93,7 @@ def _logprob_outputs(logits_NxV, chosen_N, top):
 
 
 class StepFunctions:
-  """The jitted prefill (one request into one slot) and decode chunk (all slots, up to
+  """The jitted prefill (N requests into N slots) and decode chunk (all slots, up to
   `tokens_per_dispatch` steps on the device) for a Generator, a number of slots and a
   per-slot cache length. Engines over the same Generator and sizes may share one, and with
   it the compiled programs."""
@@ -108,40 +109,45 @@ class StepFunctions:
     self.top = min(MAX_LOGPROBS, gen.config.vocab_size)
     # Scanned layers stack their cache on a leading layer axis: the batch axis is next.
     self._batch_axis = 1 if gen.config.scan_layers else 0
-    self._row_shapes = jax.eval_shape(lambda: gen.model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, self.cache_len, gen.config.d_model)),
-        decode=True, method=model_lib.SconeLM.backbone)['cache'])
     self._prefill = {}
     self._decode = {}
 
   def new_cache(self):
     return self.gen._empty_cache(self.batch, self.cache_len)  # pylint: disable=protected-access
 
-  def prefill(self, width: int, sampling: bool, logprobs: bool):
-    """fn(params, cache, slot, rows [1, W, d] | None, ints [1, W, 4], sampling [1, 3],
-    seed [1]) → (outputs, cache): the prompt (left-padded, as Generator.generate lays it out)
-    goes into a fresh one-row cache that replaces row `slot`; outputs hold the first new
-    token and, with logprobs, those of every position (position j scores input j + 1)."""
-    key = (width, sampling, logprobs)
+  def prefill(self, width: int, rows: int, sampling: bool, logprobs: bool):
+    """fn(params, cache, slots [N], rows [N, W, d] | None, ints [N, W, 4], sampling [N, 3],
+    seeds [N]) → (outputs, cache): N prompts (left-padded, as Generator.generate lays them
+    out) go into fresh cache rows that replace rows `slots` of the cache (a slot >= batch is
+    a padding row: dropped); outputs hold each row's first new token [N] and, with logprobs,
+    those of every position [N, W, ...] (position j scores input j + 1). Every row samples
+    with its own parameters and seed, as it would alone."""
+    key = (width, rows, sampling, logprobs)
     if key not in self._prefill:
-      def fn(params, cache, slot, rows_1xWxD, ints_1xWx4, sampling_1x3, seed_1):
-        fresh = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._row_shapes)
-        logits_1xWxV, row_cache = serving.apply_cached(self.gen.model, params, fresh,
-                                                       rows_1xWxD, ints_1xWx4)
-        cache = jax.tree.map(
-            lambda big, row: jax.lax.dynamic_update_slice_in_dim(big, row, slot,
-                                                                 self._batch_axis),
-            cache, row_cache)
-        keys = _row_keys(seed_1, jnp.zeros((1,), jnp.int32))
-        tok_1 = _sample_rows(logits_1xWxV[:, -1], sampling_1x3[:, 0], sampling_1x3[:, 1],
-                             sampling_1x3[:, 2].astype(jnp.int32), keys, sampling=sampling)
-        out = {'token': tok_1}
+      fresh_shapes = serving.cache_shapes(self.gen.model, rows, self.cache_len)
+
+      def fn(params, cache, slots_N, rows_NxWxD, ints_NxWx4, sampling_Nx3, seeds_N):
+        fresh = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), fresh_shapes)
+        logits_NxWxV, new_cache = serving.apply_cached(self.gen.model, params, fresh,
+                                                       rows_NxWxD, ints_NxWx4)
+        cache = jax.tree.map(lambda big, new: self._put_rows(big, new, slots_N), cache,
+                             new_cache)
+        keys = _row_keys(seeds_N, jnp.zeros_like(seeds_N))
+        tok_N = _sample_rows(logits_NxWxV[:, -1], sampling_Nx3[:, 0], sampling_Nx3[:, 1],
+                             sampling_Nx3[:, 2].astype(jnp.int32), keys, sampling=sampling)
+        out = {'token': tok_N}
         if logprobs:
-          next_W = jnp.concatenate([ints_1xWx4[0, 1:, _TOK], tok_1])
-          out.update(_logprob_outputs(logits_1xWxV[0], next_W, self.top))
+          next_NxW = jnp.concatenate([ints_NxWx4[:, 1:, _TOK], tok_N[:, None]], axis=1)
+          out.update(jax.vmap(lambda l, t: _logprob_outputs(l, t, self.top))(logits_NxWxV,
+                                                                             next_NxW))
         return out, cache
       self._prefill[key] = self.gen.jit(fn, donate_argnums=(1,), cache_out=1)
     return self._prefill[key]
+
+  def _put_rows(self, big, new, slots_N):
+    """Cache rows `new` written over rows `slots_N` of `big`; out-of-range slots dropped."""
+    at = (slice(None),) * self._batch_axis + (slots_N,)
+    return big.at[at].set(new.astype(big.dtype), mode='drop')
 
   def decode(self, sampling: bool, logprobs: bool):
     """fn(params, cache, table, matcher, carry, sampling [B, 3], is_stop [V]) → (carry,
@@ -203,12 +209,14 @@ class Engine:
 
   def __init__(self, gen: serving.Generator, max_batch: int = 8, *, static: bool = False,
                functions: Optional[StepFunctions] = None,
-               tokens_per_dispatch: int = DEFAULT_TOKENS_PER_DISPATCH):
+               tokens_per_dispatch: int = DEFAULT_TOKENS_PER_DISPATCH,
+               batch_prefill: bool = True):
     if max_batch < 1:
       raise ValueError(f'max_batch={max_batch} must be at least 1.')
     self.gen = gen
     self.max_batch = int(max_batch)
     self.static = bool(static)
+    self.batch_prefill = bool(batch_prefill)
     # Prompts are left-padded to a multiple of the prefill bucket before their first token.
     cache_len = _bucket(gen.max_len + _PREFILL_BUCKET - 1, _CACHE_BUCKET)
     if functions is None:
@@ -228,9 +236,11 @@ class Engine:
     self._cv = threading.Condition()
     self._stopping = False
     self._thread = None
-    # shared_steps: steps that decoded two or more requests together.
+    # shared_steps: steps that decoded two or more requests together; prefills: requests
+    # prefilled, in prefill_calls compiled calls of prefill_rows rows in all (padding
+    # included), prefill_tokens prompt tokens (with BOS).
     self.stats = {'steps': 0, 'shared_steps': 0, 'tokens': 0, 'requests': 0, 'prefills': 0,
-                  'errors': 0}
+                  'prefill_calls': 0, 'prefill_rows': 0, 'prefill_tokens': 0, 'errors': 0}
     # on_timing(kind, seconds) per decode chunk, kind 'table_lookup' | 'decode_step' (server
     # metrics); seconds are per token step of the chunk.
     self.on_timing: Optional[Callable[[str, float], None]] = None
@@ -280,8 +290,13 @@ class Engine:
     if self._thread is not None:
       self._thread.join(timeout)
 
-  def warmup(self):
-    """Compiles the common programs (short prompt, greedy) before the first request."""
+  def warmup(self, widths=(_PREFILL_BUCKET,)):
+    """Compiles the common programs before the first request: greedy prefill of every row
+    count at each prompt width of `widths` (before start() only) and a short greedy
+    request's prefill and decode."""
+    if self._thread is None:
+      for width in widths:
+        self._warm_prefill(_bucket(width, _PREFILL_BUCKET))
     done = threading.Event()
     self.submit(Request(np.zeros(1, np.int64), 2, lambda *e: e[0] in ('done', 'error') and
                         done.set()))
@@ -291,6 +306,22 @@ class Engine:
     else:
       done.wait()
     self.stats = dict.fromkeys(self.stats, 0)
+
+  def _warm_prefill(self, width: int):
+    """Runs the greedy prefill of every row count once at `width`, writing no slot."""
+    for n in sorted({self._prefill_rows(k) for k in range(1, self.max_batch + 1)}):
+      ints = np.zeros((n, width, 4), np.int32)
+      ints[..., _FID], ints[..., _VALID] = -1, 1
+      # pylint: disable-next=protected-access
+      rows = self.gen._rows_for(ints[..., _FID]) if self.gen.use_table else None
+      _, self._cache = self.fns.prefill(width, n, False, False)(
+          self.gen.params, self._cache, np.full(n, self.max_batch, np.int32), rows, ints,
+          np.zeros((n, 3), np.float32), np.zeros(n, np.int32))
+
+  def _prefill_rows(self, requests: int) -> int:
+    """Rows of the prefill call for this many requests: the next power of two (few
+    compiled shapes), at most max_batch."""
+    return min(1 << (requests - 1).bit_length(), self.max_batch)
 
   # -- the decode thread ----------------------------------------------------
 
@@ -321,54 +352,97 @@ class Engine:
       self._carry = self._empty_carry()
 
   def _admit(self):
+    """Moves waiting requests into free slots. Those that join together are prefilled in
+    one call per prompt width (one call each with batch_prefill=False)."""
     if self.static and any(self._slots):
       return
     while True:
-      with self._cv:
-        free = [b for b, s in enumerate(self._slots) if s is None]
-        if not free or not self._pending:
-          return
-        request = self._pending.popleft()
-      if request.cancelled:
-        continue
-      self.stats['requests'] += 1
-      try:
-        self._prefill(free[0], request)
-      except Exception as e:  # pylint: disable=broad-except
-        logging.exception('prefill failed')
-        self.stats['errors'] += 1
-        request.on_event('error', f'{type(e).__name__}: {e}')
-        self._cache = self.fns.new_cache()
-        self._carry = self._empty_carry()
-        for b, slot in enumerate(self._slots):  # their rows were in the donated cache
-          if slot is not None:
-            slot.request.on_event('error', 'the batch was reset after another request failed')
-            self._slots[b] = None
+      joining = self._take_pending()
+      if not joining:
+        return
+      free = [b for b, s in enumerate(self._slots) if s is None]
+      for group in self._by_width(joining):
+        slots, free = free[:len(group)], free[len(group):]
+        try:
+          self._prefill(slots, group)
+        except Exception as e:  # pylint: disable=broad-except
+          self._prefill_failed(group, e)
 
-  def _prefill(self, b: int, request: Request):
-    gen = self.gen
-    prompt = np.asarray(request.prompt_ids, np.int64)
-    length = prompt.size + int(request.add_bos)
-    width = _bucket(length, _PREFILL_BUCKET)
+  def _take_pending(self) -> list:
+    """Up to one request per free slot (one in all without batch_prefill), cancelled ones
+    dropped."""
+    with self._cv:
+      room = sum(s is None for s in self._slots)
+      room = room if self.batch_prefill else min(room, 1)
+      taken = []
+      while self._pending and len(taken) < room:
+        request = self._pending.popleft()
+        if not request.cancelled:
+          taken.append(request)
+    self.stats['requests'] += len(taken)
+    return taken
+
+  @staticmethod
+  def _by_width(requests: list) -> list:
+    """Groups of requests of one prefill width (prompt + BOS rounded up to the bucket)."""
+    groups = {}
+    for r in requests:
+      length = np.asarray(r.prompt_ids).size + int(r.add_bos)
+      groups.setdefault(_bucket(length, _PREFILL_BUCKET), []).append(r)
+    return list(groups.values())
+
+  def _prefill_failed(self, group: list, e: Exception):
+    logging.exception('prefill failed')
+    self.stats['errors'] += 1
+    for request in group:
+      request.on_event('error', f'{type(e).__name__}: {e}')
+    self._cache = self.fns.new_cache()
+    self._carry = self._empty_carry()
+    for b, slot in enumerate(self._slots):  # their rows were in the donated cache
+      if slot is not None:
+        slot.request.on_event('error', 'the batch was reset after another request failed')
+        self._slots[b] = None
+
+  def _prefill(self, slots: list, requests: list):
+    """Prefills requests of one width into `slots` in one call, padded to a power of two
+    rows (few compiled shapes), then hands out each one's first token."""
+    prompts = [np.asarray(r.prompt_ids, np.int64).reshape(-1) for r in requests]
+    lens = [p.size + int(r.add_bos) for p, r in zip(prompts, requests)]
+    width = _bucket(max(lens), _PREFILL_BUCKET)
+    n = self._prefill_rows(len(requests))
+    pad = lambda x: np.concatenate([x, np.repeat(x[:1], n - len(x), 0)])  # dropped rows
     # pylint: disable=protected-access
-    ints = gen._prefill_inputs([prompt], np.array([length]), width, request.add_bos)
-    rows = gen._rows_for(ints[..., _FID]) if gen.use_table else None
+    ints = pad(np.concatenate([self.gen._prefill_inputs([p], np.array([k]), width, r.add_bos)
+                               for p, k, r in zip(prompts, lens, requests)]))
+    rows = self.gen._rows_for(ints[..., _FID]) if self.gen.use_table else None
     # pylint: enable=protected-access
-    sampling = request.temperature > 0
-    want_lp = request.logprobs is not None
-    fn = self.fns.prefill(width, sampling, want_lp)
-    params = np.array([[request.temperature, request.top_p, request.top_k]], np.float32)
-    out, self._cache = fn(gen.params, self._cache, np.int32(b), rows, ints, params,
-                          np.array([request.seed], np.int32))
+    sampling = pad(np.array([[r.temperature, r.top_p, r.top_k] for r in requests], np.float32))
+    seeds = pad(np.array([r.seed for r in requests], np.int32))
+    slot_ids = np.array(list(slots) + [self.max_batch] * (n - len(slots)), np.int32)
+    want_lp = any(r.logprobs is not None for r in requests)
+    fn = self.fns.prefill(width, n, any(r.temperature > 0 for r in requests), want_lp)
+    out, self._cache = fn(self.gen.params, self._cache, slot_ids, rows, ints, sampling, seeds)
     out = jax.device_get(out)
-    self.stats['prefills'] += 1
+    self.stats['prefills'] += len(requests)
+    self.stats['prefill_calls'] += 1
+    self.stats['prefill_rows'] += n
+    self.stats['prefill_tokens'] += sum(lens)
+    for i, (b, request) in enumerate(zip(slots, requests)):
+      self._first_token(b, request, prompts[i], lens[i], {k: v[i] for k, v in out.items()})
+
+  def _first_token(self, b: int, request: Request, prompt: np.ndarray, length: int,
+                   out: dict):
+    """A prefilled request's prompt logprobs (echo) and first token; slot b decodes the
+    rest."""
+    width = out['logprob'].shape[0] if 'logprob' in out else 0
+    want_lp = request.logprobs is not None
     if want_lp and request.echo:
       prompt_part = slice(width - length, width - 1)  # the positions that score prompt tokens
       request.on_event('prompt', {k: v[prompt_part] for k, v in out.items() if k != 'token'})
     if request.max_tokens == 0:
       request.on_event('done', 'length')
       return
-    tok = int(out['token'][0])
+    tok = int(out['token'])
     slot = _Slot(request, tok, 0)
     lp = {k: v[-1] for k, v in out.items() if k != 'token'} if want_lp else None
     if self._emit(slot, tok, lp):
