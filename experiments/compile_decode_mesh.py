@@ -13,7 +13,6 @@ for the first N chips of the topology and compiled by libtpu's TPU compiler (no 
 The last line printed is one JSON object with every figure.
 """
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -22,50 +21,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # this host only compiles
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
+from experiments import configs  # pylint: disable=g-import-not-at-top
 from scone_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
-from scone_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-from scone_jax import serving  # pylint: disable=g-import-not-at-top
 from scone_jax import sharding  # pylint: disable=g-import-not-at-top
-
-
-def _load_config(spec: str):
-  """A get_config() file, optionally with ':ARG' (as --config takes it)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('config_module', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def lower_decode(cfg, devices, tensor: int):
   """serving's greedy decode step over a tensor:N mesh of devices[:N], lowered."""
-  vocab = int(cfg.tokenizer.vocab_size)
-  model_config = dataclasses.replace(model_lib.ModelConfig.from_config(cfg, vocab),
-                                     fgrams_enabled=False)
-  model = model_lib.SconeLM(model_config)
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': tensor}, devices[:tensor])
-  rules = serving.mesh_rules(model_config, mesh)
-  batch, length = int(cfg.compile.decode_batch), int(cfg.compile.decode_len or cfg.seq_len)
-  params = serving.abstract_params(model, None, mesh=mesh, rules=rules)
-  shapes = serving.cache_shapes(model, batch, length)
-  cache = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                       shapes, serving.cache_shardings(shapes, mesh, rules))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  rows = None
-  if cfg.fgrams.enabled:
-    rows = jax.ShapeDtypeStruct((batch, 1, cfg.model.d_model), jnp.dtype(cfg.export.dtype),
-                                sharding=replicated)
-  ints = jax.ShapeDtypeStruct((batch, 1, 4), jnp.int32, sharding=replicated)
-  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
-  sampling = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=replicated)
-  step = serving.jit_on_mesh(
-      serving.make_decode_step(model, greedy=True, top_k=0, use_top_p=False), mesh, rules,
-      donate_argnums=(1,), cache_out=1)
-  return step.lower(params, cache, rows, ints, rng, sampling)
+  return compile_lib.lower_decode(cfg, int(cfg.tokenizer.vocab_size), mesh=mesh)
 
 
 def main():
@@ -74,12 +38,13 @@ def main():
   parser.add_argument('--topology', default='v5e:2x4')
   parser.add_argument('--tensor', default='1,2,4,8', help='tensor sizes to compile')
   args = parser.parse_args()
-  cfg = _load_config(args.config)
+  cfg = configs.load(args.config)
   devices = compile_lib.topology_devices(args.topology)
   hbm = compile_lib.hbm_bytes(devices[0])
   out = {'config': args.config, 'topology': args.topology,
          'device_kind': devices[0].device_kind, 'batch': int(cfg.compile.decode_batch),
-         'cache_len': int(cfg.compile.decode_len or cfg.seq_len), 'tensor': {}}
+         'cache_len': compile_lib._decode_len(cfg),  # pylint: disable=protected-access
+         'tensor': {}}
   for n in (int(x) for x in args.tensor.split(',')):
     report = compile_lib._compile(f'decode tensor:{n}',  # pylint: disable=protected-access
                                   lambda n=n: lower_decode(cfg, devices, n), hbm)

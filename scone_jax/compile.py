@@ -283,7 +283,7 @@ def compile_steps(cfg, topology: str, num_slices: int = 1, devices=None) -> dict
         cfg.fgrams.num_fgrams) * cfg.model.d_model * np.dtype(jnp.dtype(cfg.export.dtype)).itemsize)
 
   logging.info('compiling the decode step (one device, as serving runs it)')
-  steps['decode'] = _compile('decode', lambda: _lower_decode(cfg, vocab, devices[0]), hbm)
+  steps['decode'] = _compile('decode', lambda: lower_decode(cfg, vocab, devices[0]), hbm)
   steps['decode'].update(batch=int(cfg.compile.decode_batch), cache_len=_decode_len(cfg),
                          devices=1)
 
@@ -304,26 +304,35 @@ def _decode_len(cfg) -> int:
   return int(cfg.compile.decode_len or cfg.seq_len)
 
 
-def _lower_decode(cfg, vocab, device):
-  """serving's KV-cached decode step, one new token per row, on one device (as serving
-  places it), with greedy sampling (--mode=generate's default)."""
+def lower_decode(cfg, vocab, device=None, *, mesh=None):
+  """serving's KV-cached decode step, one new token per row, with greedy sampling
+  (--mode=generate's default), lowered: on one device as serving places it, or over a
+  serving mesh (`--mesh=tensor:N`: parameters, KV cache and arguments in serving's mesh
+  shardings, jitted as `Generator(mesh=...)` jits it)."""
   model_config = dataclasses.replace(model_lib.ModelConfig.from_config(cfg, vocab),
                                      fgrams_enabled=False)
   model = model_lib.SconeLM(model_config)
-  single = jax.sharding.SingleDeviceSharding(device)
   batch = int(cfg.compile.decode_batch)
-  params = serving.abstract_params(model, device)
-  cache = _placed(serving.cache_shapes(model, batch, _decode_len(cfg)),
-                  jax.tree.map(lambda _: single, serving.cache_shapes(model, batch, 1)))
+  shapes = serving.cache_shapes(model, batch, _decode_len(cfg))
+  step_fn = serving.make_decode_step(model, greedy=True, top_k=0, use_top_p=False)
+  if mesh is None:
+    place = jax.sharding.SingleDeviceSharding(device)
+    params = serving.abstract_params(model, device)
+    cache = _placed(shapes, jax.tree.map(lambda _: place, shapes))
+    step = jax.jit(step_fn, donate_argnums=(1,))
+  else:
+    rules = serving.mesh_rules(model_config, mesh)
+    place = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = serving.abstract_params(model, None, mesh=mesh, rules=rules)
+    cache = _placed(shapes, serving.cache_shardings(shapes, mesh, rules))
+    step = serving.jit_on_mesh(step_fn, mesh, rules, donate_argnums=(1,), cache_out=1)
   rows = None
   if cfg.fgrams.enabled:
     rows = jax.ShapeDtypeStruct((batch, 1, cfg.model.d_model), jnp.dtype(cfg.export.dtype),
-                                sharding=single)
-  ints = jax.ShapeDtypeStruct((batch, 1, 4), jnp.int32, sharding=single)
-  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=single)
-  sampling = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=single)
-  step = jax.jit(serving.make_decode_step(model, greedy=True, top_k=0, use_top_p=False),
-                 donate_argnums=(1,))
+                                sharding=place)
+  ints = jax.ShapeDtypeStruct((batch, 1, 4), jnp.int32, sharding=place)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=place)
+  sampling = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=place)
   return step.lower(params, cache, rows, ints, rng, sampling)
 
 
