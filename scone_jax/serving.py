@@ -555,18 +555,7 @@ def jit_on_mesh(fn, mesh, rules, *, donate_argnums=(), cache_out: Optional[int] 
         out[cache_out], cache_shardings(out[cache_out], mesh, rules))
     return tuple(out)
 
-  jitted = jax.jit(pinned, donate_argnums=donate_argnums)
-
-  @functools.wraps(fn)
-  def call(*args):
-    with sharding.mesh_context(mesh, rules):
-      return jitted(*args)
-
-  def lower(*args):
-    with sharding.mesh_context(mesh, rules):
-      return jitted.lower(*args)
-  call.lower = lower
-  return call
+  return sharding.under_mesh(jax.jit(pinned, donate_argnums=donate_argnums), mesh, rules)
 
 
 def _on_mesh(table: Optional[Table], mesh) -> Optional[Table]:

@@ -6,6 +6,7 @@ parallelism of heads, mlp and vocab). Modules name their axes logically (`batch`
 `heads`, ...); `logical_axis_rules` maps those names onto mesh axes.
 """
 import contextlib
+import functools
 import logging
 from typing import Any, Optional, Sequence
 
@@ -65,6 +66,24 @@ def mesh_context(mesh: jax.sharding.Mesh, rules):
   """Makes `mesh` and `rules` current, so the model's logical constraints take effect."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
+
+
+def under_mesh(jitted, mesh: jax.sharding.Mesh, rules):
+  """`jitted`, called with the mesh and logical rules current (its constraints trace under
+  them). The jitted function stays reachable as `.jitted` (e.g. for its cache size);
+  `.lower(*args)` lowers it under the mesh too (arguments may be ShapeDtypeStructs:
+  ahead-of-time compile)."""
+  @functools.wraps(jitted)
+  def call(*args):
+    with mesh_context(mesh, rules):
+      return jitted(*args)
+
+  def lower(*args):
+    with mesh_context(mesh, rules):
+      return jitted.lower(*args)
+  call.jitted = jitted
+  call.lower = lower
+  return call
 
 
 def init_sharded(model: nn.Module, rng, example_inputs: dict, mesh: jax.sharding.Mesh, rules):

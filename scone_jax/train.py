@@ -245,32 +245,14 @@ def jit_steps(cfg, model, tx, schedule, mesh, rules, state_shardings: TrainState
               batch_shardings: dict) -> tuple:
   """(train_step, eval_step), jitted with in/out shardings and called under the mesh."""
   replicated = state_shardings.step
-  train_step = _under_mesh(jax.jit(
+  train_step = sharding.under_mesh(jax.jit(
       make_train_step(model, tx, schedule, cfg),
       in_shardings=(state_shardings, batch_shardings, replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,)), mesh, rules)
-  eval_step = _under_mesh(jax.jit(
+  eval_step = sharding.under_mesh(jax.jit(
       make_eval_step(model), in_shardings=(state_shardings.params, batch_shardings),
       out_shardings=replicated), mesh, rules)
   return train_step, eval_step
-
-
-def _under_mesh(jitted, mesh, rules):
-  """`jitted`, called with the mesh and logical rules current (its constraints trace under them).
-
-  The jitted function stays reachable as `.jitted` (e.g. for its cache size); `.lower(*args)`
-  lowers it under the mesh too (arguments may be ShapeDtypeStructs: ahead-of-time compile).
-  """
-  def call(*args):
-    with sharding.mesh_context(mesh, rules):
-      return jitted(*args)
-
-  def lower(*args):
-    with sharding.mesh_context(mesh, rules):
-      return jitted.lower(*args)
-  call.jitted = jitted
-  call.lower = lower
-  return call
 
 
 def count_params(tree) -> int:
