@@ -23,13 +23,10 @@ import numpy as np
 import openai
 import pytest
 
-from scone_jax import artifacts
 from scone_jax import engine as engine_lib
-from scone_jax import export
 from scone_jax import model as model_lib
 from scone_jax import server
 from scone_jax import serving
-from scone_jax import train
 import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,21 +36,8 @@ PROMPTS = ['The nation must protect', 'Our people', '', 'The congress will build
 
 
 def build_export(root: str) -> str:
-  """A tiny SCONE export (untrained weights: the server only has to compute what the model
-  computes) in a few seconds."""
-  corpus_dir = os.path.join(root, 'corpus')
-  tiny.write_corpus(corpus_dir, num_train=60, num_eval=4)
-  cfg = tiny.tiny_config(corpus_dir)
-  workdir = os.path.join(root, 'work')
-  run = artifacts.prepare_run(cfg, workdir)
-  trainer = train.create_trainer(cfg, workdir, run)
-  mngr = train.checkpoint_manager(workdir, cfg)
-  train.save_checkpoint(mngr, trainer, {'step': 0})
-  mngr.wait_until_finished()
-  mngr.close()
-  export_dir = os.path.join(root, 'export')
-  export.export(cfg, workdir, run, export_dir)
-  return export_dir
+  """A tiny SCONE export (untrained weights) in a few seconds."""
+  return tiny.untrained_export(root)[0]
 
 
 def start_server(export_dir: str, log_path: str, *extra) -> types.SimpleNamespace:

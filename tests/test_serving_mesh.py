@@ -12,15 +12,12 @@ import numpy as np
 import openai
 import pytest
 
-from scone_jax import artifacts
 from scone_jax import engine as engine_lib
-from scone_jax import export
 from scone_jax import fgrams
 from scone_jax import model as model_lib
 from scone_jax import serving
 from scone_jax import sharding
 from scone_jax import table as table_lib
-from scone_jax import train
 import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,20 +232,7 @@ def test_engine_on_8_devices_equals_one_device(parts, mesh, one_device):
 
 def _build_export(root: str) -> str:
   """test_server's tiny SCONE export (untrained weights) with 8 heads of 4."""
-  corpus_dir = os.path.join(root, 'corpus')
-  tiny.write_corpus(corpus_dir, num_train=60, num_eval=4)
-  cfg = tiny.tiny_config(corpus_dir)
-  cfg.model.num_heads, cfg.model.head_dim = HEADS, 4
-  workdir = os.path.join(root, 'work')
-  run = artifacts.prepare_run(cfg, workdir)
-  trainer = train.create_trainer(cfg, workdir, run)
-  mngr = train.checkpoint_manager(workdir, cfg)
-  train.save_checkpoint(mngr, trainer, {'step': 0})
-  mngr.wait_until_finished()
-  mngr.close()
-  export_dir = os.path.join(root, 'export')
-  export.export(cfg, workdir, run, export_dir)
-  return export_dir
+  return tiny.untrained_export(root, model={'num_heads': HEADS, 'head_dim': 4})[0]
 
 
 @pytest.mark.slow

@@ -144,13 +144,12 @@ def _wait_group_dead(pgid, timeout=60):
   deadline = time.time() + timeout
   while time.time() < deadline:
     members = []
-    for pid in filter(str.isdigit, os.listdir('/proc')):
+    for pid in map(int, filter(str.isdigit, os.listdir('/proc'))):
       try:
-        stat = open(f'/proc/{pid}/stat').read()
-      except OSError:
+        in_group = os.getpgid(pid) == pgid
+      except ProcessLookupError:
         continue
-      fields = stat[stat.rfind(')') + 2:].split()
-      if int(fields[2]) == pgid and fields[0] not in ('Z', 'X'):
+      if in_group and artifacts.process_state(pid) not in (None, 'Z', 'X'):
         members.append(pid)
     if not members:
       return

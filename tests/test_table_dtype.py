@@ -14,11 +14,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from scone_jax import artifacts
-from scone_jax import export
 from scone_jax import serving
 from scone_jax import table as table_lib
-from scone_jax import train
 import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +79,6 @@ def _write_table(directory, rows, rows_per_chunk, chunks_per_shard=1):
 def test_loading_as_int8_streams_shards_and_never_holds_the_float_table(tmp_path):
   rows = _rows(16384, 128)                      # 8 MiB as float32
   store, meta = _write_table(str(tmp_path / 'table'), rows, rows_per_chunk=512)  # 256 KiB shards
-  float_bytes = rows.nbytes
   tracemalloc.start()
   try:
     q, s = table_lib.read_table(store, meta, 'int8', verify=True, what='t')
@@ -110,18 +106,7 @@ def export_dir(tmp_path_factory):
   """A tiny SCONE export (float32 table; a few trained steps are not needed: the numbers
   only have to be the model's), and its held-out documents."""
   root = str(tmp_path_factory.mktemp('table_dtype'))
-  corpus_dir = os.path.join(root, 'corpus')
-  tiny.write_corpus(corpus_dir, num_train=60, num_eval=6)
-  cfg = tiny.tiny_config(corpus_dir)
-  workdir = os.path.join(root, 'work')
-  run = artifacts.prepare_run(cfg, workdir)
-  trainer = train.create_trainer(cfg, workdir, run)
-  mngr = train.checkpoint_manager(workdir, cfg)
-  train.save_checkpoint(mngr, trainer, {'step': 0})
-  mngr.wait_until_finished()
-  mngr.close()
-  out = os.path.join(root, 'export')
-  export.export(cfg, workdir, run, out, chunks_per_shard=2)   # 200 rows: 4 shards
+  out, run = tiny.untrained_export(root, num_eval=6, chunks_per_shard=2)  # 200 rows: 4 shards
   return out, run.heldout_docs
 
 

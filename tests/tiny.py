@@ -32,6 +32,29 @@ def prepared_run(root):
   return cfg, run
 
 
+def untrained_export(root, *, num_eval=4, chunks_per_shard=None, model=None):
+  """A tiny SCONE export of untrained weights (serving only has to compute what the model
+  computes), in a few seconds: (export_dir, run). `model`: config.model fields to change
+  (e.g. more heads)."""
+  from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
+  from scone_jax import export  # pylint: disable=g-import-not-at-top
+  from scone_jax import train  # pylint: disable=g-import-not-at-top
+  corpus_dir = os.path.join(root, 'corpus')
+  write_corpus(corpus_dir, num_train=60, num_eval=num_eval)
+  cfg = tiny_config(corpus_dir)
+  cfg.model.update(model or {})
+  workdir = os.path.join(root, 'work')
+  run = artifacts.prepare_run(cfg, workdir)
+  trainer = train.create_trainer(cfg, workdir, run)
+  mngr = train.checkpoint_manager(workdir, cfg)
+  train.save_checkpoint(mngr, trainer, {'step': 0})
+  mngr.wait_until_finished()
+  mngr.close()
+  export_dir = os.path.join(root, 'export')
+  export.export(cfg, workdir, run, export_dir, chunks_per_shard=chunks_per_shard)
+  return export_dir, run
+
+
 def write_corpus(directory, num_train=120, num_eval=12, seed=0):
   """Writes train.txt and eval.txt: blank-line-separated documents of templated sentences."""
   rng = np.random.default_rng(seed)
