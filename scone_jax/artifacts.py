@@ -245,20 +245,24 @@ def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   return path
 
 
-def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
+def prepare_run(cfg: ml_collections.ConfigDict, workdir: str, *,
+                need_heldout: bool = True) -> RunArtifacts:
   """Loads the corpus, trains or reuses the tokenizer, extracts or reuses the f-grams.
 
+  need_heldout=False (`--mode=extract`): with corpus.heldout_fraction=0 and no eval files
+  there is no held-out split and none is asked for (heldout_docs is empty): every document
+  of a domain goes into its f-grams. Training and eval need one and refuse an empty split.
   On several processes (a pod), process 0 makes the tokenizer and the f-gram set first;
   the others wait for it and then load what it wrote (the workdir is shared).
   """
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
-    return _prepare_run(cfg, workdir)
+    return _prepare_run(cfg, workdir, need_heldout)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  run = _prepare_run(cfg, workdir) if jax.process_index() == 0 else None
+  run = _prepare_run(cfg, workdir, need_heldout) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices('scone_jax.prepare_run')
   if run is None:
-    run = _prepare_run(cfg, workdir)
+    run = _prepare_run(cfg, workdir, need_heldout)
   fingerprints = np.frombuffer(bytes.fromhex(
       run.tokenizer.fingerprint[:16] + (run.fgram_set.fingerprint[:16] if run.fgram_set
                                         else '0' * 16)), np.uint8)
@@ -269,10 +273,14 @@ def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
   return run
 
 
-def _prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunArtifacts:
+def _prepare_run(cfg: ml_collections.ConfigDict, workdir: str,
+                 need_heldout: bool = True) -> RunArtifacts:
   paths.makedirs(workdir)
   t0 = time.time()
-  heldout_docs = load_heldout(cfg, workdir)
+  no_split = (cfg.corpus.heldout_fraction == 0
+              and not (cfg.corpus.name == 'text' and cfg.corpus.eval_files))
+  # The split would be empty by construction: reading the corpus for it is wasted.
+  heldout_docs = [] if (no_split and not need_heldout) else load_heldout(cfg, workdir)
   logging.info('corpus %s: %d held-out documents (%.1fs)', cfg.corpus.name, len(heldout_docs),
                time.time() - t0)
 
@@ -401,6 +409,43 @@ def prepare_fgrams(cfg, workdir, tokenizer, train_docs) -> fgrams.FGramSet:
   summary = fgram_summary(fgram_set, tokenizer, num_tokens=num_tokens, seconds=t_ext)
   paths.atomic_write(paths.join(workdir, FGRAMS_SUMMARY_FILE), summary)
   return fgram_set
+
+
+def fgram_set_meta_path(path: str) -> str:
+  """The description `--mode=extract` writes beside a set: fgrams.npz -> fgrams.json."""
+  return (path[:-len('.npz')] if path.endswith('.npz') else path) + '.json'
+
+
+def load_fgram_set(path: str, tokenizer) -> tuple[fgrams.FGramSet, dict]:
+  """An f-gram set file and where it came from, refused unless made with this tokenizer.
+
+  The tokenizer that made a set is in the description `--mode=extract` writes beside it
+  (`fgram_set_meta_path`): its request's tokenizer fingerprint. Returns (set, source) with
+  source = {path, fingerprint, num_fgrams, max_len, tokenizer_fingerprint, corpus,
+  min_count}: what `export.json` records of it.
+  """
+  path = paths.abspath(paths.check(path))
+  fgram_set = fgrams.FGramSet.load(path)
+  meta_path = fgram_set_meta_path(path)
+  if not paths.isfile(meta_path):
+    raise ValueError(f'{path}: cannot tell which tokenizer made this f-gram set: no '
+                     f'{meta_path} beside it (--mode=extract writes one); extract the set '
+                     'with --mode=extract and this run\'s --config.tokenizer.path.')
+  meta = paths.read_json(meta_path)
+  request = meta.get('request') or {}
+  if meta.get('fingerprint') != fgram_set.fingerprint:
+    raise ValueError(f'{meta_path} describes f-gram set {str(meta.get("fingerprint"))[:12]}… '
+                     f'but {path} is {fgram_set.fingerprint[:12]}…; keep each fgrams.npz '
+                     'with its own fgrams.json, or re-run --mode=extract.')
+  made_with = str(request.get('tokenizer_fingerprint'))
+  if made_with != tokenizer.fingerprint:
+    raise ValueError(f'f-gram set {path} was made with tokenizer {made_with[:12]}…, this run\'s '
+                     f'tokenizer is {tokenizer.fingerprint[:12]}…; extract it again with '
+                     '--mode=extract --config.tokenizer.path=WORKDIR/tokenizer.model.')
+  return fgram_set, {
+      'path': path, 'fingerprint': fgram_set.fingerprint, 'num_fgrams': len(fgram_set),
+      'max_len': fgram_set.max_len, 'tokenizer_fingerprint': made_with,
+      'corpus': request.get('corpus'), 'min_count': request.get('min_count')}
 
 
 def _check_fgrams_fit(fgram_set, cfg, path):

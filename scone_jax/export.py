@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from flax import linen as nn
 import jax
@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from scone_jax import artifacts
 from scone_jax import checkpoints
+from scone_jax import fgrams
 from scone_jax import model as model_lib
 from scone_jax import paths
 from scone_jax import sharding
@@ -150,8 +151,11 @@ def make_fgram_pass(model, mesh, rules, param_shardings, out_dtype):
       mesh, nn.logical_to_mesh_axes(('fgram_batch', None), rules))
   batch_1d = jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(('fgram_batch',), rules))
   param_shardings = {k: param_shardings[k] for k in FGRAM_PASS_PARAMS}
+  trained_k = model.config.fgram_max_len
 
   def fn(params, toks_BxK, lens_B):
+    if toks_BxK.shape[1] > trained_k:  # a set with longer f-grams than trained (static)
+      toks_BxK, lens_B = last_tokens(toks_BxK, lens_B, trained_k)
     emb_BxD = model.apply({'params': params}, toks_BxK, lens_B,
                           method=model_lib.SconeLM.fgram_embed)
     return emb_BxD.astype(out_dtype)
@@ -159,6 +163,16 @@ def make_fgram_pass(model, mesh, rules, param_shardings, out_dtype):
   jitted = jax.jit(fn, in_shardings=(param_shardings, batch_2d, batch_1d),
                    out_shardings=batch_2d)
   return jitted, batch_2d, batch_1d
+
+
+def last_tokens(toks_BxW, lens_B, k: int):
+  """Left-aligned windows [B, W] of lengths lens_B cut to their last k tokens -> ([B, k],
+  lengths). A_fgram has learned positions for the K it was trained with; an f-gram longer
+  than that is embedded from its last K tokens, the ones nearest the position it replaces
+  (its row is then the row its K-token suffix would get)."""
+  start_B = jnp.maximum(lens_B - k, 0)
+  cols_BxK = jnp.minimum(start_B[:, None] + jnp.arange(k)[None, :], toks_BxW.shape[1] - 1)
+  return jnp.take_along_axis(toks_BxW, cols_BxK, axis=1), jnp.minimum(lens_B, k)
 
 
 def global_batch_size(mesh, batch_size: int, process_count: int) -> int:
@@ -186,13 +200,55 @@ def _checkpoint_identity(workdir, step) -> dict:
   return {'path': path, 'metadata_sha256': file_digest(meta) if paths.isfile(meta) else None}
 
 
-def _request(cfg, workdir, run, step, layout) -> dict:
+def choose_fgram_set(cfg, workdir: str, run: artifacts.RunArtifacts,
+                     fgram_set_paths: Optional[Sequence[str]] = None):
+  """The f-gram set to embed -> (FGramSet, the record export.json keeps of it).
+
+  fgram_set_paths: sets made by --mode=extract with this run's tokenizer (any corpus,
+  any S and K); several are joined by `fgrams.union` (each f-gram once, ranked by summed
+  count). None or empty: the run's own set. A set made with another tokenizer is refused.
+  """
+  trained = run.fgram_set
+  if fgram_set_paths:
+    loaded = [artifacts.load_fgram_set(p, run.tokenizer) for p in fgram_set_paths]
+    chosen = fgrams.union([s for s, _ in loaded])
+    sources = [src for _, src in loaded]
+  else:
+    chosen = trained
+    path = paths.abspath(cfg.fgrams.path or paths.join(workdir, artifacts.FGRAMS_FILE))
+    meta_path = artifacts.fgram_set_meta_path(path)
+    meta = read_json(meta_path) if paths.isfile(meta_path) else {}
+    known = meta.get('fingerprint') == trained.fingerprint  # else: made elsewhere (Beam)
+    request = meta.get('request', {}) if known else {}
+    sources = [{'path': path, 'fingerprint': trained.fingerprint, 'num_fgrams': len(trained),
+                'max_len': trained.max_len,
+                'tokenizer_fingerprint': request.get('tokenizer_fingerprint'),
+                'corpus': request.get('corpus'), 'min_count': request.get('min_count')}]
+  trained_k = int(cfg.fgrams.max_len)
+  longer = int(np.sum(chosen.lengths > trained_k))
+  if longer:
+    logging.info('export: %d of %d f-grams are longer than the %d tokens the f-gram model was '
+                 'trained on; each is embedded from its last %d tokens', longer, len(chosen),
+                 trained_k, trained_k)
+  return chosen, {
+      'fingerprint': chosen.fingerprint, 'num_fgrams': len(chosen), 'max_len': chosen.max_len,
+      'trained_fingerprint': trained.fingerprint, 'trained_max_len': trained_k,
+      # f-grams longer than trained_max_len: embedded from their last trained_max_len tokens.
+      'cut_to_trained_max_len': longer,
+      'union': 'count summed over the sets' if len(sources) > 1 else None,
+      'sources': sources,
+  }
+
+
+def _request(cfg, workdir, run, step, layout, fgram_record) -> dict:
   del cfg  # the layout carries what matters of it; the checkpoint carries the model
   return {
       'format_version': FORMAT_VERSION,
       'step': int(step),
       'checkpoint': _checkpoint_identity(workdir, step),
-      'fgram_fingerprint': run.fgram_set.fingerprint,
+      'fgram_fingerprint': fgram_record['fingerprint'],
+      # Which set the table embeds (a change restarts an interrupted export).
+      'fgram_set': fgram_record,
       'tokenizer_fingerprint': run.tokenizer.fingerprint,
       # How serving loads the tokenizer file it finds beside the table.
       'tokenizer_kind': run.tokenizer.kind,
@@ -218,16 +274,22 @@ def _summary(meta, export_dir, seconds, rows_computed, table_seconds, skipped=Fa
 
 
 def export(cfg, workdir: str, run: artifacts.RunArtifacts, export_dir: str, *,
-           chunks_per_shard: Optional[int] = None) -> dict:
+           chunks_per_shard: Optional[int] = None,
+           fgram_set_paths: Optional[Sequence[str]] = None) -> dict:
   """Exports the latest good checkpoint of workdir for serving; returns a summary dict.
 
-  Resumable: a re-run with the same checkpoint step, f-gram set, tokenizer and table layout
-  continues an interrupted export (`export_dir.partial`); anything else starts over. An
-  existing complete export of the same request is kept as is, and an existing export is
-  replaced only once the new one is complete: a full disk leaves it loadable.
+  fgram_set_paths (`--fgram_set`): the f-gram set(s) to embed instead of the run's own
+  (`choose_fgram_set`); the table and the fgrams.npz beside it are that set's, so serving
+  matches against it.
+  Resumable: a re-run with the same checkpoint step, f-gram set (and its sources),
+  tokenizer and table layout continues an interrupted export (`export_dir.partial`);
+  anything else, another --fgram_set included, starts over. An existing complete export of
+  the same request is kept as is, and an existing export is replaced only once the new one
+  is complete: a full disk leaves it loadable.
   """
   try:
-    return _export(cfg, workdir, run, export_dir, chunks_per_shard=chunks_per_shard)
+    return _export(cfg, workdir, run, export_dir, chunks_per_shard=chunks_per_shard,
+                   fgram_set_paths=fgram_set_paths)
   except Exception as e:  # pylint: disable=broad-except
     if paths.is_disk_full(e):
       raise paths.disk_full_error('the export', paths.abspath(export_dir) + PARTIAL_SUFFIX,
@@ -236,11 +298,14 @@ def export(cfg, workdir: str, run: artifacts.RunArtifacts, export_dir: str, *,
 
 
 def _export(cfg, workdir: str, run: artifacts.RunArtifacts, export_dir: str, *,
-            chunks_per_shard: Optional[int] = None) -> dict:
+            chunks_per_shard: Optional[int] = None,
+            fgram_set_paths: Optional[Sequence[str]] = None) -> dict:
   t_start = time.time()
   if run.fgram_set is None or not cfg.fgrams.enabled:
     raise ValueError('this run has no f-grams (fgrams.enabled=False): there is no table to '
                      'export; use a SCONE config such as experiments/configs/scone.py.')
+  # Before the checkpoint is read: a set that cannot be used fails in a second.
+  fgram_set, fgram_record = choose_fgram_set(cfg, workdir, run, fgram_set_paths)
   export_dir = paths.abspath(export_dir)
   partial_dir = export_dir + PARTIAL_SUFFIX
   final_meta = paths.join(export_dir, METADATA_FILE)
@@ -252,12 +317,11 @@ def _export(cfg, workdir: str, run: artifacts.RunArtifacts, export_dir: str, *,
   pid = jax.process_index()
   trainer = restore_params(cfg, workdir, run)
   step = trainer.step
-  fgram_set = run.fgram_set
   if chunks_per_shard is None:
     chunks_per_shard = int(cfg.export.chunks_per_shard)
   layout = make_layout(len(fgram_set), cfg.model.d_model, cfg.export.dtype,
                        cfg.export.rows_per_chunk, chunks_per_shard)
-  request = _request(cfg, workdir, run, step, layout)
+  request = _request(cfg, workdir, run, step, layout, fgram_record)
 
   if paths.isfile(final_meta):
     try:

@@ -3,7 +3,7 @@
   python -m scone_jax.main --mode=extract --config=experiments/configs/scone.py --workdir=DIR  # tokenizer, f-grams, token shards
   python -m scone_jax.main --mode=train   --config=experiments/configs/scone.py --workdir=DIR
   python -m scone_jax.main --mode=eval    --config=... --workdir=DIR --eval_text=a.txt,b.txt
-  python -m scone_jax.main --mode=export  --config=... --workdir=DIR [--export_dir=OUT]
+  python -m scone_jax.main --mode=export  --config=... --workdir=DIR [--export_dir=OUT] [--fgram_set=a.npz[,b.npz]]
   python -m scone_jax.main --mode=generate --export_dir=OUT --prompt="..."
   python -m scone_jax.main --mode=serve --export_dir=OUT [--port=8000] [--max_batch=8] [--api_key_file=F] [--mesh=tensor:8]
   python -m scone_jax.main --mode=compile --config=... --topology=v5e:4x4 [--num_slices=N]
@@ -31,6 +31,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (artifacts and ch
 _EVAL_TEXT = flags.DEFINE_list('eval_text', None,
                                'Plain-text files (blank-line-separated documents) to evaluate.')
 _EXPORT_DIR = flags.DEFINE_string('export_dir', None, 'Export directory (default WORKDIR/export).')
+_FGRAM_SET = flags.DEFINE_list(
+    'fgram_set', None, '--mode=export: the f-gram set(s) whose table to export instead of the '
+    'run\'s own: fgrams.npz files made by --mode=extract with this run\'s tokenizer (any '
+    'corpus, S or max_len; a set of another tokenizer is refused). a.npz,b.npz: their union, '
+    'each f-gram once, ranked by the sum of the sets\' counts, then by token tuple.')
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'Prompt(s) for --mode=generate.')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate per prompt.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy decoding.')
@@ -172,6 +177,9 @@ def main(argv):
         raise app.UsageError(f'--{flag.name}={flag.value}: {e}') from None
       paths.check_access(flag.value)   # gs://: one error line if the bucket cannot be used
 
+  if _FGRAM_SET.value and mode != 'export':
+    raise app.UsageError(f'--fgram_set is for --mode=export; --mode={mode} uses the export\'s '
+                         'or the run\'s own f-gram set.')
   serving_export = mode in ('serve', 'generate') or (
       mode == 'eval' and _EXPORT_DIR.value and not _WORKDIR.value)
   if _MESH.value and not serving_export:
@@ -248,7 +256,8 @@ def main(argv):
     # Everything before training: tokenizer, f-gram set, the training split's token shards.
     artifacts.check_config(cfg, workdir)
     artifacts.write_config(cfg, workdir)
-    run = artifacts.prepare_run(cfg, workdir)
+    # An extraction needs no held-out split: heldout_fraction=0 gives every document to it.
+    run = artifacts.prepare_run(cfg, workdir, need_heldout=False)
     if run.fgram_set is not None:
       print(artifacts.fgram_summary(run.fgram_set, run.tokenizer), end='')
       print(f'wrote {paths.join(workdir, artifacts.FGRAMS_FILE)}')
@@ -289,7 +298,7 @@ def main(argv):
     from scone_jax import export  # pylint: disable=g-import-not-at-top
     run = artifacts.prepare_run(cfg, workdir)
     export_dir = _EXPORT_DIR.value or paths.join(workdir, 'export')
-    summary = export.export(cfg, workdir, run, export_dir)
+    summary = export.export(cfg, workdir, run, export_dir, fgram_set_paths=_FGRAM_SET.value)
     print(json.dumps(summary))
 
 

@@ -8,7 +8,7 @@ for each position, the longest f-gram ending there (causal, within the document)
   kernels.py     numba kernels: hashing, the match table, matching (batch and decode-time
                  `advance_matches`), radix sort and run scans for counting
   fgram_set.py   `FGramSet` (persistence, fingerprint, matching) and ranking:
-                 `rank_order`, `select_top`
+                 `rank_order`, `select_top`, `union` (several sets as one)
   extraction.py  `extract`: exact in-process extraction with the K-1 pruned passes
 
 Use the names below; the modules' underscore names are private to this package.
@@ -20,10 +20,11 @@ from scone_jax.fgrams.fgram_set import FORMAT_VERSION
 from scone_jax.fgrams.fgram_set import MAX_TOKEN
 from scone_jax.fgrams.fgram_set import rank_order
 from scone_jax.fgrams.fgram_set import select_top
+from scone_jax.fgrams.fgram_set import union
 from scone_jax.fgrams.kernels import advance_matches
 
 __all__ = ['FGramSet', 'FORMAT_VERSION', 'MAX_TOKEN', 'advance_matches', 'extract',
-           'rank_order', 'select_top']
+           'rank_order', 'select_top', 'union']
 
 
 def __getattr__(name):

@@ -122,6 +122,40 @@ def select_top(ngrams_NxK, counts_N, *, max_len: int, num_fgrams: int) -> 'FGram
   return FGramSet(tokens_padded.astype(np.int32), lengths, counts, max_len)
 
 
+def union(sets: Sequence['FGramSet']) -> 'FGramSet':
+  """All f-grams of several sets, each once, ranked as `select_top` ranks.
+
+  An f-gram's count is the sum of the counts the sets record for it: its count in the
+  sets' corpora together where each set kept it (a set that did not keep it adds 0, so a
+  domain set's f-grams rank by their domain count plus the training count where both have
+  them). Ties break by token tuple (asc), so the order, and hence ids and the fingerprint,
+  do not depend on the order of `sets`. max_len is the largest of the sets'. One set is
+  returned as it is.
+  """
+  sets = list(sets)
+  if not sets:
+    raise ValueError('union of no f-gram sets; pass at least one FGramSet.')
+  if len(sets) == 1:
+    return sets[0]
+  k = max(s.max_len for s in sets)
+  rows = []
+  for s in sets:
+    r = np.full((len(s), k), -1, np.int64)
+    inside = np.arange(s.max_len)[None, :] < s.lengths[:, None]
+    r[:, :s.max_len] = np.where(inside, s.tokens_padded, -1)
+    rows.append(r)
+  rows_NxK = np.concatenate(rows)
+  counts_N = np.concatenate([s.counts for s in sets]).astype(np.int64)
+  unique_UxK, inverse_N = np.unique(rows_NxK, axis=0, return_inverse=True)
+  counts_U = np.zeros(unique_UxK.shape[0], np.int64)
+  np.add.at(counts_U, inverse_N.reshape(-1), counts_N)
+  order = rank_order(unique_UxK, counts_U)
+  unique_UxK, counts_U = unique_UxK[order], counts_U[order]
+  lengths_U = (unique_UxK >= 0).sum(axis=1).astype(np.int32)
+  return FGramSet(np.where(unique_UxK >= 0, unique_UxK, 0).astype(np.int32), lengths_U,
+                  counts_U, k)
+
+
 def _check_rows(rows_SxK, lengths_S, what, pad):
   """Rows must hold `length` tokens >= 0 then only `pad`, with 2 <= length <= K."""
   if not rows_SxK.size:
