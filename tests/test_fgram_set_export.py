@@ -77,7 +77,8 @@ def s(tmp_path_factory):
   domain_cfg.corpus.train_files = _write_domain(str(root / 'domain_corpus'))
   domain_cfg.corpus.eval_files = ''
   domain_cfg.corpus.heldout_fraction = 0.0
-  domain_path, domain_run = _extract(domain_cfg, str(root / 'domain'), num_fgrams=150)
+  # As many as the run's own (200): the same table layout, so only the set tells them apart.
+  domain_path, domain_run = _extract(domain_cfg, str(root / 'domain'), num_fgrams=200)
   grown_path, _ = _extract(tok_cfg, str(root / 'grown'), max_len=_GROWN_K, num_fgrams=300)
   return types.SimpleNamespace(
       root=root, cfg=cfg, workdir=workdir, run=run, trainer=trainer,
@@ -120,7 +121,7 @@ def test_extract_without_a_heldout_split_takes_every_document(s):
   docs = corpus.load_documents(s.domain_cfg.corpus, 'train')
   assert len(docs) == 30
   want = reference.reference_extract([run.tokenizer.encode(d.text) for d in docs],
-                                     max_len=4, min_count=2, num_fgrams=150)
+                                     max_len=4, min_count=2, num_fgrams=200)
   got = fgrams.FGramSet.load(s.domain_path)
   assert [(got.ngram(i), int(got.counts[i])) for i in range(len(got))] == want
   # Training (and eval) still need a held-out split, and say so.
@@ -178,7 +179,7 @@ def test_export_with_a_domain_set_serves_that_set(s):
   meta = json.load(open(os.path.join(export_dir, 'export.json')))
   rec = meta['fgram_set']
   assert meta['fgram_fingerprint'] == rec['fingerprint'] == domain.fingerprint
-  assert (rec['num_fgrams'], rec['max_len'], rec['trained_max_len']) == (150, 4, 4)
+  assert (rec['num_fgrams'], rec['max_len'], rec['trained_max_len']) == (200, 4, 4)
   assert rec['trained_fingerprint'] == s.run.fgram_set.fingerprint
   (src,) = rec['sources']
   assert src['corpus']['train_files'] == s.domain_cfg.corpus.train_files
