@@ -2,6 +2,8 @@
 serve it; extraction of a domain with no held-out split."""
 import json
 import os
+import subprocess
+import sys
 import types
 
 import jax
@@ -313,3 +315,42 @@ def test_grown_table_decode_and_eval_agree(s, grown):
   want_ids, want_lens = fs.match(doc)
   np.testing.assert_array_equal(got, want_ids)
   assert (want_lens > 4).any()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(*args):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  return subprocess.run([sys.executable, '-m', 'scone_jax.main', *args], cwd=repo, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_extract_a_whole_domain_then_export_the_union(s, tmp_path):
+  corpus_dir = os.path.dirname(s.cfg.corpus.train_files)
+  config = tiny.write_config_file(str(tmp_path / 'cfg.py'), corpus_dir)
+  domain_dir = str(tmp_path / 'domain')
+  r = _cli('--mode=extract', f'--config={config}', f'--workdir={domain_dir}',
+           f'--config.tokenizer.path={os.path.join(s.workdir, artifacts.TOKENIZER_FILE)}',
+           f'--config.corpus.train_files={s.domain_cfg.corpus.train_files}',
+           '--config.corpus.eval_files=', '--config.corpus.heldout_fraction=0',
+           '--config.fgrams.num_fgrams=200')
+  assert r.returncode == 0, r.stderr[-3000:]
+  domain = os.path.join(domain_dir, artifacts.FGRAMS_FILE)
+  assert fgrams.FGramSet.load(domain).fingerprint == fgrams.FGramSet.load(
+      s.domain_path).fingerprint  # every document, as in process
+  export_dir = str(tmp_path / 'export')
+  r = _cli('--mode=export', f'--config={config}', f'--workdir={s.workdir}',
+           f'--export_dir={export_dir}', f'--fgram_set={domain},{s.own_path}')
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.loads(r.stdout.strip().splitlines()[-1])
+  want = fgrams.union([fgrams.FGramSet.load(domain), s.run.fgram_set])
+  assert summary['fingerprint'] == want.fingerprint and summary['rows'] == len(want)
+  meta = json.load(open(os.path.join(export_dir, 'export.json')))
+  assert [x['path'] for x in meta['fgram_set']['sources']] == [domain, s.own_path]
+  r = _cli('--mode=eval', f'--export_dir={export_dir}', f'--fgram_set={domain}',
+           f'--eval_text={s.domain_cfg.corpus.train_files}')
+  assert r.returncode == 2 and 'error: --fgram_set is for --mode=export' in r.stderr
