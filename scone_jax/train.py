@@ -599,6 +599,11 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
 
 
 def _train_counted(cfg, workdir, run, stop_after_steps, counter, cache_dir, t_start) -> dict:
+  """Sets the run up (trainer, restore, compiles), builds its hooks and runs the loop.
+
+  Length (~75 lines): the setup is one sequence whose pieces the hooks close over; split,
+  they would be passed around as a dozen arguments.
+  """
   trainer = create_trainer(cfg, workdir, run)
   logging.info('mesh %s; params: %s total, %s in the f-gram model',
                dict(trainer.mesh.shape), f'{count_params(trainer.state.params):,}',
