@@ -8,11 +8,11 @@
 # missing. Then, each stage announced by a progress line on stderr ("[accel_check] ..."):
 #   1. the README job (experiments/configs/scone.py) for 200 steps: train seconds, compile
 #      seconds (and compiles after step 1), steady tokens/s, MFU;
-#   2. experiments/bench_train.py --quick at the README size, and at d768x12 / 32x512 tokens
+#   2. python -m experiments.bench_train --quick at the README size, and at d768x12 / 32x512 tokens
 #      / bf16 with a 2-layer f-gram model of the same width and 16k f-grams: MFU, the
 #      SCONE/baseline step ratio beside the FLOPs-predicted ratio, host batch ms beside the
 #      step ms;
-#   3. experiments/bench_serving.py --model=readme and --model=d768x12 (decode).
+#   3. python -m experiments.bench_serving --model=readme and --model=d768x12 (decode).
 # The last line on stdout is one JSON object: every stage's figures, its exit code and
 # seconds, and the goals of issue 20 checked against them (benchmarks, not tests).
 # A stage that fails is recorded (rc, last error line) and the next one still runs.
@@ -115,10 +115,10 @@ run_stage readme_train "$PY" -m scone_jax.main --mode=train \
   --config.eval_every_steps="$README_STEPS" --config.checkpoint_every_steps="$README_STEPS"
 
 # ------------------------------------------------------------------ 2. train step benches
-run_stage bench_train_readme "$PY" "$ROOT/experiments/bench_train.py" \
+run_stage bench_train_readme "$PY" -m experiments.bench_train \
   --config "$ROOT/experiments/configs/scone.py" --workdir "$WORKDIR/bench_readme" \
   "${BENCH_ARGS[@]}"
-run_stage bench_train_d768x12 "$PY" "$ROOT/experiments/bench_train.py" \
+run_stage bench_train_d768x12 "$PY" -m experiments.bench_train \
   --config "$ROOT/experiments/configs/scone.py" --workdir "$WORKDIR/bench_readme" \
   "${BENCH_ARGS[@]}" --set fgrams.num_fgrams=16000 "${BIG_SET[@]}"
 
@@ -126,7 +126,7 @@ run_stage bench_train_d768x12 "$PY" "$ROOT/experiments/bench_train.py" \
 for args in "${SERVING[@]}"; do
   model="${args%% *}"; model="${model#--model=}"
   # shellcheck disable=SC2086
-  run_stage "bench_serving_$model" "$PY" "$ROOT/experiments/bench_serving.py" $args
+  run_stage "bench_serving_$model" "$PY" -m experiments.bench_serving $args
 done
 
 # ------------------------------------------------------------------ summary

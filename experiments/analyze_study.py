@@ -23,6 +23,10 @@ S ids have the fingerprint the point's result.json records. Writes ROOT/fgram_co
 import argparse
 import json
 import os
+import sys
+
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.analyze_study')
 
 import numpy as np
 

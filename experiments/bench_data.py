@@ -35,9 +35,9 @@ tokenizer batches over cores). Text is the baseline, in the same run. And the pe
 fresh process streaming a Parquet file of `--parquet_mb` (and of one a quarter that size:
 memory must not grow with the file), next to the same process's RSS before reading.
 
-  python experiments/bench_data.py [--tokens 200000000] [--small_tokens 10000000] \
+  python -m experiments.bench_data [--tokens 200000000] [--small_tokens 10000000] \
       [--workdir /tmp/scone_bench_data]
-  python experiments/bench_data.py --only=formats --small_tokens 2000000 \
+  python -m experiments.bench_data --only=formats --small_tokens 2000000 \
       --format_tokens 2000000 --parquet_mb 2000
 
 Generated files are reused across runs (delete the workdir to regenerate). The last line
@@ -50,6 +50,9 @@ import os
 import subprocess
 import sys
 import time
+
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.bench_data')
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -191,8 +194,8 @@ def _peak_rss_mb() -> float:
 
 def _in_subprocess(fn_name, *args):
   """Runs input_rate & co. in a fresh process (its own peak RSS); returns its JSON."""
-  code = (f'import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); '
-          f'import bench_data; print(json.dumps(bench_data.{fn_name}(*{args!r})))')
+  code = (f'import json; from experiments import bench_data; '
+          f'print(json.dumps(bench_data.{fn_name}(*{args!r})))')
   out = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True,
                        text=True, cwd=_REPO)
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -298,11 +301,10 @@ def _time_builds(build, n):
 def _rss_of(module_args):
   """Runs `python -m MODULE ARGS` reporting its own peak RSS at exit (VmHWM; see
   _peak_rss_mb); returns (seconds, peak RSS MB, proc)."""
-  wrapper = ('import atexit, runpy, sys; sys.path.insert(0, %r); import bench_data; '
+  wrapper = ('import atexit, runpy, sys; from experiments import bench_data; '
              'atexit.register(lambda: print("PEAK_RSS_MB", bench_data._peak_rss_mb(), '
              'file=sys.stderr)); sys.argv = sys.argv[1:]; '
-             'runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)'
-             % os.path.dirname(os.path.abspath(__file__)))
+             'runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)')
   t0 = time.time()
   proc = subprocess.run([sys.executable, '-c', wrapper] + module_args, capture_output=True,
                         text=True, cwd=_REPO)

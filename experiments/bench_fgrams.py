@@ -9,8 +9,8 @@ Measures, in one run (these machines are noisy, so read the ratios):
 - the brute-force rates (Counter over tuples; a per-token dict matcher) on a subsample,
   checked to agree with the compiled results, as the ratios' denominators.
 
-  python experiments/bench_fgrams.py --quick
-  python experiments/bench_fgrams.py --tokens=100000000
+  python -m experiments.bench_fgrams --quick
+  python -m experiments.bench_fgrams --tokens=100000000
 
 The last line printed is one JSON object with every figure.
 """
@@ -23,14 +23,15 @@ import sys
 import tempfile
 import time
 
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.bench_fgrams')
+
 import numba
 import numpy as np
 
-# Run as a script: the checkout's root holds scone_jax and experiments; tests/ holds the
-# brute-force references the tests use.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)
-sys.path.insert(0, os.path.join(_ROOT, 'tests'))
+# tests/ (not a package) holds the brute-force references the tests use.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'tests'))
 from experiments import machine  # pylint: disable=g-import-not-at-top
 from reference import reference_extract  # pylint: disable=g-import-not-at-top
 from reference import reference_match  # pylint: disable=g-import-not-at-top

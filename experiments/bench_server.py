@@ -43,10 +43,10 @@ a 300-piece tokenizer on random words, every bigram of it as an f-gram (90,000 r
 every decode step matches and gathers), random weights, a small main model (4 layers,
 d=128).
 
-  taskset -c 1 python experiments/bench_server.py            # ~3 minutes on one core
-  python experiments/bench_server.py --quick                 # smoke test
-  python experiments/bench_server.py --adversarial           # the adversarial mix
-  python experiments/bench_server.py --prefill_only          # prefill batched vs one-by-one
+  taskset -c 1 python -m experiments.bench_server            # ~3 minutes on one core
+  python -m experiments.bench_server --quick                 # smoke test
+  python -m experiments.bench_server --adversarial           # the adversarial mix
+  python -m experiments.bench_server --prefill_only          # prefill batched vs one-by-one
 
 The last line printed is one JSON object with every figure.
 """
@@ -63,11 +63,12 @@ import tempfile
 import time
 import urllib.request
 
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.bench_server')
+
 import numpy as np
 
-# Run as a script: the checkout's root holds scone_jax and experiments.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 ENGINES = ('scone', 'baseline', 'scone_static')
 MAX_LEN = 192
@@ -156,8 +157,9 @@ def serve(export_dir: str, max_batch: int, warm_widths: tuple):
 def start_server(export_dir: str, max_batch: int, log_path: str, warm_widths: list):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   widths = ','.join(map(str, warm_widths))
-  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--serve', export_dir,
-                           f'--max_batch={max_batch}', f'--warm_widths={widths}'], cwd=ROOT,
+  proc = subprocess.Popen([sys.executable, '-m', 'experiments.bench_server', '--serve',
+                           export_dir, f'--max_batch={max_batch}', f'--warm_widths={widths}'],
+                          cwd=ROOT,
                           env=env,
                           stdout=subprocess.PIPE, stderr=open(log_path, 'w'), text=True)
   line = proc.stdout.readline()

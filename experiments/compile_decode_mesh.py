@@ -7,7 +7,7 @@ parameters, the KV cache and the arguments in serving's mesh shardings (`serving
 for the first N chips of the topology and compiled by libtpu's TPU compiler (no TPU needed;
 `pip install -e ".[tpu]"`). N = 1 is the one-chip baseline in the same run.
 
-  python experiments/compile_decode_mesh.py --config=experiments/configs/olmo1b.py:0.6b \
+  python -m experiments.compile_decode_mesh --config=experiments/configs/olmo1b.py:0.6b \
       --topology=v5e:2x4 --tensor=1,2,4,8
 
 The last line printed is one JSON object with every figure.
@@ -17,8 +17,8 @@ import json
 import os
 import sys
 
-# Run as a script: the checkout's root holds scone_jax and experiments.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.compile_decode_mesh')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # this host only compiles
 
 from experiments import configs  # pylint: disable=g-import-not-at-top

@@ -28,6 +28,9 @@ import os
 import sys
 import time
 
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.grow_table')
+
 import numpy as np
 
 from experiments import configs

@@ -16,9 +16,9 @@ third figure is printed where every document fits in one window: each document s
 alone in one forward pass of the export's model, which lm-eval through the server should
 equal to float precision.
 
-  python experiments/lm_eval_check.py --export_dir=runs/scone/export \\
+  python -m experiments.lm_eval_check --export_dir=runs/scone/export \\
       --eval_text=heldout.txt --limit=100 --lm_eval=/path/to/venv/bin/lm_eval
-  python experiments/lm_eval_check.py --tiny --lm_eval=...   # a tiny export built here
+  python -m experiments.lm_eval_check --tiny --lm_eval=...   # a tiny export built here
 
 The last line printed is one JSON object: both NLLs per token and their relative gap.
 """
@@ -34,9 +34,10 @@ import tempfile
 import time
 import urllib.request
 
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.lm_eval_check')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'tests'))
+sys.path.insert(0, os.path.join(ROOT, 'tests'))  # tiny.py (tests/ is not a package)
 
 TASK = 'scone_local_nll'
 TASK_YAML = '''task: {task}

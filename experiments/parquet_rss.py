@@ -1,7 +1,7 @@
 """Peak RSS of streaming a large Parquet file vs one a quarter its size (issue 22's memory
 proof at full size), with bench_data.py's own writer and reader, each read in a fresh process.
 
-  python experiments/parquet_rss.py --source=CORPUS.parquet --work=DIR [--mb=2000]
+  python -m experiments.parquet_rss --source=CORPUS.parquet --work=DIR [--mb=2000]
 
 --source: any Parquet corpus with `id` and `text` columns (bench_data.py --only=formats
 writes one as formats-N/corpus.parquet); its documents are repeated under fresh ids.
@@ -12,10 +12,10 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.parquet_rss')
 
-import bench_data  # pylint: disable=g-import-not-at-top
+from experiments import bench_data  # pylint: disable=g-import-not-at-top
 from scone_jax import corpus  # pylint: disable=g-import-not-at-top
 
 

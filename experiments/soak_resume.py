@@ -1,6 +1,6 @@
 """Soak: train while SIGKILLing the trainer at random moments, resume each time, compare.
 
-  python experiments/soak_resume.py [--kills=12] [--steps=40] [--seed=0] [--workdir=DIR]
+  python -m experiments.soak_resume [--kills=12] [--steps=40] [--seed=0] [--workdir=DIR]
 
 A tiny SCONE config (tests/tiny.py) is trained once without interruption, then again in a
 second run directory where the process is killed with SIGKILL at least --kills times —
@@ -22,8 +22,10 @@ import sys
 import tempfile
 import time
 
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.soak_resume')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'tests'))
+sys.path.insert(0, os.path.join(REPO, 'tests'))  # tiny.py (tests/ is not a package)
 import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

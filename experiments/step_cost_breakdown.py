@@ -23,7 +23,7 @@ op_name and shape), largest bytes first. Asynchronous moves between memory space
 (weights, their gradients and optimizer states) and the rest (activations). The last line
 is one JSON object.
 
-  python experiments/step_cost_breakdown.py --topology=v5e:2x2 [--hlo_dir DIR] [--reuse]
+  python -m experiments.step_cost_breakdown --topology=v5e:2x2 [--hlo_dir DIR] [--reuse]
 
 With --reuse, a DIR that already holds baseline.hlo.gz / scone.hlo.gz (and their cost JSON)
 is read instead of compiling again (a compile of this size takes minutes on a small host).
@@ -38,8 +38,8 @@ import sys
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.step_cost_breakdown')
 
 _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's4': 1, 'u4': 1,
           'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4, 's32': 4, 'u32': 4,
@@ -412,7 +412,7 @@ def added_ops(base: Program, scone: Program, top: int):
 
 
 def load_or_compile(args):
-  import train_step_cost  # pylint: disable=g-import-not-at-top
+  from experiments import train_step_cost  # pylint: disable=g-import-not-at-top
   from scone_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
   from scone_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   os.makedirs(args.hlo_dir, exist_ok=True)

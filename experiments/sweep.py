@@ -42,6 +42,9 @@ import subprocess
 import sys
 import time
 
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.sweep')
+
 import ml_collections
 
 from scone_jax import artifacts

@@ -1,8 +1,9 @@
 """--table_dtype: held-out and out-of-domain perplexity with the f-gram table held as the
 export wrote it, float16, bfloat16 and int8 (per-row scales), and the table's memory.
 
-  python experiments/table_int8.py [--workdir=runs/scone] [--export_dir=WORKDIR/export]
-      [--rss_rows=2000000] [--rss_dir=/tmp/table_int8_rss]
+  python -m experiments.table_int8 [--workdir=runs/scone] [--export_dir=WORKDIR/export]
+      [--rss_rows=2000000] [--rss_dir=/tmp/table_int8_rss] [--ood=wiki,shakespeare]
+      [--heldout=FILE]
 
 The export is the README's main job (`README.md`'s first command writes runs/scone/export);
 its held-out split is WORKDIR/data/heldout.jsonl. The out-of-domain sets are the CPU study's
@@ -23,7 +24,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.table_int8')
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -93,8 +95,9 @@ def rss_report(table_dir: str, rows: int, dim: int) -> dict:
   out = {'rows': rows, 'dim': dim, 'source_dtype': 'float32',
          'source_bytes': rows * dim * 4, 'write_s': time.time() - t0, 'by_dtype': {}}
   for dtype in ('float32',) + DTYPES:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), f'--_rss_child={dtype}',
-                           f'--rss_dir={table_dir}'], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, '-m', 'experiments.table_int8',
+                           f'--_rss_child={dtype}', f'--rss_dir={table_dir}'],
+                          capture_output=True, text=True,
                           timeout=900, check=False)
     if proc.returncode:
       raise RuntimeError(f'RSS child for {dtype} failed: {proc.stderr[-2000:]}')
@@ -118,6 +121,10 @@ def main():
   parser.add_argument('--rss_rows', type=int, default=2_000_000)
   parser.add_argument('--rss_dim', type=int, default=128)
   parser.add_argument('--rss_dir', default='/tmp/table_int8_rss')
+  parser.add_argument('--heldout', default=None,
+                      help='held-out text (default: WORKDIR/data/heldout.jsonl, the run\'s split)')
+  parser.add_argument('--ood', default='wiki,shakespeare',
+                      help='out-of-domain sets (corpus.EVAL_CORPORA); \'\' for none')
   parser.add_argument('--_rss_child', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args._rss_child:   # pylint: disable=protected-access
@@ -132,7 +139,8 @@ def main():
   from scone_jax import table as table_lib  # pylint: disable=g-import-not-at-top
 
   export_dir = args.export_dir or os.path.join(args.workdir, 'export')
-  heldout = os.path.join(args.workdir, artifacts.DATA_DIR, artifacts.HELDOUT_FILE)
+  heldout = (args.heldout
+             or os.path.join(args.workdir, artifacts.DATA_DIR, artifacts.HELDOUT_FILE))
   if not os.path.isfile(os.path.join(export_dir, table_lib.METADATA_FILE)):
     sys.exit(f'error: no export at {export_dir}; run README.md\'s first command (train and '
              f'export --workdir={args.workdir}) first, or pass --workdir/--export_dir.')
@@ -140,9 +148,8 @@ def main():
     sys.exit(f'error: no held-out split at {heldout}; pass the --workdir the export came from.')
   t_start = time.time()
   sets = {'heldout': corpus.read_text_documents([heldout])}
-  for name in corpus.EVAL_CORPORA:
-    if cpu_study.EVAL.get(name):
-      sets[name] = corpus.eval_corpus(name, int(cpu_study.EVAL[name]))
+  for name in (n for n in args.ood.split(',') if n):
+    sets[name] = corpus.eval_corpus(name, int(cpu_study.EVAL.get(name, 0)))
   meta = table_lib.read_metadata(export_dir)
   export_dtype = meta['layout']['dtype']
   dtypes = (export_dtype,) + tuple(d for d in DTYPES if d != export_dtype)

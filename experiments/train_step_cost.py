@@ -9,7 +9,7 @@ and a census of the optimized HLO (scatters and gathers with their element types
 converts, fusions). Ratios SCONE/baseline sit beside the FLOPs-predicted ratio: what grows
 out of proportion is what to fix.
 
-  python experiments/train_step_cost.py --topology=v5e:2x2 [--set model.attention=einsum]
+  python -m experiments.train_step_cost --topology=v5e:2x2 [--set model.attention=einsum]
 
 Default shape: issue 20's (d768x12 bf16 main model, a 2-layer f-gram model of that width,
 32x512 tokens per step, 4,096-piece vocab, 768 packed rows of 16 slots = 12,288 f-gram
@@ -26,7 +26,8 @@ import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run by path, neither scone_jax nor experiments would import
+  sys.exit('run it from the checkout root as: python -m experiments.train_step_cost')
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

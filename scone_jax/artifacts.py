@@ -1,7 +1,8 @@
 """The run directory: what each stage writes there and how the next stage finds it.
 
 Layout of a workdir:
-  config.json            resolved config of the run; a resume may change only schedule fields
+  config.json            resolved config of the run; a resume may change only the fields
+                         config.RESUME_KINDS calls operational
   run.lock               held by the one training process writing here (host, pid, start)
   tokenizer.model        SentencePiece model trained on the training split, or the given
                          one (tokenizer.json for tokenizer.kind=huggingface)
@@ -23,6 +24,7 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
+from scone_jax import config as config_lib
 from scone_jax import corpus
 from scone_jax import fgrams
 from scone_jax import paths
@@ -64,17 +66,6 @@ class RunArtifacts:
     return self._train_docs
 
 
-# Fields a resumed run may change: they set the schedule of the run, not what its
-# checkpoints mean. Any other difference (model, f-gram model, tokenizer, f-grams, corpus,
-# seq_len, batch, dtypes, optimizer, seed) is refused.
-SCHEDULE_FIELDS = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'eval_batches',
-                   'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
-                   # How far ahead batches are built changes when, not what.
-                   'data.prefetch', 'data.workers')
-# A checkpoint restores onto any mesh; export and compile settings do not touch it.
-SCHEDULE_GROUPS = ('mesh', 'export', 'compile')
-
-
 def flatten(d, prefix=''):
   """{'a': {'b': 1}} -> {'a.b': 1}: config JSON as dotted fields."""
   out = {}
@@ -87,28 +78,31 @@ def flatten(d, prefix=''):
 
 
 def config_changes(old: dict, new: dict) -> tuple[list, list]:
-  """(refused, allowed): the differing fields as 'field: old -> new' lines."""
+  """(refused, allowed): the differing fields as 'field: old -> new' lines.
+
+  Allowed: the fields config.RESUME_KINDS calls operational; the rest are refused.
+  """
   a, b = flatten(old), flatten(new)
   refused, allowed = [], []
   for key in sorted(set(a) | set(b)):
     if a.get(key) == b.get(key):
       continue
     line = f'{key}: {a.get(key, "(absent)")!r} -> {b.get(key, "(absent)")!r}'
-    schedule = key in SCHEDULE_FIELDS or key.split('.')[0] in SCHEDULE_GROUPS
-    (allowed if schedule else refused).append(line)
+    # A field config.RESUME_KINDS does not classify (one dropped from the schema) is refused.
+    operational = config_lib.resume_kind(key) == config_lib.OPERATIONAL
+    (allowed if operational else refused).append(line)
   return refused, allowed
 
 
 def check_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume a run whose checkpoints were made under a different config.
 
-  Schedule fields may change (logged); any other change is refused with one message
-  listing each field, old -> new, and what to do.
+  Operational fields (config.RESUME_KINDS) may change (logged); a change of any other
+  field is refused with one message listing each field, old -> new, and what to do.
   """
   path = paths.join(workdir, CONFIG_FILE)
   if not (paths.isfile(path) and paths.isdir(paths.join(workdir, CHECKPOINT_DIR))):
     return
-  from scone_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   # A field added to the schema after the run started counts as its default there.
   defaults = flatten(json.loads(config_lib.default_config().to_json_best_effort()))
   old = {**defaults, **flatten(paths.read_json(path))}
@@ -118,7 +112,7 @@ def check_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
         f'{workdir} holds checkpoints of a run with another config: '
         + '; '.join(refused) + '. Use a new --workdir, or restore the old value(s) to resume.')
   for line in allowed:
-    logging.info('resuming with a changed schedule: %s', line)
+    logging.info('resuming with a changed operational field: %s', line)
 
 
 class ExclusiveLock:

@@ -3,6 +3,7 @@
 Experiment files under experiments/configs/ start from `default_config()` and change
 fields; `validate()` rejects fields that are not here, so a typo fails fast, and every
 field code reads is declared here (nothing is read with a fallback default elsewhere).
+`RESUME_KINDS` says of every field whether a resumed run may change it.
 """
 import math
 from typing import Optional
@@ -185,6 +186,90 @@ def default_config() -> ml_collections.ConfigDict:
   c.compile.decode_batch = 8       # rows of the compiled decode step
   c.compile.decode_len = 0         # KV cache slots of the compiled decode step; 0: seq_len
   return c
+
+
+# ----------------------------------------------------------------------------- resume kinds
+
+# What a resumed run may change, said once for every field of the schema above (a whole
+# group when all its fields are alike). IDENTITY: the field defines the run (its data, model,
+# optimizer or numerics), so the checkpoints mean something else under another value and a
+# resume with it is refused (artifacts.check_config). OPERATIONAL: how, where or when the
+# run is carried out: a resume may change it (logged). tests/test_config_kinds.py fails when
+# a field of the schema is missing here, so a new field is classified when it is added.
+IDENTITY = 'identity'
+OPERATIONAL = 'operational'
+RESUME_KINDS = {
+    'seed': IDENTITY,
+    'input_pipeline': IDENTITY,        # the pipelines do not all give the same rows
+    'data.num_shards': IDENTITY,       # documents per shard set the shards' row order
+    'data.train_shards': IDENTITY,
+    'data.prefetch': OPERATIONAL,      # how far ahead batches are built: when, not what
+    'data.workers': OPERATIONAL,
+    'corpus': IDENTITY,
+    'tokenizer': IDENTITY,
+    'fgrams': IDENTITY,
+    'model.num_layers': IDENTITY,
+    'model.d_model': IDENTITY,
+    'model.num_heads': IDENTITY,
+    'model.head_dim': IDENTITY,
+    'model.mlp_dim': IDENTITY,
+    'model.mlp_activation': IDENTITY,
+    'model.position': IDENTITY,
+    'model.dropout_rate': IDENTITY,
+    'model.dtype': IDENTITY,
+    'model.param_dtype': IDENTITY,
+    'model.remat': OPERATIONAL,        # recomputes the same activations: memory, not math
+    'model.scan_layers': IDENTITY,     # changes the parameters' tree (a 'layers' axis)
+    'model.attention': OPERATIONAL,    # another kernel for the same attention
+    'fgram_model.num_layers': IDENTITY,
+    'fgram_model.num_heads': IDENTITY,
+    'fgram_model.head_dim': IDENTITY,
+    'fgram_model.mlp_dim': IDENTITY,
+    'fgram_model.dedupe': OPERATIONAL,  # the same embeddings, computed once per unique id
+    # How the f-gram windows are laid out and how many rows a step compiles for: a batch
+    # that needs more rows still trains exactly.
+    'fgram_model.pack_len': OPERATIONAL,
+    'fgram_model.pack_bucket': OPERATIONAL,
+    'fgram_model.rows': OPERATIONAL,
+    'fgram_model.rows_sample_batches': OPERATIONAL,
+    'fgram_model.rows_headroom': OPERATIONAL,
+    'seq_len': IDENTITY,
+    'batch_size': IDENTITY,
+    # The run's length: the learning-rate schedule decays to the new end (as intended
+    # when a run is extended).
+    'num_train_steps': OPERATIONAL,
+    'learning_rate': IDENTITY,
+    'end_learning_rate_fraction': IDENTITY,
+    'warmup_steps': IDENTITY,
+    'weight_decay': IDENTITY,
+    'grad_clip_norm': IDENTITY,
+    'grad_accum_steps': IDENTITY,      # micro-batches draw their own dropout keys
+    'log_every_steps': OPERATIONAL,
+    'eval_every_steps': OPERATIONAL,
+    'eval_batches': OPERATIONAL,
+    'checkpoint_every_steps': OPERATIONAL,
+    'keep_checkpoints': OPERATIONAL,
+    'async_checkpointing': OPERATIONAL,
+    'compilation_cache': OPERATIONAL,  # where compiled steps are kept, not what they do
+    'compilation_cache_dir': OPERATIONAL,
+    'profile_steps': OPERATIONAL,      # tracing a running job must not need a new workdir
+    'peak_flops_per_chip': OPERATIONAL,  # only the MFU it reports
+    'mesh': OPERATIONAL,               # a checkpoint restores onto any mesh and sharding
+    'logical_axis_rules': OPERATIONAL,
+    'export': OPERATIONAL,             # export and compile settings do not touch checkpoints
+    'compile': OPERATIONAL,
+}
+
+
+def resume_kind(field: str) -> Optional[str]:
+  """IDENTITY or OPERATIONAL for a dotted field ('model.d_model'), from RESUME_KINDS (the
+  field's own entry, else its group's); None for a field the schema does not classify."""
+  parts = field.split('.')
+  for n in range(len(parts), 0, -1):
+    kind = RESUME_KINDS.get('.'.join(parts[:n]))
+    if kind is not None:
+      return kind
+  return None
 
 
 def cpu_default(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

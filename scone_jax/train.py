@@ -6,16 +6,16 @@ born sharded (`sharding.init_sharded`). Orbax keeps params, optimizer state, ste
 data-iterator state and run metadata (config and the f-gram set's fingerprint) together,
 so a resumed run continues exactly where it stopped.
 
-Length (~540 lines): the loop and what it owns (the Trainer, its two jitted steps, the
-checkpoint cadence, eval, metrics, non-finite and disk-full handling) read as one story;
-the pieces that stand alone already live elsewhere (`step_batch`, `checkpoints`,
-`metrics`, `sharding`).
+The loop (`_run_steps`) only dispatches steps; what happens beside them (logging,
+profiling, eval, checkpoints, preemption) are hooks with their own cadence
+(`train_hooks`). Length (~720 lines): the Trainer, its two jitted steps, eval, compiles,
+the metrics writer and the loaders read as one story; the pieces that stand alone live
+elsewhere (`step_batch`, `checkpoints`, `metrics`, `sharding`, `train_hooks`).
 """
 import collections
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from typing import Any, Callable
@@ -35,9 +35,9 @@ from scone_jax import flops
 from scone_jax import metrics
 from scone_jax import packing
 from scone_jax import paths
-from scone_jax import preemption
 from scone_jax import seqio_tasks
 from scone_jax import token_shards
+from scone_jax import train_hooks
 from scone_jax import model as model_lib
 from scone_jax import sharding
 from scone_jax import step_batch as step_batch_lib
@@ -518,11 +518,6 @@ class _MetricsWriter:
       self._f.close()
 
 
-def _format_eta(seconds):
-  seconds = int(seconds)
-  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
-
-
 def make_loaders(cfg, workdir, run: artifacts.RunArtifacts):
   cache = paths.join(workdir, artifacts.DATA_DIR)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -604,98 +599,42 @@ def _train(cfg, workdir, run: artifacts.RunArtifacts, *, stop_after_steps=None) 
 
 
 def _train_counted(cfg, workdir, run, stop_after_steps, counter, cache_dir, t_start) -> dict:
+  """Sets the run up (trainer, restore, compiles), builds its hooks and runs the loop.
+
+  Length (~75 lines): the setup is one sequence whose pieces the hooks close over; split,
+  they would be passed around as a dozen arguments.
+  """
   trainer = create_trainer(cfg, workdir, run)
   logging.info('mesh %s; params: %s total, %s in the f-gram model',
                dict(trainer.mesh.shape), f'{count_params(trainer.state.params):,}',
                f'{count_params(trainer.state.params.get("fgram_model", {})):,}')
   train_loader, eval_loader = make_loaders(cfg, workdir, run)
   mngr = checkpoint_manager(workdir, cfg, writer=True)
+  s = train_hooks.LoopState(cfg, checkpoint_dir=str(mngr.directory))
   restored = restore_latest(mngr, trainer, set_aside_damaged=True)
-  last_saved = None
   if restored is not None:
-    state, loader_state, last_saved = restored
-    trainer.state = state
+    trainer.state, loader_state, s.last_saved = restored
     train_loader.restore(loader_state)
-    logging.info('resumed from step %d', last_saved)
+    logging.info('resumed from step %d', s.last_saved)
   replicated = trainer.state_shardings.step
   params_finite = jax.jit(_all_finite, out_shardings=replicated)
   writer = _MetricsWriter(workdir)
   rng = jax.device_put(jax.random.PRNGKey(cfg.seed + 1), replicated)
   start = int(trainer.state.step)
+  end = cfg.num_train_steps
+  if stop_after_steps is not None:
+    end = min(end, start + stop_after_steps)
   # One shape per step: fixed f-gram rows, both steps compiled (or loaded from the
   # persistent cache) before step 1.
   set_fgram_rows(trainer, train_loader, eval_loader, start)
   compiled = precompile(trainer, rng)
   params_finite.lower(trainer.state.params).compile()
   compiled.update(counter.snapshot())
-  compiled_before, step_compiled_before = counter.compiles, counter.step_compiles()
   logging.info('compiled before step 1: train step %.1fs, eval step %.1fs (%d XLA compiles, '
                '%d from the persistent cache%s); f-gram rows per micro-batch: train %d, eval %d',
                compiled['train_step_compile_s'], compiled['eval_step_compile_s'],
                counter.compiles, counter.cache_hits, f' in {cache_dir}' if cache_dir else ': off',
                trainer.fgram_rows, trainer.eval_fgram_rows)
-  # Written with the first logged step (metrics.jsonl's first line stays a step's line).
-  compile_line = ({f'compile/{k}': v for k, v in compiled.items()}
-                  | {'compile/fgram_rows': trainer.fgram_rows,
-                     'compile/eval_fgram_rows': trainer.eval_fgram_rows})
-  peak = cfg.peak_flops_per_chip or flops.peak_flops(jax.devices()[0].device_kind)
-  positions_per_step = cfg.batch_size * cfg.seq_len
-  profile = config_lib.parse_profile_steps(cfg.profile_steps)
-  profiling = False
-  last = {}
-  t_last, tokens_since, steps_since, paused_s = time.time(), 0, 0, 0.0
-  fgram_stats = {'fgram_matched': 0, 'fgram_unique': 0, 'fgram_rows': 0, 'fgram_positions': 0,
-                 'fgram_useful': 0, 'fgram_overflow': 0}
-
-  def finish(done, metrics, logged):
-    """Reads step `done`'s metrics, stops on non-finite ones, logs them if it is a log step."""
-    nonlocal last, t_last, compile_line
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not (math.isfinite(metrics['loss']) and math.isfinite(metrics['grad_norm'])):
-      what = 'loss' if not math.isfinite(metrics['loss']) else 'gradient norm'
-      raise _non_finite(f'{what} at step {done} (loss {metrics["loss"]}, grad_norm '
-                        f'{metrics["grad_norm"]})', last_saved, mngr)
-    if logged is None:
-      return
-    tokens, steps, stats, paused = logged
-    now = time.time()
-    # Eval and checkpoint time in this interval is not step time.
-    elapsed, t_last = max(now - t_last - paused, 1e-9), now
-    tps = tokens * jax.process_count() / elapsed
-    eta = (cfg.num_train_steps - done) * elapsed / max(steps, 1)
-    last = dict(metrics)
-    # Model FLOPs count every position of the batch (padding included), the f-gram model
-    # every executed slot.
-    fgram_per_token = stats['fgram_positions'] * jax.process_count() / (steps * positions_per_step)
-    flops_per_token = model_flops_per_token(cfg, run.tokenizer.vocab_size, fgram_per_token)
-    positions_per_s = steps * positions_per_step / elapsed
-    last.update(tokens_per_s=tps, step_time_s=elapsed / steps,
-                model_flops_per_token=flops_per_token,
-                model_tflops_per_s=flops_per_token * positions_per_s / 1e12,
-                **counter.snapshot(), compiles_after_step_1=counter.compiles - compiled_before,
-                step_compiles_after_step_1=counter.step_compiles() - step_compiled_before)
-    if peak:
-      last['mfu'] = flops_per_token * positions_per_s / (peak * jax.device_count())
-    if stats['fgram_overflow']:
-      last['fgram_overflow_batches'] = stats['fgram_overflow']
-    if stats['fgram_matched']:
-      last['fgram_match_rate'] = stats['fgram_matched'] / max(tokens, 1)
-      last['fgram_rows_per_step'] = stats['fgram_rows'] / steps
-      # Executed (packed rows × pack_len, what training FLOPs count) vs needed positions.
-      last['fgram_positions_per_step'] = stats['fgram_positions'] / steps
-      last['fgram_useful_positions_per_step'] = stats['fgram_useful'] / steps
-      if cfg.fgram_model.dedupe:
-        last['fgram_unique_per_step'] = stats['fgram_unique'] / steps
-    mfu = f'  MFU {100 * last["mfu"]:.1f}%' if 'mfu' in last else ''
-    logging.info('step %d/%d  loss %.4f  %s tokens/s  %.1f ms/step%s  lr %.2e  ETA %s', done,
-                 cfg.num_train_steps, last['loss'], f'{tps:,.0f}', 1e3 * last['step_time_s'],
-                 mfu, last['learning_rate'], _format_eta(eta))
-    writer.write(done, {f'train/{k}': v for k, v in last.items()} | compile_line)
-    compile_line = {}
-
-  end = cfg.num_train_steps
-  if stop_after_steps is not None:
-    end = min(end, start + stop_after_steps)
 
   def build(step):  # read, match, pack, dedupe: in background threads when prefetching
     return step_batch_lib.make_step_batch(train_loader.batch_at(step), trainer.fgram_set, cfg,
@@ -704,93 +643,70 @@ def _train_counted(cfg, workdir, run, stop_after_steps, counter, cache_dir, t_st
   # A seqio loader streams in order: one builder thread keeps its reads sequential.
   workers = 1 if cfg.input_pipeline == 'seqio' else cfg.data.workers
   built = packing.ahead(build, range(start, end), prefetch=cfg.data.prefetch, workers=workers)
-  pending = None  # (done, device metrics, logged counters or None) of the last step
-  watch = preemption.Preemption().__enter__()
+  hooks = [
+      train_hooks.ProfileHook(cfg.profile_steps, paths.join(workdir, PROFILE_DIR),
+                              lambda: trainer.state),
+      train_hooks.LoggingHook(
+          cfg, writer, counter,
+          # Written with the first logged step (metrics.jsonl's first line stays a step's).
+          compile_line={f'compile/{k}': v for k, v in compiled.items()}
+          | {'compile/fgram_rows': trainer.fgram_rows,
+             'compile/eval_fgram_rows': trainer.eval_fgram_rows},
+          flops_per_token=lambda f: model_flops_per_token(cfg, run.tokenizer.vocab_size, f),
+          peak_flops=cfg.peak_flops_per_chip or flops.peak_flops(jax.devices()[0].device_kind),
+          fgram_rows=trainer.fgram_rows),
+      train_hooks.EvalHook(cfg, writer, lambda: evaluate(trainer, eval_loader,
+                                                         max_batches=cfg.eval_batches)),
+      train_hooks.CheckpointHook(
+          cfg, lambda: bool(params_finite(trainer.state.params)),
+          lambda force: save_checkpoint(mngr, trainer, train_loader.state(), force=force)),
+      train_hooks.PreemptionHook(),
+  ]
   try:
-    for step, (sb, stats) in zip(range(start, end), built):
-      if profile and step + 1 == profile[0]:
-        jax.profiler.start_trace(paths.join(workdir, PROFILE_DIR),
-                                 create_perfetto_trace=True)
-        profiling = True
-      if stats['fgram_overflow']:
-        logging.warning('step %d: its f-grams need %d packed rows, more than the run\'s %d; '
-                        'it runs with its own shape (compiled once). Raise '
-                        'config.fgram_model.rows or rows_headroom if this repeats.', step + 1,
-                        stats['fgram_rows'] // cfg.grad_accum_steps, trainer.fgram_rows)
-      trainer.state, metrics = trainer.train_step(
-          trainer.state, step_batch_lib.device_put_batch(sb, trainer.batch_shardings), rng)
-      if profiling and step + 1 == profile[1] - 1:
-        jax.block_until_ready(trainer.state)
-        jax.profiler.stop_trace()
-        profiling = False
-        logging.info('profiled steps %d..%d into %s', profile[0], profile[1] - 1,
-                     paths.join(workdir, PROFILE_DIR))
-      train_loader.restore({'step': step + 1})
-      steps_since += 1
-      tokens_since += int(np.sum(sb['loss_mask']))
-      for k in fgram_stats:
-        fgram_stats[k] += stats[k]
-      done = step + 1
-      logged = None
-      if done % cfg.log_every_steps == 0 or done == cfg.num_train_steps:
-        logged = (tokens_since, steps_since, fgram_stats, paused_s)
-        tokens_since, steps_since, paused_s = 0, 0, 0.0
-        fgram_stats = {k: 0 for k in fgram_stats}
-      if pending is not None:
-        finish(*pending)
-      pending = (done, metrics, logged)
-      preempted = watch.reached(done)   # every host, every step
-      evaluating = done % cfg.eval_every_steps == 0 or done == cfg.num_train_steps
-      saving = (done % cfg.checkpoint_every_steps == 0 or done == cfg.num_train_steps
-                or preempted)
-      t_pause = time.time()
-      if evaluating or saving:
-        finish(*pending)
-        pending = None
-      if evaluating:
-        ev = evaluate(trainer, eval_loader, max_batches=cfg.eval_batches)
-        logging.info('eval at step %d: loss %.4f  ppl %.2f  bits/byte %.4f', done, ev['loss'],
-                     ev['ppl'], ev['bits_per_byte'])
-        writer.write(done, {f'eval/{k}': v for k, v in ev.items()})
-        last.update({f'eval_{k}': v for k, v in ev.items()})
-      if saving:
-        if not bool(params_finite(trainer.state.params)):
-          raise _non_finite(f'parameters after step {done}', last_saved, mngr)
-        save_checkpoint(mngr, trainer, train_loader.state(), force=preempted)
-        last_saved = done
-      if evaluating or saving:
-        paused_s += time.time() - t_pause
-      if preempted:
-        logging.warning('%s: stopping at step %d with a checkpoint there; run the same '
-                        'command again to resume', watch.signal_name, done)
-        last['preempted_at_step'] = done
-        break
-    if pending is not None:
-      finish(*pending)
+    _run_steps(trainer, train_loader, zip(range(start, end), built), rng, hooks, s)
   finally:
-    if profiling:
-      jax.profiler.stop_trace()
+    for hook in hooks:
+      hook.close(s)
     built.close()  # stops the builders (those running finish; the rest are dropped)
-    watch.__exit__(None, None, None)
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
   logging.info('trained steps %d..%d in %.1fs', start, int(trainer.state.step),
                time.time() - t_start)
-  return last
+  return s.last
+
+
+def _run_steps(trainer: Trainer, train_loader, batches, rng, hooks, s) -> None:
+  """The loop: dispatch each step, calling the hooks around it (train_hooks.Hook)."""
+  for step, (sb, stats) in batches:
+    done = step + 1
+    s.step_batch, s.stats = sb, stats
+    for hook in hooks:
+      hook.before_step(done, s)
+    trainer.state, s.metrics = trainer.train_step(
+        trainer.state, step_batch_lib.device_put_batch(sb, trainer.batch_shardings), rng)
+    train_loader.restore({'step': done})
+    for hook in hooks:
+      hook.after_step(done, s)
+    due = [hook for hook in hooks if hook.due(done, s)]
+    t_pause = time.time()
+    pausing = any(hook.pauses for hook in due)
+    if pausing:
+      for hook in hooks:
+        hook.flush(s)
+    for hook in due:
+      hook.run(done, s)
+    if pausing:
+      for hook in hooks:
+        hook.paused(time.time() - t_pause)
+    if s.stop:
+      break
+  for hook in hooks:
+    hook.flush(s)
 
 
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def _non_finite(what, last_saved, mngr) -> FloatingPointError:
-  if last_saved is None:
-    where = f'no checkpoint was saved before it in {mngr.directory}'
-  else:
-    where = f'the last good checkpoint is step {last_saved} in {mngr.directory}'
-  return FloatingPointError(f'non-finite {what}; {where}. Lower config.learning_rate (or check '
-                            'the data) and rerun: training resumes from the last checkpoint.')
 
 
 def load_for_eval(cfg, workdir, run: artifacts.RunArtifacts) -> Trainer:
