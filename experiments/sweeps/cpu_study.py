@@ -16,6 +16,7 @@ from scone_jax import config as config_lib
 STEPS = 600          # 1.23M tokens, ~0.47 epoch of the 2.6M-token training split
 LONG_STEPS = 1800    # ~1.4 epochs: the crossover study
 LONG_FLOPS_STEPS = 2630  # the baseline at scone_xs_16k_long's training FLOPs (packed windows)
+FLOPS_V2_STEPS = 929     # the baseline at scone_xs_16k_s*_v2's training FLOPs (packed windows)
 
 EVAL = {'heldout': True, 'wiki': 400_000, 'shakespeare': 400_000}
 
@@ -57,6 +58,17 @@ def get_sweep():
   c.async_checkpointing = False
 
   points = [
+      # --- Issue 29: both of the paper's comparisons on today's code, two seeds each.
+      # The baseline at the *_v2 SCONE's training FLOPs: 8.83 vs 5.70 MFLOPs per training
+      # token (results.csv, scone_xs_16k_s*_v2), 600 x 8.83046 / 5.70163 = 929 steps.
+      {**NEW, 'name': 'base_xs_flops_s0_v2', **XS, **BASELINE, 'seed': 0,
+       'num_train_steps': FLOPS_V2_STEPS},
+      {**NEW, 'name': 'base_xs_flops_s1_v2', **XS, **BASELINE, 'seed': 1,
+       'num_train_steps': FLOPS_V2_STEPS},
+      # The 2x-parameter baseline (equal inference FLOPs is the XS baseline; this is the
+      # paper's "SCONE vs a bigger model" point), two seeds on today's code.
+      {**NEW, 'name': 'base_s_s0_v2', 'group': 'size', **S, **BASELINE, 'seed': 0},
+      {**NEW, 'name': 'base_s_s1_v2', 'group': 'size', **S, **BASELINE, 'seed': 1},
       # --- Run on the code as it ships (token-shard input, f-gram windows packed into
       # fgram_model.pack_len rows); listed first so runners take them first.
       # The crossover, trained 3x longer (curves every 100 steps) ...
