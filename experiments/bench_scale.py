@@ -234,9 +234,34 @@ def unit_set_load_match(out, n, stream_tokens, decode_steps):
   r['stream_tokens'] = int(stream.size)
   r['match_tokens_per_s'] = stream.size / sec
   r['match_rate'] = float((ids >= 0).mean())
+  r.update(_load_factor_cost(fs, stream))
   r.update(_advance_rate(fs, stream, decode_steps))
   r['peak_rss_mb'] = peak_rss_mb()
   return r
+
+
+def _load_factor_cost(fs, stream, rounds=3, sparse_load=0.3):
+  """match_flat tokens/s with the set's table vs one at most `sparse_load` full (about what
+  the earlier upper-bound sizing gave), interleaved rounds of the same stream, best of each:
+  what the smaller table costs in match speed, measured in one process."""
+  from scone_jax.fgrams import fgram_set as fgram_set_lib  # pylint: disable=g-import-not-at-top
+  from scone_jax.fgrams import kernels  # pylint: disable=g-import-not-at-top
+  sparse = fgram_set_lib._build_table(  # pylint: disable=protected-access
+      fs.tokens_padded, fs.lengths, fs.max_len, max_load=sparse_load)
+  part = stream[:min(stream.size, 5_000_000)]
+  offsets = np.array([0, part.size], np.int64)
+  ids = np.empty(part.size, np.int32)
+  lens = np.empty(part.size, np.int32)
+  best = {'dense': 0.0, 'sparse': 0.0}
+  for _ in range(rounds):
+    for name, t in (('dense', fs.table), ('sparse', sparse)):
+      t0 = time.time()
+      kernels.match_flat(part, offsets, t.flat, t.width, t.shift, fs.max_len, ids, lens)
+      best[name] = max(best[name], part.size / (time.time() - t0))
+  return {'match_tokens_per_s_same_run': best['dense'],
+          f'match_tokens_per_s_load{sparse_load}': best['sparse'],
+          f'matcher_bytes_load{sparse_load}': int(sparse.flat.nbytes),
+          'matcher_load_factor': fs.table.entries / (fs.table.flat.size // fs.table.width)}
 
 
 def _advance_rate(fs, stream, steps, batch=64):
@@ -273,12 +298,17 @@ def _tokenizer_path(out):
   return os.path.join(out, 'stage2', 'tokenizer_run', artifacts.TOKENIZER_FILE)
 
 
+# export.chunks_per_shard (0: the config's ~64 MiB shard files); set by --chunks_per_shard.
+_CHUNKS_PER_SHARD = [0]
+
+
 def export_overrides(out, rows):
   """The README config (experiments/configs/scone.py) with this size's f-gram set, the
   shared tokenizer, a float16 table; `numpy` input so that no token shards are prepared."""
   return [f'fgrams.path={os.path.join(_stage2_dir(out, rows), "fgrams.npz")}',
           f'fgrams.num_fgrams={rows}', f'tokenizer.path={_tokenizer_path(out)}',
-          'export.dtype=float16', 'input_pipeline=numpy']
+          'export.dtype=float16', 'input_pipeline=numpy',
+          f'export.chunks_per_shard={_CHUNKS_PER_SHARD[0]}']
 
 
 def unit_tokenizer(out):
@@ -417,10 +447,11 @@ def unit_export_kill(out, rows):
           'same_checksums': got['table_sha256'] == ref['table_sha256']}
 
 
-def unit_matmul_flops(out):
+def unit_matmul_flops(out, rows):
   """float32 matmul FLOP/s on this CPU through jax (this host's one device): the f-gram
-  model's largest matmul at the export's batch, and a square one; best of 5."""
-  del out
+  model's largest matmul at the export's batch, and a square one; best of 5. `rows` names
+  the export it is measured beside."""
+  del out, rows
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from experiments import configs  # pylint: disable=g-import-not-at-top
@@ -475,8 +506,10 @@ def run_unit(out, unit, *args, fresh=False):
   log(f'{name}: running')
   t0 = time.time()
   env = dict(os.environ, PYTHONPATH=_REPO, TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)  # as a user runs it (tests force 8 fake devices)
   subprocess.run([sys.executable, os.path.abspath(__file__), f'--out={out}', f'--unit={unit}',
-                  f'--unit_args={json.dumps(list(args))}'], check=True, cwd=_REPO, env=env)
+                  f'--unit_args={json.dumps(list(args))}',
+                  f'--chunks_per_shard={_CHUNKS_PER_SHARD[0]}'], check=True, cwd=_REPO, env=env)
   with open(path, encoding='utf-8') as f:
     r = json.load(f)
   log(f'{name}: {time.time() - t0:.1f}s {json.dumps(r)}')
@@ -545,11 +578,14 @@ def main():
   p.add_argument('--stream_tokens', type=int, default=20_000_000)
   p.add_argument('--decode_steps', type=int, default=20_000)
   p.add_argument('--no_kill', action='store_true', help='skip the SIGKILL + resume check')
+  p.add_argument('--chunks_per_shard', type=int, default=0,
+                 help='stage 2: export.chunks_per_shard (0: ~64 MiB shard files)')
   p.add_argument('--host_note', default='', help='recorded in the JSON (e.g. "loaded host")')
   p.add_argument('--unit', help=argparse.SUPPRESS)
   p.add_argument('--unit_args', default='[]', help=argparse.SUPPRESS)
   args = p.parse_args()
   args.out = os.path.abspath(args.out)
+  _CHUNKS_PER_SHARD[0] = args.chunks_per_shard
   if args.unit:
     _unit_main(args)
     return

@@ -162,12 +162,12 @@ class _Table:
 _MAX_LOAD = 0.6
 
 
-def _build_table(tokens_padded, lengths, max_len):
+def _build_table(tokens_padded, lengths, max_len, max_load=_MAX_LOAD):
   """The match table; built at the size the f-gram count calls for, doubled while the
   f-grams' suffixes do not fit (each try stops as soon as they overflow)."""
   width = 8 if max_len + 2 <= 8 else 16 * ((max_len + 2 + 15) // 16)
   nslots = 16
-  while nslots * _MAX_LOAD < max(len(lengths), 1):
+  while nslots * max_load < max(len(lengths), 1):
     nslots *= 2
   while True:
     # Align the first slot to a cache line so a 32/64-byte slot never straddles two.
@@ -176,7 +176,7 @@ def _build_table(tokens_padded, lengths, max_len):
     flat = buf[off:off + nslots * width]
     shift = np.uint64(64 - (nslots.bit_length() - 1))
     entries, dup = kernels.insert_fgrams(tokens_padded, lengths, flat, width, shift,
-                                         int(nslots * _MAX_LOAD))
+                                         int(nslots * max_load))
     if dup != -2:
       break
     del buf, flat
