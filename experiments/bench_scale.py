@@ -14,8 +14,9 @@ writes its result under `--out`/units/, so a re-run skips what a previous run fi
    README config: experiments/configs/scone.py, f-gram model 2 layers d=128, table float16),
    from a real step-0 checkpoint (random weights) of a workdir whose f-gram set is a
    synthetic set of that many rows over the README tokenizer's 4,096 pieces: rows/s and
-   peak RSS of the export process at each size (memory must not grow with the rows); at the
-   largest size a second export is SIGKILLed once half its shards are recorded and resumed:
+   peak RSS of the export process at each size (memory must not grow with the rows); at
+   `--kill_rows` (the largest size by default) a second export is SIGKILLed once half its
+   shards are recorded and resumed:
    shards recomputed and whether its `table_sha256` equals the uninterrupted one's. In the
    same run, a float32 matmul's FLOP/s on this CPU (jax, model-shaped and square), and the
    export's rows/s as a fraction of the FLOP-bound rows/s of the f-gram model
@@ -24,9 +25,12 @@ writes its result under `--out`/units/, so a re-run skips what a previous run fi
   python experiments/bench_scale.py --out=runs/bench_scale --stages=1,2 \
       --sizes=1000000,10000000 --export_rows=250000,1000000
 
-Stage 2 at 100M rows (25.6 GB of table; nohup-able, resumable, memory bounded):
-  nohup python experiments/bench_scale.py --out=/data/bench_scale --stages=2 \
-      --export_rows=10000000,100000000 > bench_scale.log 2>&1 &
+At the paper's scale on a quiet host (100M rows: 25.6 GB of table, twice with the kill
+check, plus 2 x 2.6 GB at 10M; stage 1 at 100M needs ~12 GB of RAM; resumable: rerun the same
+command after any interruption):
+  nohup python experiments/bench_scale.py --out=/data/bench_scale --stages=1,2 \
+      --sizes=1000000,10000000,100000000 --export_rows=10000000,100000000 \
+      --host_note="quiet host" > bench_scale.log 2>&1 &
 
 Progress goes to stdout; the last line is one JSON object with every unit's results.
 """
@@ -234,10 +238,15 @@ def unit_set_load_match(out, n, stream_tokens, decode_steps):
   r['stream_tokens'] = int(stream.size)
   r['match_tokens_per_s'] = stream.size / sec
   r['match_rate'] = float((ids >= 0).mean())
-  r.update(_load_factor_cost(fs, stream))
+  if len(fs) <= _SPARSE_COMPARE_MAX:  # the sparse table is twice the matcher's memory
+    r.update(_load_factor_cost(fs, stream))
   r.update(_advance_rate(fs, stream, decode_steps))
   r['peak_rss_mb'] = peak_rss_mb()
   return r
+
+
+# Above this many f-grams stage 1 skips the sparse-table comparison (at 100M: 17 GB more).
+_SPARSE_COMPARE_MAX = 20_000_000
 
 
 def _load_factor_cost(fs, stream, rounds=3, sparse_load=0.3):
@@ -494,6 +503,9 @@ def _unit_path(out, name):
   return os.path.join(out, 'units', name + '.json')
 
 
+_SKIPPED = set()  # the units this invocation found done
+
+
 def run_unit(out, unit, *args, fresh=False):
   """Runs UNITS[unit](out, *args) in a fresh process unless a previous run finished it;
   returns its result (also kept in out/units/)."""
@@ -501,6 +513,7 @@ def run_unit(out, unit, *args, fresh=False):
   path = _unit_path(out, name)
   if os.path.isfile(path) and not fresh:
     log(f'{name}: done in an earlier run, skipped')
+    _SKIPPED.add(name)
     with open(path, encoding='utf-8') as f:
       return json.load(f)
   log(f'{name}: running')
@@ -550,22 +563,26 @@ def stage1(out, sizes, stream_tokens, decode_steps):
           'matcher_build_s': m['matcher_build_s'], 'matcher_bytes': m['matcher_bytes']}
 
 
-def stage2(out, sizes, kill):
+def stage2(out, sizes, kill_rows):
   run_unit(out, 'tokenizer')
   res = {}
   for rows in sizes:
     run_unit(out, 'export_setup', rows)
     res[_size_tag(rows)] = run_unit(out, 'export', rows)
   big = max(sizes)
-  flops_r = run_unit(out, 'matmul_flops', big, fresh=True)  # same run as the exports
+  # Measured again whenever an export ran in this invocation: the same host state.
+  ran = any(f'export_{rows}' not in _SKIPPED for rows in sizes)
+  flops_r = run_unit(out, 'matmul_flops', big, fresh=ran)
   e = res[_size_tag(big)]
   r = {'exports': res, 'export_rows': big, 'export_rows_per_s': e['rows_per_s'],
        'matmul': flops_r,
        'export_fraction_of_flop_bound': e['rows_per_s'] / flops_r['flop_bound_rows_per_s']}
   for rows in sizes:
     r[f'export_peak_rss_mb_{_size_tag(rows)}'] = res[_size_tag(rows)]['peak_rss_mb']
-  if kill:
-    r['kill_resume'] = run_unit(out, 'export_kill', big)
+  if kill_rows:
+    if kill_rows not in sizes:
+      raise ValueError(f'--kill_rows={kill_rows} must be one of --export_rows={sizes}.')
+    r['kill_resume'] = run_unit(out, 'export_kill', kill_rows)
   return r
 
 
@@ -577,7 +594,8 @@ def main():
   p.add_argument('--export_rows', default='250000,1000000', help='stage 2: rows per export')
   p.add_argument('--stream_tokens', type=int, default=20_000_000)
   p.add_argument('--decode_steps', type=int, default=20_000)
-  p.add_argument('--no_kill', action='store_true', help='skip the SIGKILL + resume check')
+  p.add_argument('--kill_rows', type=int, default=-1,
+                 help='stage 2: the export size to SIGKILL and resume (-1: the largest; 0: none)')
   p.add_argument('--chunks_per_shard', type=int, default=0,
                  help='stage 2: export.chunks_per_shard (0: ~64 MiB shard files)')
   p.add_argument('--host_note', default='', help='recorded in the JSON (e.g. "loaded host")')
@@ -598,8 +616,8 @@ def main():
     result.update(stage1(args.out, [int(s) for s in args.sizes.split(',')],
                          args.stream_tokens, args.decode_steps))
   if 2 in stages:
-    result.update(stage2(args.out, [int(s) for s in args.export_rows.split(',')],
-                         not args.no_kill))
+    sizes = [int(s) for s in args.export_rows.split(',')]
+    result.update(stage2(args.out, sizes, max(sizes) if args.kill_rows < 0 else args.kill_rows))
   result['load_average_end'] = os.getloadavg()
   result['seconds'] = time.time() - t0
   with open(os.path.join(args.out, 'result.json'), 'w', encoding='utf-8') as f:
