@@ -192,7 +192,7 @@ def unit_set_build(out, n):
   r['generate_s'] = time.time() - t0
   r['rss_after_generate_mb'] = _proc_status(os.getpid()).get('VmRSS')
   t0 = time.time()
-  fs = fgrams.FGramSet(toks, lens, counts, MAX_LEN)
+  fs = fgrams.FGramSet(toks, lens, counts, MAX_LEN, copy=False)  # handed over, not copied
   del toks, lens, counts
   r['construct_s'] = time.time() - t0
   t0 = time.time()
@@ -342,7 +342,7 @@ def unit_export_setup(out, rows):
   os.makedirs(d, exist_ok=True)
   t0 = time.time()
   toks, lens, counts = synthetic_fgrams(rows, seed=rows)
-  fgrams.FGramSet(toks, lens, counts, MAX_LEN).save(os.path.join(d, 'fgrams.npz'))
+  fgrams.FGramSet(toks, lens, counts, MAX_LEN, copy=False).save(os.path.join(d, 'fgrams.npz'))
   del toks, lens, counts
   gen_s = time.time() - t0
   cfg = configs.load(README_CONFIG, export_overrides(out, rows))
