@@ -21,6 +21,10 @@ writes its result under `--out`/units/, so a re-run skips what a previous run fi
    same run, a float32 matmul's FLOP/s on this CPU (jax, model-shaped and square), and the
    export's rows/s as a fraction of the FLOP-bound rows/s of the f-gram model
    (`flops.fgram_forward_flops_per_position` x K per row, as the export runs it).
+4. The 1B-row, d=2048 case (olmo1b.py's 1.8B f-gram model) projected from stages 1-2:
+   table and disk bytes per dtype, matcher host RAM and build time, export hours per host
+   count; each figure lists the measured input it scales (`projection_1b`). A skeleton: the
+   per-token lookup times (cold / warm page cache) wait for a serving stage (3), not built.
 
   python experiments/bench_scale.py --out=runs/bench_scale --stages=1,2 \
       --sizes=1000000,10000000 --export_rows=250000,1000000
@@ -28,7 +32,7 @@ writes its result under `--out`/units/, so a re-run skips what a previous run fi
 At the paper's scale on a quiet host (100M rows: 25.6 GB of table, twice with the kill
 check, plus 2 x 2.6 GB at 10M; stage 1 at 100M needs ~12 GB of RAM; resumable: rerun the same
 command after any interruption):
-  nohup python experiments/bench_scale.py --out=/data/bench_scale --stages=1,2 \
+  nohup python experiments/bench_scale.py --out=/data/bench_scale --stages=1,2,4 \
       --sizes=1000000,10000000,100000000 --export_rows=10000000,100000000 \
       --host_note="quiet host" > bench_scale.log 2>&1 &
 
@@ -491,6 +495,58 @@ def _timed(fn):
   return time.perf_counter() - t0
 
 
+# ----------------------------------------------------------------------------- stage 4
+
+# The paper's largest table: 1B f-grams, d = 2048, with olmo1b.py's 1.8B f-gram model.
+PROJECT_ROWS = 1_000_000_000
+PROJECT_CONFIG = os.path.join(_REPO, 'experiments', 'configs', 'olmo1b.py') + ':1.8b'
+PROJECT_CHIP, PROJECT_CHIPS_PER_HOST = 'TPU v5p', 4
+
+
+def stage4(result, hosts=(1, 4, 16)):
+  """The 1B-row case projected from what stages 1-2 measured (a skeleton: the per-token
+  lookup times wait for stage 3). Each figure names the measured input it scales."""
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  from scone_jax import flops  # pylint: disable=g-import-not-at-top
+  from scone_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  cfg = configs.load(PROJECT_CONFIG)
+  mc = model_lib.ModelConfig.from_config(cfg, cfg.tokenizer.vocab_size)
+  d, k, n = cfg.model.d_model, cfg.fgrams.max_len, PROJECT_ROWS
+  p = {'rows': n, 'd': d, 'config': os.path.relpath(PROJECT_CONFIG, _REPO),
+       'table_bytes_float16': n * d * 2,
+       'table_bytes_int8': n * (d + 4),  # int8 rows + one float32 scale per row (table.py)
+       'fgram_set_bytes': n * (4 * k + 4 + 8),  # tokens int32 [K], length int32, count int64
+       'measured': [], 'projected': []}
+  p['disk_bytes_export'] = p['table_bytes_float16'] + 2 * p['fgram_set_bytes']  # + its copy
+  p['projected'] += ['table_bytes_*', 'fgram_set_bytes', 'disk_bytes_export (format arithmetic)']
+  sets = result.get('fgram_sets')
+  if sets:
+    big = max(sets, key=lambda t: sets[t]['build']['array_bytes'])
+    m = sets[big]['load_match']
+    per = m['matcher_bytes_per_fgram']
+    p['matcher_host_ram_bytes'] = per * n
+    p['matcher_build_s'] = m['matcher_build_s'] * n / result['matcher_fgrams']
+    p['measured'].append(f'matcher bytes/f-gram {per:.0f} and build s at {big} f-grams '
+                         '(stage 1, synthetic set: an upper bound in bytes)')
+    p['projected'] += ['matcher_host_ram_bytes (x 1B)', 'matcher_build_s (linear in N)']
+  mm = result.get('matmul')
+  if mm and 'export_fraction_of_flop_bound' in result:
+    frac = result['export_fraction_of_flop_bound']
+    row_flops = k * flops.fgram_forward_flops_per_position(mc, k)
+    chip = dict(flops.PEAK_FLOPS)[PROJECT_CHIP]
+    host_rows_per_s = PROJECT_CHIPS_PER_HOST * chip * frac / row_flops
+    p['fgram_flops_per_row'] = row_flops
+    p['export_rows_per_s_per_host'] = host_rows_per_s
+    p['export_hours'] = {str(h): n / (host_rows_per_s * h) / 3600 for h in hosts}
+    p['export_write_mb_per_s_per_host'] = host_rows_per_s * d * 2 / 1e6
+    p['measured'].append(f'export at {frac:.0%} of the FLOP bound (stage 2, this CPU)')
+    p['projected'] += [f'export_* ({PROJECT_CHIPS_PER_HOST} x {PROJECT_CHIP} per host at '
+                       f'{chip / 1e12:.0f} TFLOP/s peak, the same fraction of it)']
+  p['lookup_ms_per_token_b16'] = {'cold': None, 'warm': None}
+  p['projected'].append('lookup_ms_per_token_b16: not yet (stage 3 measures it)')
+  return {'projection_1b': p}
+
+
 # ----------------------------------------------------------------------------- driver
 
 UNITS = {'set_build': unit_set_build, 'set_load_match': unit_set_load_match,
@@ -589,7 +645,7 @@ def stage2(out, sizes, kill_rows):
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--out', default='runs/bench_scale', help='state and data directory')
-  p.add_argument('--stages', default='1,2')
+  p.add_argument('--stages', default='1,2,4', help='4 projects from what 1 and 2 measured')
   p.add_argument('--sizes', default='1000000,10000000', help='stage 1: f-grams per set')
   p.add_argument('--export_rows', default='250000,1000000', help='stage 2: rows per export')
   p.add_argument('--stream_tokens', type=int, default=20_000_000)
@@ -618,6 +674,8 @@ def main():
   if 2 in stages:
     sizes = [int(s) for s in args.export_rows.split(',')]
     result.update(stage2(args.out, sizes, max(sizes) if args.kill_rows < 0 else args.kill_rows))
+  if 4 in stages:
+    result.update(stage4(result))
   result['load_average_end'] = os.getloadavg()
   result['seconds'] = time.time() - t0
   with open(os.path.join(args.out, 'result.json'), 'w', encoding='utf-8') as f:

@@ -75,3 +75,29 @@ def test_stage2_small_export_killed_and_resumed(tmp_path):
   assert 1 <= k['shards_recorded_at_kill'] < k['shards']
   assert k['shards_recomputed'] <= 1
   assert k['same_checksums'] and k['table_sha256'] == e['table_sha256']
+
+
+def test_stage4_projects_from_the_measured_inputs():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('bench_scale', _BENCH)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  measured = {'fgram_sets': {'10m': {'build': {'array_bytes': 320_000_000},
+                                     'load_match': {'matcher_bytes_per_fgram': 100.0,
+                                                    'matcher_build_s': 30.0}}},
+              'matcher_fgrams': 10_000_000, 'matmul': {'matmul_gflops': 60.0},
+              'export_fraction_of_flop_bound': 0.5}
+  p = bench.stage4(measured)['projection_1b']
+  assert p['table_bytes_float16'] == 10**9 * 2048 * 2
+  assert p['table_bytes_int8'] == 10**9 * (2048 + 4)
+  assert p['matcher_host_ram_bytes'] == 100.0 * 10**9
+  assert p['matcher_build_s'] == 30.0 * 100
+  hours = p['export_hours']
+  assert hours['1'] == pytest.approx(4 * hours['4'])
+  # Half the fraction of the FLOP bound: twice the hours.
+  slower = bench.stage4(dict(measured, export_fraction_of_flop_bound=0.25))['projection_1b']
+  assert slower['export_hours']['1'] == pytest.approx(2 * hours['1'])
+  assert p['lookup_ms_per_token_b16'] == {'cold': None, 'warm': None}
+  # Without stage 2 the export figures are absent, not guessed.
+  assert 'export_hours' not in bench.stage4({'fgram_sets': measured['fgram_sets'],
+                                             'matcher_fgrams': 10_000_000})['projection_1b']
