@@ -21,10 +21,15 @@ writes its result under `--out`/units/, so a re-run skips what a previous run fi
    same run, a float32 matmul's FLOP/s on this CPU (jax, model-shaped and square), and the
    export's rows/s as a fraction of the FLOP-bound rows/s of the f-gram model
    (`flops.fgram_forward_flops_per_position` x K per row, as the export runs it).
+3. Serving stage 2's largest export (`--serve_rows`) from disk, `--storages` mmap and
+   tensorstore, `--batches`: SCONE tokens/s and SCONE / baseline ratio (same main model
+   without the table, interleaved rounds, medians), page cache dropped before each round
+   (cold) or not (warm). A skeleton: the per-step lookup p50 / p99 are null until serving's
+   lookup is timed, and mmap's own mapping keeps its pages across a "cold" round.
 4. The 1B-row, d=2048 case (olmo1b.py's 1.8B f-gram model) projected from stages 1-2:
    table and disk bytes per dtype, matcher host RAM and build time, export hours per host
    count; each figure lists the measured input it scales (`projection_1b`). A skeleton: the
-   per-token lookup times (cold / warm page cache) wait for a serving stage (3), not built.
+   per-token lookup times (cold / warm page cache) wait for stage 3's lookup timer.
 
   python experiments/bench_scale.py --out=runs/bench_scale --stages=1,2 \
       --sizes=1000000,10000000 --export_rows=250000,1000000
@@ -495,6 +500,70 @@ def _timed(fn):
   return time.perf_counter() - t0
 
 
+# ----------------------------------------------------------------------------- stage 3
+
+
+def _drop_page_cache(directory):
+  """posix_fadvise(DONTNEED) on every file under directory: the next reads go to disk
+  (pages a process still maps stay; serving's own mapping is not dropped by this)."""
+  for root, _, files in os.walk(directory):
+    for name in files:
+      fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+      finally:
+        os.close(fd)
+
+
+def unit_serve(out, rows, storage, batches, new_tokens, rounds):
+  """Decode from stage 2's export of `rows` rows with the table in `storage` (mmap or
+  tensorstore: read from disk by the step's host lookup) against the same main model
+  without the table, page cache dropped before each round (cold) or not (warm): tokens/s
+  and SCONE / baseline ratios, medians of `rounds` interleaved rounds. A skeleton of issue
+  27's stage 3: the per-step lookup p50 / p99 need a timer inside serving's lookup, not
+  here yet, and a table bigger than RAM is not served on this host."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
+  from scone_jax import serving  # pylint: disable=g-import-not-at-top
+  export_dir = os.path.join(_stage2_dir(out, rows), 'export')
+  t0 = time.time()
+  gen = serving.load(export_dir, table_storage=storage)
+  r = {'load_s': time.time() - t0, 'storage': storage, 'rows': rows}
+  base = serving.Generator(gen.config, gen.params, None, None, use_table=False,
+                           seq_len=gen.seq_len, max_len=gen.max_len)
+  fs = fgrams.FGramSet.load(os.path.join(export_dir, 'fgrams.npz'))
+  stream = token_stream(fs, 64 * 32, seed=3)
+  kw = dict(max_new_tokens=new_tokens, stop_tokens=())
+  for b in batches:
+    prompts = stream[:b * 32].reshape(b, 32).tolist()  # prompts made of the set's f-grams
+    gen.generate(prompts, **kw)  # compile
+    base.generate(prompts, **kw)
+    for cache in ('cold', 'warm'):
+      rates = {'scone': [], 'baseline': []}
+      for i in range(rounds):
+        for name, g in (('scone', gen), ('baseline', base))[::1 if i % 2 else -1]:
+          if cache == 'cold' and name == 'scone':
+            _drop_page_cache(export_dir)
+          g.generate(prompts, **kw)
+          rates[name].append(g.last_stats['tokens'] / g.last_stats['decode_s'])
+      key = f'decode_{storage}_{cache}_b{b}'
+      r[key + '_tokens_per_s'] = statistics.median(rates['scone'])
+      r[key + '_ratio'] = statistics.median(s / q for s, q in zip(rates['scone'],
+                                                                  rates['baseline']))
+      r[key + '_lookup_p50_ms'] = r[key + '_lookup_p99_ms'] = None  # not instrumented yet
+  r['peak_rss_mb'] = peak_rss_mb()
+  return r
+
+
+def stage3(out, rows, storages, batches, new_tokens, rounds):
+  res = {}
+  for storage in storages:
+    u = run_unit(out, 'serve', f'{rows}_{storage}', rows, storage, batches, new_tokens, rounds)
+    res.update({k: v for k, v in u.items() if k.startswith('decode_')})
+    res[f'serve_{storage}_peak_rss_mb'] = u['peak_rss_mb']
+  return {'serving': res, 'serving_rows': rows}
+
+
 # ----------------------------------------------------------------------------- stage 4
 
 # The paper's largest table: 1B f-grams, d = 2048, with olmo1b.py's 1.8B f-gram model.
@@ -550,6 +619,7 @@ def stage4(result, hosts=(1, 4, 16)):
 # ----------------------------------------------------------------------------- driver
 
 UNITS = {'set_build': unit_set_build, 'set_load_match': unit_set_load_match,
+         'serve': lambda out, _name, *a: unit_serve(out, *a),
          'tokenizer': unit_tokenizer, 'export_setup': unit_export_setup,
          'export': unit_export, 'export_kill': unit_export_kill,
          'matmul_flops': unit_matmul_flops}
@@ -645,7 +715,7 @@ def stage2(out, sizes, kill_rows):
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--out', default='runs/bench_scale', help='state and data directory')
-  p.add_argument('--stages', default='1,2,4', help='4 projects from what 1 and 2 measured')
+  p.add_argument('--stages', default='1,2,4', help='1..4 (3 serves stage 2\'s export)')
   p.add_argument('--sizes', default='1000000,10000000', help='stage 1: f-grams per set')
   p.add_argument('--export_rows', default='250000,1000000', help='stage 2: rows per export')
   p.add_argument('--stream_tokens', type=int, default=20_000_000)
@@ -654,6 +724,12 @@ def main():
                  help='stage 2: the export size to SIGKILL and resume (-1: the largest; 0: none)')
   p.add_argument('--chunks_per_shard', type=int, default=0,
                  help='stage 2: export.chunks_per_shard (0: ~64 MiB shard files)')
+  p.add_argument('--serve_rows', type=int, default=0,
+                 help='stage 3: the export to serve (0: the largest of --export_rows)')
+  p.add_argument('--storages', default='mmap,tensorstore', help='stage 3')
+  p.add_argument('--batches', default='1,16,64', help='stage 3')
+  p.add_argument('--new_tokens', type=int, default=32, help='stage 3: tokens per round')
+  p.add_argument('--rounds', type=int, default=9, help='stage 3: rounds per measurement')
   p.add_argument('--host_note', default='', help='recorded in the JSON (e.g. "loaded host")')
   p.add_argument('--unit', help=argparse.SUPPRESS)
   p.add_argument('--unit_args', default='[]', help=argparse.SUPPRESS)
@@ -671,9 +747,13 @@ def main():
   if 1 in stages:
     result.update(stage1(args.out, [int(s) for s in args.sizes.split(',')],
                          args.stream_tokens, args.decode_steps))
+  sizes = [int(s) for s in args.export_rows.split(',')]
   if 2 in stages:
-    sizes = [int(s) for s in args.export_rows.split(',')]
     result.update(stage2(args.out, sizes, max(sizes) if args.kill_rows < 0 else args.kill_rows))
+  if 3 in stages:
+    result.update(stage3(args.out, args.serve_rows or max(sizes), args.storages.split(','),
+                         [int(b) for b in args.batches.split(',')], args.new_tokens,
+                         args.rounds))
   if 4 in stages:
     result.update(stage4(result))
   result['load_average_end'] = os.getloadavg()

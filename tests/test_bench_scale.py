@@ -75,6 +75,12 @@ def test_stage2_small_export_killed_and_resumed(tmp_path):
   assert 1 <= k['shards_recorded_at_kill'] < k['shards']
   assert k['shards_recomputed'] <= 1
   assert k['same_checksums'] and k['table_sha256'] == e['table_sha256']
+  # Stage 3's skeleton serves that export from disk, cold and warm.
+  _, r3 = _bench(tmp_path / 'bench', '--stages=3', '--export_rows=100000',
+                 '--storages=mmap', '--batches=2', '--rounds=1', '--new_tokens=4')
+  for cache in ('cold', 'warm'):
+    assert r3['serving'][f'decode_mmap_{cache}_b2_tokens_per_s'] > 0
+    assert r3['serving'][f'decode_mmap_{cache}_b2_ratio'] > 0
 
 
 def test_stage4_projects_from_the_measured_inputs():
