@@ -412,15 +412,14 @@ def _write_rows(trainer, fgram_set, layout, table_dir, partial_dir, request,
                                            trainer.param_shardings, jnp.dtype(layout.dtype))
   params = {k: trainer.params[k] for k in FGRAM_PASS_PARAMS}
 
-  rows_todo = (np.concatenate([np.arange(*layout.shard_range(s)) for s in todo])
-               if todo else np.zeros(0, np.int64))
+  rows_todo = _RowsTodo([layout.shard_range(s) for s in todo])
   # Every process runs the same number of (collective) steps; short ones pad.
   counts = multihost_utils.process_allgather(np.array([rows_todo.size], np.int64))
   num_steps = -(-int(np.max(counts)) // local_batch)
   tokens_SxK, lengths_S = fgram_set.tokens_padded, fgram_set.lengths
 
   def dispatch(i):
-    ids = rows_todo[i * local_batch:(i + 1) * local_batch]
+    ids = rows_todo.ids(i * local_batch, (i + 1) * local_batch)
     toks = np.zeros((local_batch, tokens_SxK.shape[1]), np.int32)
     lens = np.ones(local_batch, np.int32)
     toks[:ids.size] = tokens_SxK[ids]
@@ -486,6 +485,26 @@ def _write_rows(trainer, fgram_set, layout, table_dir, partial_dir, request,
   if cur_shard is not None:
     raise RuntimeError(f'export: shard {cur_shard} was left incomplete; this is a bug.')
   return written
+
+
+class _RowsTodo:
+  """The row ids of the shards still to write, in order, cut into batches on demand: the
+  ids of every row at once were 800 MB at 100M rows."""
+
+  def __init__(self, ranges):
+    self._lo = np.array([lo for lo, _ in ranges], np.int64)
+    sizes = np.array([hi - lo for lo, hi in ranges], np.int64)
+    self._start = np.concatenate([[0], np.cumsum(sizes)])  # position of each range's first row
+    self.size = int(self._start[-1])
+
+  def ids(self, start: int, stop: int) -> np.ndarray:
+    """The ids at positions [start, stop) of the concatenated ranges (clipped to size)."""
+    stop = min(stop, self.size)
+    if start >= stop:
+      return np.zeros(0, np.int64)
+    pos = np.arange(start, stop, dtype=np.int64)
+    r = np.searchsorted(self._start, pos, side='right') - 1
+    return self._lo[r] + (pos - self._start[r])
 
 
 def _finalise(partial_dir, export_dir, request, layout) -> dict:

@@ -77,6 +77,8 @@ SMALLEST = {
                    '--heldout=WORK/corpus/eval.txt', '--rss_rows=4096',
                    '--rss_dir=WORK/rss', '--ood='],
     'bench_server': ['--quick'],
+    'bench_scale': ['--out=WORK', '--stages=1', '--sizes=20000', '--stream_tokens=100000',
+                    '--decode_steps=200'],
 }
 
 

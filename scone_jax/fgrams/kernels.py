@@ -216,13 +216,22 @@ def scan_runs(keys, pos, min_count, ids, write_ids):
 # The match table and matching
 
 
+@numba.njit(inline='always')
+def length_bound(length):
+  """The most entries one f-gram adds: itself and its proper suffixes of length >= 2."""
+  return length - 1
+
+
 @numba.njit(cache=True, nogil=True)
-def insert_fgrams(tokens_padded, lengths, table, width, shift):
-  """Inserts every f-gram and its suffixes; returns (#entries, duplicate id or -1)."""
+def insert_fgrams(tokens_padded, lengths, table, width, shift, max_entries):
+  """Inserts every f-gram and its suffixes; returns (#entries, duplicate id or -1), or
+  (#entries, -2) as soon as the table would hold more than max_entries (build it bigger)."""
   nslots = table.size // width
   mask = nslots - 1
   entries = 0
   for f in range(lengths.size):
+    if entries + length_bound(lengths[f]) > max_entries:
+      return entries, -2
     length = lengths[f]
     h = _hash_first(tokens_padded[f, length - 1])
     for m in range(2, length + 1):

@@ -1,0 +1,105 @@
+"""python -m experiments.bench_scale at N = 100k: both stages run, resume, and measure what they say."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from scone_jax import export
+from scone_jax import fgrams
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench(out, *args):
+  """Runs the benchmark; (its stdout lines, its last-line JSON)."""
+  env = dict(os.environ, PYTHONPATH=_REPO)
+  proc = subprocess.run([sys.executable, '-m', 'experiments.bench_scale', f'--out={out}', *args], cwd=_REPO, env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  return lines, json.loads(lines[-1])
+
+
+def test_rows_todo_cuts_the_shards_rows_into_batches():
+  ranges = [(0, 5), (10, 13), (20, 24)]
+  todo = export._RowsTodo(ranges)  # pylint: disable=protected-access
+  want = np.concatenate([np.arange(lo, hi) for lo, hi in ranges])
+  assert todo.size == want.size
+  got = np.concatenate([todo.ids(i, i + 4) for i in range(0, want.size, 4)])
+  np.testing.assert_array_equal(got, want)
+  assert todo.ids(want.size, want.size + 4).size == 0
+  assert export._RowsTodo([]).size == 0  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_stage1_small_set_matcher_and_resume(tmp_path):
+  out = tmp_path / 'bench'
+  args = ['--stages=1', '--sizes=100000', '--stream_tokens=1000000', '--decode_steps=1000']
+  _, r = _bench(out, *args)
+  build = r['fgram_sets']['100k']['build']
+  match = r['fgram_sets']['100k']['load_match']
+  assert r['matcher_fgrams'] == 100000 and sum(build['length_counts']) == 100000
+  assert r['matcher_tokens_per_s'] > 0 and r['matcher_advance_tokens_per_s'] > 0
+  # The stream is half f-grams; the decode-time matcher sees the same stream.
+  assert 0.2 < match['match_rate'] < 0.9
+  assert abs(match['advance_match_rate'] - match['match_rate']) < 0.1
+  assert match['matcher_entries'] >= 100000
+  # Every saved f-gram, matched as its own document, is found with its id.
+  fs = fgrams.FGramSet.load(out / 'sets' / 'fgrams_100000.npz')
+  assert fs.fingerprint == build['fingerprint']
+  inside = np.arange(fs.max_len)[None, :] < fs.lengths[:, None]
+  offsets = np.concatenate([[0], np.cumsum(fs.lengths)])
+  ids, lens = fs.match_flat(fs.tokens_padded[inside], offsets)
+  np.testing.assert_array_equal(ids[offsets[1:] - 1], np.arange(len(fs)))
+  np.testing.assert_array_equal(lens[offsets[1:] - 1], fs.lengths)
+  # A second run finds both units done and reports the same numbers.
+  lines, again = _bench(out, *args)
+  assert sum('skipped' in line for line in lines) == 2
+  assert again['fgram_sets'] == r['fgram_sets']
+
+
+@pytest.mark.slow
+def test_stage2_small_export_killed_and_resumed(tmp_path):
+  _, r = _bench(tmp_path / 'bench', '--stages=2', '--export_rows=100000',
+                '--chunks_per_shard=2')
+  e = r['exports']['100k']
+  assert e['rows'] == e['rows_computed'] == 100000 and e['dtype'] == 'float16'
+  assert r['export_rows_per_s'] > 0 and r['export_peak_rss_mb_100k'] > 0
+  assert 0 < r['export_fraction_of_flop_bound']
+  k = r['kill_resume']
+  assert k['shards'] == e['num_shards'] > 2
+  assert 1 <= k['shards_recorded_at_kill'] < k['shards']
+  assert k['shards_recomputed'] <= 1
+  assert k['same_checksums'] and k['table_sha256'] == e['table_sha256']
+  # Stage 3's skeleton serves that export from disk, cold and warm.
+  _, r3 = _bench(tmp_path / 'bench', '--stages=3', '--export_rows=100000',
+                 '--storages=mmap', '--batches=2', '--rounds=1', '--new_tokens=4')
+  for cache in ('cold', 'warm'):
+    assert r3['serving'][f'decode_mmap_{cache}_b2_tokens_per_s'] > 0
+    assert r3['serving'][f'decode_mmap_{cache}_b2_ratio'] > 0
+
+
+def test_stage4_projects_from_the_measured_inputs():
+  from experiments import bench_scale as bench  # pylint: disable=g-import-not-at-top
+  measured = {'fgram_sets': {'10m': {'build': {'array_bytes': 320_000_000},
+                                     'load_match': {'matcher_bytes_per_fgram': 100.0,
+                                                    'matcher_build_s': 30.0}}},
+              'matcher_fgrams': 10_000_000, 'matmul': {'matmul_gflops': 60.0},
+              'export_fraction_of_flop_bound': 0.5}
+  p = bench.stage4(measured)['projection_1b']
+  assert p['table_bytes_float16'] == 10**9 * 2048 * 2
+  assert p['table_bytes_int8'] == 10**9 * (2048 + 4)
+  assert p['matcher_host_ram_bytes'] == 100.0 * 10**9
+  assert p['matcher_build_s'] == 30.0 * 100
+  hours = p['export_hours']
+  assert hours['1'] == pytest.approx(4 * hours['4'])
+  # Half the fraction of the FLOP bound: twice the hours.
+  slower = bench.stage4(dict(measured, export_fraction_of_flop_bound=0.25))['projection_1b']
+  assert slower['export_hours']['1'] == pytest.approx(2 * hours['1'])
+  assert p['lookup_ms_per_token_b16'] == {'cold': None, 'warm': None}
+  # Without stage 2 the export figures are absent, not guessed.
+  assert 'export_hours' not in bench.stage4({'fgram_sets': measured['fgram_sets'],
+                                             'matcher_fgrams': 10_000_000})['projection_1b']
