@@ -3,9 +3,11 @@
 With libtpu installed (the `tpu` extra), `jax.experimental.topologies.get_topology_desc`
 describes a TPU slice, or several, as compile-only devices on a machine that has none. The
 steps compiled here are the ones the run executes (`train.jit_steps`, `export.make_fgram_pass`,
-`serving.make_decode_step`), lowered with ShapeDtypeStruct arguments in their shardings over
+`serving.decode_program`: the decode chunk, with the table and the matcher in the memory kinds
+serving gives them), lowered with ShapeDtypeStruct arguments in their shardings over
 the config's mesh laid out on those devices, and compiled by the real TPU compiler. It reports
-per-device memory and FLOPs, and refuses a program that does not fit the chip
+per-device memory (accelerator bytes, and the host bytes of host-memory operands) and FLOPs,
+and refuses a program that does not fit the chip
 (RESOURCE_EXHAUSTED). No corpus, tokenizer or f-gram set is read: the shapes come from the
 config (tokenizer.vocab_size, fgrams.num_fgrams).
 
