@@ -1,5 +1,7 @@
-"""The f-gram matcher on the accelerator: the longest f-gram ending at each row's newest token,
-computed inside a jitted decode step.
+"""The f-gram matcher inside the compiled decode step: the longest f-gram ending at each row's
+newest token. Its arrays live on the accelerator or in host memory: every read of them goes
+through a `take` hook (`export_reader.host_take` gathers host-memory arrays on the host), the
+hashing and compares run on the device over a few values per row.
 
 Every f-gram of length n is keyed by a 64-bit hash of (its tokens, n), kept as two uint32
 words (JAX runs without 64-bit integers by default) in one array sorted by (hi, lo). A decode
