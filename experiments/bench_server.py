@@ -384,7 +384,7 @@ def _prefill_round(engine, prompts: list, bursts: int) -> dict:
       engine.submit(engine_lib.Request(p, 1, lambda kind, *a, t0=t0: kind == 'done' and
                                        waits.append(time.perf_counter() - t0), ignore_eos=True))
     while engine.load()['pending'] or engine.load()['active']:
-      engine._iterate()  # pylint: disable=protected-access
+      engine.iterate()
     wall += time.perf_counter() - t0
   assert len(waits) == bursts * len(prompts)
   tokens = bursts * sum(p.size + 1 for p in prompts)

@@ -16,6 +16,10 @@ model from experiments/configs/scone.py; d768x12: d=768, 12 layers, 12x64 heads,
 3072, bf16) with vocabulary V and random weights. Every label in the JSON is derived from
 the config actually used. A progress line per phase goes to stdout.
 
+Each ratio is the median over >= 9 interleaved rounds, with its spread (min and max over the
+rounds) beside it, and the load average at the start and end of the run (the ratios of a
+loaded host are not timings to publish).
+
   python -m experiments.bench_serving --model=readme          # 10M-row table
   python -m experiments.bench_serving --model=d768x12 --table_rows=1000000 --new_tokens=8
 
@@ -122,20 +126,24 @@ def timed_rounds(gens: dict, prompts, new_tokens: int, repeats: int, per_dispatc
   return {name: statistics.median(r) for name, r in rates.items()}, rates
 
 
-def bench_storage(storage, table_np, fgram_set, baseline, args, tmp, result):
+def bench_storage(storage, table_np, fgram_set, baseline, args, tmp, result, batches):
   """SCONE with the table in `storage` vs the baseline, on-device loops both, every batch;
   with the default storage also the host-synced baseline."""
   t0 = time.time()
   table = make_table(table_np, storage, tmp)
   gens = {'scone': serving.Generator(baseline.config, baseline.params, table, fgram_set,
-                                     seq_len=baseline.seq_len, max_len=baseline.max_len),
+                                     seq_len=baseline.seq_len, max_len=baseline.max_len,
+                                     matcher_storage=args.matcher_storage),
           'baseline': baseline}
   per_dispatch = {'scone': args.tokens_per_dispatch, 'baseline': args.tokens_per_dispatch}
   if storage == STORAGES[0]:
     gens['baseline_host_synced'] = gens['baseline']
     per_dispatch['baseline_host_synced'] = 1
-  progress(f'storage {storage}: table placed in {time.time() - t0:.1f}s')
-  for batch in args.batches:
+  result[f'matcher_storage_{storage}'] = gens['scone'].matcher_storage
+  result[f'fgram_path_bytes_{storage}'] = gens['scone'].fgram_path_bytes()
+  progress(f'storage {storage}: table placed in {time.time() - t0:.1f}s, matcher in '
+           f'{gens["scone"].matcher_storage}')
+  for batch in batches:
     rng = np.random.default_rng(batch)
     prompts = rng.integers(0, baseline.config.vocab_size, (batch, args.prompt_len)).tolist()
     t1 = time.time()
@@ -143,11 +151,14 @@ def bench_storage(storage, table_np, fgram_set, baseline, args, tmp, result):
     ratio_runs = [s / b for s, b in zip(runs['scone'], runs['baseline'])]
     progress(f'storage {storage} batch {batch}: scone {med["scone"]:.0f} tok/s, baseline '
              f'{med["baseline"]:.0f} tok/s, ratio {statistics.median(ratio_runs):.3f} '
+             f'[{min(ratio_runs):.3f}, {max(ratio_runs):.3f}] '
              f'({time.time() - t1:.0f}s)')
     suffix = f'_{storage}_b{batch}'
     result[f'decode_tokens_per_s_scone{suffix}'] = med['scone']
     result[f'decode_tokens_per_s_baseline{suffix}'] = med['baseline']
     result[f'decode_ratio{suffix}'] = statistics.median(ratio_runs)
+    result[f'decode_ratio{suffix}_min'] = min(ratio_runs)
+    result[f'decode_ratio{suffix}_max'] = max(ratio_runs)
     if 'baseline_host_synced' in gens:
       hs = med['baseline_host_synced']
       result[f'decode_tokens_per_s_baseline_host_synced_b{batch}'] = hs
@@ -166,17 +177,21 @@ def main():
   parser.add_argument('--prompt_len', type=int, default=16)
   parser.add_argument('--new_tokens', type=int, default=33, help='per run (the first comes '
                       'from the prefill; the rest are the timed decode steps)')
-  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--repeats', type=int, default=9, help='interleaved rounds (>= 9)')
+  parser.add_argument('--matcher_storage', default=None, choices=('device', 'host'),
+                      help='default: host unless the table storage is device')
+  parser.add_argument('--batches', default=','.join(str(b) for b in BATCHES))
   parser.add_argument('--tokens_per_dispatch', type=int,
                       default=serving.DEFAULT_TOKENS_PER_DISPATCH)
-  parser.add_argument('--batches', default=','.join(map(str, BATCHES)),
-                      help='decode batch sizes (one small one for a smoke test)')
   args = parser.parse_args()
-  args.batches = tuple(int(b) for b in args.batches.split(','))
+  if args.repeats < 9:
+    raise SystemExit(f'--repeats={args.repeats}: at least 9 rounds, for a median and spread.')
   storages = [s for s in args.storages.split(',') if s]
+  batches = [int(b) for b in args.batches.split(',') if b]
   if not storages or any(s not in STORAGES for s in storages):
     raise SystemExit(f'--storages={args.storages}; use a subset of {",".join(STORAGES)}.')
   result = dict(machine_info())
+  result['load_avg_start'] = list(os.getloadavg())
   vocab = int(np.ceil(np.sqrt(args.table_rows)))
   mc = model_config(args.model, vocab)
   progress(f'model {describe(args.model, mc)}; devices {jax.devices()}')
@@ -194,7 +209,7 @@ def main():
   with tempfile.TemporaryDirectory(prefix='bench_serving_') as tmp:
     for storage in storages:
       try:
-        bench_storage(storage, table_np, fgram_set, baseline, args, tmp, result)
+        bench_storage(storage, table_np, fgram_set, baseline, args, tmp, result, batches)
       except Exception as e:  # pylint: disable=broad-except
         # A storage this platform lacks (e.g. no pinned_host memory) is reported, not fatal.
         result[f'error_{storage}'] = f'{type(e).__name__}: {str(e)[:300]}'
@@ -209,9 +224,11 @@ def main():
                  f'(greedy, no stop), {args.tokens_per_dispatch} tokens per dispatch, '
                  f'{args.repeats} interleaved rounds after a compile round; tokens/s = '
                  'decode steps x batch / decode seconds, median over rounds; ratio = median '
-                 'over rounds of SCONE / baseline tokens/s (same round); decode_ratio_bN = '
+                 'over rounds of SCONE / baseline tokens/s (same round), *_min/*_max its '
+                 'spread over rounds; decode_ratio_bN = '
                  'the default storage; *_host_synced = baseline at 1 token per dispatch'),
       'seconds': time.time() - _T0,
+      'load_avg_end': list(os.getloadavg()),
   })
   print(json.dumps(result))
 

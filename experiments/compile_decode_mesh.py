@@ -1,9 +1,11 @@
 """Serving's decode step split over chips (`--mesh=tensor:N`), compiled for a TPU topology
 from any host: memory per chip at N = 1, 2, 4, 8.
 
-The step is `serving.make_decode_step` (what `--mode=compile` compiles on one chip) with the
-parameters, the KV cache and the arguments in serving's mesh shardings (`serving.mesh_rules`,
-`serving.cache_shardings`, `serving.jit_on_mesh`: what `Generator(mesh=...)` runs), lowered
+The step is the decode chunk serving runs (`compile.compile_decode`, what `--mode=compile
+--mesh=tensor:N` compiles; the table and matcher in host memory by default) with the
+parameters, the decode state and the arguments in serving's mesh shardings
+(`serving.mesh_rules`, `serving.state_shardings`, `serving.jit_on_mesh`: what
+`Generator(mesh=...)` runs), lowered
 for the first N chips of the topology and compiled by libtpu's TPU compiler (no TPU needed;
 `pip install -e ".[tpu]"`). N = 1 is the one-chip baseline in the same run.
 
@@ -23,13 +25,6 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # this host only compiles
 
 from experiments import configs  # pylint: disable=g-import-not-at-top
 from scone_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
-from scone_jax import sharding  # pylint: disable=g-import-not-at-top
-
-
-def lower_decode(cfg, devices, tensor: int):
-  """serving's greedy decode step over a tensor:N mesh of devices[:N], lowered."""
-  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': tensor}, devices[:tensor])
-  return compile_lib.lower_decode(cfg, int(cfg.tokenizer.vocab_size), mesh=mesh)
 
 
 def main():
@@ -40,14 +35,12 @@ def main():
   args = parser.parse_args()
   cfg = configs.load(args.config)
   devices = compile_lib.topology_devices(args.topology)
-  hbm = compile_lib.hbm_bytes(devices[0])
   out = {'config': args.config, 'topology': args.topology,
          'device_kind': devices[0].device_kind, 'batch': int(cfg.compile.decode_batch),
-         'cache_len': compile_lib._decode_len(cfg),  # pylint: disable=protected-access
+         'cache_len': int(cfg.compile.decode_len or cfg.seq_len),
          'tensor': {}}
   for n in (int(x) for x in args.tensor.split(',')):
-    report = compile_lib._compile(f'decode tensor:{n}',  # pylint: disable=protected-access
-                                  lambda n=n: lower_decode(cfg, devices, n), hbm)
+    report = compile_lib.compile_decode(cfg, devices, tensor=n)
     mem = report.get('memory', {})
     print(f'tensor:{n}: fits={report["fits"]} '
           f'{mem.get("total", 0) / 2**30:.2f} GiB per chip '

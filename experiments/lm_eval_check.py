@@ -86,11 +86,8 @@ def per_document_nll(export_dir: str, docs: list) -> tuple:
     ids = np.concatenate([gen.tokenizer.encode(d), [gen.tokenizer.eos_id]]).astype(np.int64)
     if ids.size + 1 > gen.max_len:
       return None
-    # pylint: disable=protected-access
-    ints = gen._prefill_inputs([ids], np.array([ids.size + 1]), ids.size + 1, True)
-    x = gen._input_vectors(gen.params, gen._rows_for(ints[..., 2]) if gen.use_table else None,
-                           ints)
-    # pylint: enable=protected-access
+    ints = gen.prompt_batch([ids], [True], [1], ids.size + 1).ints_NxWx4
+    x = gen.input_vectors(gen.params, gen.rows_for(ints[..., 2]), ints)
     logits = gen.model.apply({'params': gen.params}, x, positions_BxL=ints[..., 1],
                              method=model_lib.SconeLM.backbone)
     logp = np.asarray(jax.nn.log_softmax(logits[0, :-1].astype(np.float32)))

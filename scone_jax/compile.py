@@ -3,9 +3,11 @@
 With libtpu installed (the `tpu` extra), `jax.experimental.topologies.get_topology_desc`
 describes a TPU slice, or several, as compile-only devices on a machine that has none. The
 steps compiled here are the ones the run executes (`train.jit_steps`, `export.make_fgram_pass`,
-`serving.make_decode_step`), lowered with ShapeDtypeStruct arguments in their shardings over
+`serving.decode_program`: the decode chunk, with the table and the matcher in the memory kinds
+serving gives them), lowered with ShapeDtypeStruct arguments in their shardings over
 the config's mesh laid out on those devices, and compiled by the real TPU compiler. It reports
-per-device memory and FLOPs, and refuses a program that does not fit the chip
+per-device memory (accelerator bytes, and the host bytes of host-memory operands) and FLOPs,
+and refuses a program that does not fit the chip
 (RESOURCE_EXHAUSTED). No corpus, tokenizer or f-gram set is read: the shapes come from the
 config (tokenizer.vocab_size, fgrams.num_fgrams).
 
@@ -16,13 +18,17 @@ import logging
 import os
 import re
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from scone_jax import config as config_lib
+from scone_jax import decode
+from scone_jax import device_match
 from scone_jax import export as export_lib
+from scone_jax import export_reader
 from scone_jax import flops as flops_lib
 from scone_jax import model as model_lib
 from scone_jax import serving
@@ -157,6 +163,11 @@ def analyse(compiled, hbm: int) -> dict:
                  'temporaries': temporaries,
                  'generated_code': int(mem.generated_code_size_in_bytes),
                  'host_temporaries': int(getattr(mem, 'host_temp_size_in_bytes', 0)),
+                 # Host memory (pinned_host operands: a host table or matcher), beside the
+                 # accelerator bytes above; TPU reports them, other backends give 0.
+                 'host_arguments': int(getattr(mem, 'host_argument_size_in_bytes', 0)),
+                 'host_outputs': int(getattr(mem, 'host_output_size_in_bytes', 0)),
+                 'host_aliased': int(getattr(mem, 'host_alias_size_in_bytes', 0)),
                  'total': total, 'hbm': int(hbm), 'fraction_of_hbm': total / hbm},
       'flops_per_device': float((cost or {}).get('flops', 0.0)),
       # HBM traffic by the same analysis (a loop body once): next to the FLOPs, what says
@@ -215,7 +226,9 @@ def packed_rows(cfg) -> int:
   return -(-rows // bucket) * bucket
 
 
-def compile_steps(cfg, topology: str, num_slices: int = 1, devices=None) -> dict:
+def compile_steps(cfg, topology: str, num_slices: int = 1, devices=None, *,
+                  table_storage: str = 'host', matcher_storage: Optional[str] = None,
+                  decode_tensor: int = 0) -> dict:
   """Compiles the train step, the export pass and the decode step for the topology.
 
   Returns {'fits', 'topology', 'num_slices', 'devices', 'device_kind', 'mesh', 'steps':
@@ -223,6 +236,9 @@ def compile_steps(cfg, topology: str, num_slices: int = 1, devices=None) -> dict
   memory (bytes per device), flops_per_device, collectives (opcodes in the compiled HLO,
   each counted once however often a loop runs it), or error when it does not fit.
   devices: the compile-only devices (default: topology_devices(topology, num_slices)).
+  table_storage, matcher_storage: where the decode chunk's table and matcher live (serving's
+  --table_storage / --matcher_storage); decode_tensor: compile the decode over a serving mesh
+  tensor:N of the first N devices (--mesh), 0 = one device.
   """
   dcn_data = int(cfg.mesh.dcn_data)
   if num_slices != dcn_data:
@@ -282,10 +298,8 @@ def compile_steps(cfg, topology: str, num_slices: int = 1, devices=None) -> dict
     steps['export'].update(rows_per_pass=rows, passes=passes, table_bytes=int(
         cfg.fgrams.num_fgrams) * cfg.model.d_model * np.dtype(jnp.dtype(cfg.export.dtype)).itemsize)
 
-  logging.info('compiling the decode step (one device, as serving runs it)')
-  steps['decode'] = _compile('decode', lambda: lower_decode(cfg, vocab, devices[0]), hbm)
-  steps['decode'].update(batch=int(cfg.compile.decode_batch), cache_len=_decode_len(cfg),
-                         devices=1)
+  steps['decode'] = compile_decode(cfg, devices, table_storage=table_storage,
+                                   matcher_storage=matcher_storage, tensor=decode_tensor)
 
   return {
       'fits': all(s['fits'] for s in steps.values() if s is not None),
@@ -300,40 +314,107 @@ def compile_steps(cfg, topology: str, num_slices: int = 1, devices=None) -> dict
   }
 
 
+def compile_decode(cfg, devices, *, table_storage: str = 'host',
+                   matcher_storage: Optional[str] = None, tensor: int = 0) -> dict:
+  """The decode chunk serving runs (`lower_decode`), compiled on devices[0] or over a
+  serving mesh tensor:N of the first N devices; analyse()'s report plus its settings."""
+  matcher_storage = export_reader.default_matcher_storage(table_storage, matcher_storage)
+  mesh = sharding.serving_mesh(f'tensor:{tensor}', devices) if tensor else None
+  vocab = int(cfg.tokenizer.vocab_size)
+  logging.info('compiling the decode chunk (%s, table in %s, matcher in %s)',
+               f'tensor:{tensor}' if tensor else 'one device', table_storage, matcher_storage)
+  report = _compile('decode', lambda: lower_decode(
+      cfg, vocab, devices[0], mesh=mesh, table_storage=table_storage,
+      matcher_storage=matcher_storage), hbm_bytes(devices[0]))
+  report.update(batch=int(cfg.compile.decode_batch), cache_len=_decode_len(cfg),
+                devices=max(1, int(tensor)), table_storage=table_storage,
+                matcher_storage=matcher_storage,
+                num_fgrams=int(cfg.fgrams.num_fgrams) if cfg.fgrams.enabled else 0,
+                max_len=int(cfg.fgrams.max_len),
+                tokens_per_dispatch=decode.DEFAULT_TOKENS_PER_DISPATCH)
+  return report
+
+
 def _decode_len(cfg) -> int:
   return int(cfg.compile.decode_len or cfg.seq_len)
 
 
-def lower_decode(cfg, vocab, device=None, *, mesh=None):
-  """serving's KV-cached decode step, one new token per row, with greedy sampling
-  (--mode=generate's default), lowered: on one device as serving places it, or over a
-  serving mesh (`--mesh=tensor:N`: parameters, KV cache and arguments in serving's mesh
-  shardings, jitted as `Generator(mesh=...)` jits it)."""
+def abstract_matcher(num_fgrams: int, max_len: int, sharding_=None, width: int = 16):
+  """device_match.MatcherArrays as ShapeDtypeStructs for S f-grams (the shapes `build`
+  gives: S keys + `width` padding, a directory of ~S/2 buckets; width, the most keys in one
+  bucket, is data-dependent: 16 is above what S up to 10^9 random keys give)."""
+  s = int(num_fgrams)
+  bits = int(min(24, max(1, (max(s, 2) // 2).bit_length())))
+  spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding_)
+  return device_match.MatcherArrays(
+      spec((s + width,), jnp.uint32), spec((s + width,), jnp.uint32),
+      spec((s + width,), jnp.int32), spec(((1 << bits) + 1,), jnp.int32),
+      spec((s, max_len), jnp.int32), spec((s,), jnp.int32), 0, max_len, bits, width)
+
+
+def _abstract_table(cfg, storage: str, placement):
+  """The exported table as the step takes it ([S, d] in the export dtype), or None for a
+  host-lookup storage (read through a callback, no operand)."""
+  if storage not in export_reader.IN_STEP_STORAGES:
+    return None
+  return jax.ShapeDtypeStruct((int(cfg.fgrams.num_fgrams), int(cfg.model.d_model)),
+                              jnp.dtype(cfg.export.dtype), sharding=placement)
+
+
+def _abstract_callback(dim: int, dtype):
+  """A host-lookup gather with the right shapes (it is lowered, never run)."""
+  def gather(_, fid_B):
+    shape = jax.ShapeDtypeStruct((fid_B.shape[0], dim), dtype)
+    return jax.pure_callback(lambda f: np.zeros((f.shape[0], dim), dtype), shape, fid_B)
+  return gather
+
+
+def lower_decode(cfg, vocab, device=None, *, mesh=None, table_storage: str = 'host',
+                 matcher_storage: Optional[str] = None, flags=None):
+  """The decode chunk serving runs (`serving.decode_program`: retire, then
+  decode.decode_chunk of decode.DEFAULT_TOKENS_PER_DISPATCH steps; greedy by default, as
+  --mode=generate), lowered with the table and the matcher for config.fgrams.num_fgrams
+  f-grams of up to max_len tokens in the memory kinds table_storage / matcher_storage give
+  them: on one device, or over a serving mesh (`--mesh=tensor:N`: parameters, state and
+  table in serving's mesh shardings, jitted as `Generator(mesh=...)` jits it)."""
+  matcher_storage = export_reader.default_matcher_storage(table_storage, matcher_storage)
   model_config = dataclasses.replace(model_lib.ModelConfig.from_config(cfg, vocab),
                                      fgrams_enabled=False)
   model = model_lib.SconeLM(model_config)
-  batch = int(cfg.compile.decode_batch)
-  shapes = serving.cache_shapes(model, batch, _decode_len(cfg))
-  step_fn = serving.make_decode_step(model, greedy=True, top_k=0, use_top_p=False)
+  batch, k = int(cfg.compile.decode_batch), int(cfg.fgrams.max_len)
+  with_fgrams = bool(cfg.fgrams.enabled)
+  path = None
+  if with_fgrams:
+    dtype = jnp.dtype(cfg.export.dtype)
+    path = export_reader.fgram_path(table_storage, matcher_storage,
+                                    _abstract_callback(int(cfg.model.d_model), dtype))
+  program = serving.decode_program(model, path, decode.DEFAULT_TOKENS_PER_DISPATCH,
+                                   flags or decode.Flags())
+  state = jax.eval_shape(lambda: decode.empty_state(model, batch, _decode_len(cfg),
+                                                    k if with_fgrams else 2))
   if mesh is None:
     place = jax.sharding.SingleDeviceSharding(device)
     params = serving.abstract_params(model, device)
-    cache = _placed(shapes, jax.tree.map(lambda _: place, shapes))
-    step = jax.jit(step_fn, donate_argnums=(1,))
+    state = _placed(state, jax.tree.map(lambda _: place, state))
+    step = jax.jit(program, donate_argnums=(3,))
+    table_at = (export_reader.placement(table_storage, device)
+                if table_storage in export_reader.IN_STEP_STORAGES else None)
   else:
     rules = serving.mesh_rules(model_config, mesh)
     place = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params = serving.abstract_params(model, None, mesh=mesh, rules=rules)
-    cache = _placed(shapes, serving.cache_shardings(shapes, mesh, rules))
-    step = serving.jit_on_mesh(step_fn, mesh, rules, donate_argnums=(1,), cache_out=1)
-  rows = None
-  if cfg.fgrams.enabled:
-    rows = jax.ShapeDtypeStruct((batch, 1, cfg.model.d_model), jnp.dtype(cfg.export.dtype),
-                                sharding=place)
-  ints = jax.ShapeDtypeStruct((batch, 1, 4), jnp.int32, sharding=place)
-  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=place)
-  sampling = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=place)
-  return step.lower(params, cache, rows, ints, rng, sampling)
+    state = _placed(state, serving.state_shardings(state, mesh, rules))
+    step = serving.jit_on_mesh(program, mesh, rules, donate_argnums=(3,), cache_out=1)
+    table_at = (export_reader.table_sharding(mesh, int(cfg.model.d_model), table_storage)
+                if table_storage in export_reader.IN_STEP_STORAGES else None)
+  table = matcher = None
+  if with_fgrams:
+    table = _abstract_table(cfg, table_storage, table_at)
+    matcher = abstract_matcher(cfg.fgrams.num_fgrams, k, export_reader.placement(
+        matcher_storage, device, mesh))
+  is_stop = jax.ShapeDtypeStruct((vocab,), jnp.bool_, sharding=place)
+  active = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=place)
+  return step.lower(params, table, matcher, state, is_stop, active)
 
 
 # ----------------------------------------------------------------------------- report

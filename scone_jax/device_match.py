@@ -1,5 +1,7 @@
-"""The f-gram matcher on the accelerator: the longest f-gram ending at each row's newest token,
-computed inside a jitted decode step.
+"""The f-gram matcher inside the compiled decode step: the longest f-gram ending at each row's
+newest token. Its arrays live on the accelerator or in host memory: every read of them goes
+through a `take` hook (`export_reader.host_take` gathers host-memory arrays on the host), the
+hashing and compares run on the device over a few values per row.
 
 Every f-gram of length n is keyed by a 64-bit hash of (its tokens, n), kept as two uint32
 words (JAX runs without 64-bit integers by default) in one array sorted by (hi, lo). A decode
@@ -129,20 +131,32 @@ def build(fgram_set: fgrams_lib.FGramSet, seed: int = 0) -> MatcherArrays:
                    'same 64-bit key; this does not happen by chance below ~10^9 f-grams.')
 
 
-def _find(m: MatcherArrays, q_hi, q_lo):
-  """(found, index into the key arrays) of each query key: its bucket, read whole."""
+def _take_here(pairs):
+  return tuple(a[i] for a, i in pairs)
+
+
+def _find(m: MatcherArrays, q_hi, q_lo, take):
+  """(found, index into the key arrays, f-gram id) of each query key: its bucket, read
+  whole."""
   bucket = (q_hi >> np.uint32(32 - m.bits)).astype(jnp.int32)
-  start, end = m.bucket_start[bucket], m.bucket_start[bucket + 1]
+  start, end = take(((m.bucket_start, bucket), (m.bucket_start, bucket + 1)))
   idx = start[..., None] + jnp.arange(m.width, dtype=jnp.int32)
-  hit = ((idx < end[..., None]) & (m.key_hi_M[idx] == q_hi[..., None])
-         & (m.key_lo_M[idx] == q_lo[..., None]))
-  return jnp.any(hit, axis=-1), jnp.take_along_axis(
-      idx, jnp.argmax(hit, axis=-1)[..., None], axis=-1)[..., 0]
+  key_hi, key_lo, ids = take(((m.key_hi_M, idx), (m.key_lo_M, idx), (m.id_M, idx)))
+  hit = (idx < end[..., None]) & (key_hi == q_hi[..., None]) & (key_lo == q_lo[..., None])
+  at = jnp.argmax(hit, axis=-1)[..., None]
+  return jnp.any(hit, axis=-1), jnp.take_along_axis(ids, at, axis=-1)[..., 0]
 
 
-def match_last(m: MatcherArrays, ctx_BxK, doc_len_B):
+def match_last(m: MatcherArrays, ctx_BxK, doc_len_B, *, take=None, keys_hook=None):
   """F-gram id (-1 = none) of the longest f-gram ending at each row's newest token
-  (ctx_BxK[:, -1]), using only the row's last min(doc_len, K) document tokens."""
+  (ctx_BxK[:, -1]), using only the row's last min(doc_len, K) document tokens.
+
+  take(((array, index), ...)) -> the gathered arrays: every read of the matcher's arrays
+  goes through it (default: on the device; `export_reader.match_in_step` reads arrays kept
+  in host memory there, in three batches per step). keys_hook(q_hi, q_lo) -> (q_hi, q_lo),
+  [B, K-1] each (lengths 2..K): a test hook that forces key collisions.
+  """
+  take = take or _take_here
   k = ctx_BxK.shape[1]
   if k < m.max_len:
     raise ValueError(f'the match window holds {k} tokens; the f-gram set needs {m.max_len}.')
@@ -153,17 +167,19 @@ def match_last(m: MatcherArrays, ctx_BxK, doc_len_B):
   keys = _hash_suffixes(ctx_BxK, m.seed, lengths)
   q_hi = jnp.stack([keys[n][0] for n in lengths], axis=1)          # [B, K-1]
   q_lo = jnp.stack([keys[n][1] for n in lengths], axis=1)
-  found, at = _find(m, q_hi, q_lo)
-  fid = m.id_M[at]                                                  # [B, K-1]
+  if keys_hook is not None:
+    q_hi, q_lo = keys_hook(q_hi, q_lo)
+  found, fid = _find(m, q_hi, q_lo, take)                           # [B, K-1]
   n_N = jnp.asarray(lengths, jnp.int32)
   # Confirm: the candidate's length and stored tokens equal the row's last n tokens.
-  stored = m.tokens_SxK[fid][..., :m.max_len]                        # [B, K-1, Kf]
+  stored, stored_len = take(((m.tokens_SxK, fid), (m.lengths_S, fid)))
+  stored = stored[..., :m.max_len]                                  # [B, K-1, Kf]
   col = jnp.arange(m.max_len)
   src = (k - n_N)[None, :, None] + col[None, None, :]                # [1, K-1, Kf]
   mine = ctx_BxK[:, jnp.minimum(src, k - 1)[0]]                      # [B, K-1, Kf]
   inside = col[None, :] < n_N[:, None]
   same = jnp.all((stored == mine) | ~inside[None], axis=2)
-  ok = (found & same & (m.lengths_S[fid] == n_N[None])
+  ok = (found & same & (stored_len == n_N[None])
         & (n_N[None] <= jnp.minimum(doc_len_B, m.max_len)[:, None]))
   # The longest confirmed length wins.
   best = jnp.max(jnp.where(ok, n_N[None], 0), axis=1)

@@ -6,7 +6,7 @@
   python -m scone_jax.main --mode=export  --config=... --workdir=DIR [--export_dir=OUT] [--fgram_set=a.npz[,b.npz]]
   python -m scone_jax.main --mode=generate --export_dir=OUT --prompt="..."
   python -m scone_jax.main --mode=serve --export_dir=OUT [--port=8000] [--max_batch=8] [--api_key_file=F] [--mesh=tensor:8]
-  python -m scone_jax.main --mode=compile --config=... --topology=v5e:4x4 [--num_slices=N]
+  python -m scone_jax.main --mode=compile --config=... --topology=v5e:4x4 [--num_slices=N] [--table_storage=host --matcher_storage=host] [--mesh=tensor:4]
 
 This file wires stages together; the work happens in the modules it calls.
 """
@@ -46,12 +46,19 @@ _TABLE_STORAGE = flags.DEFINE_enum(
     'Where serving keeps the f-gram table: device (accelerator memory) or host (host memory '
     'the compiled step gathers from), both read inside the decode step; ram, mmap or '
     'tensorstore (tables bigger than memory): host lookups called from the step.')
+_MATCHER_STORAGE = flags.DEFINE_enum(
+    'matcher_storage', None, ('device', 'host'),
+    'Where serve, generate, eval and compile keep the f-gram matcher (~39 bytes per f-gram): '
+    'device (accelerator memory, replicated per chip) or host (host memory, read by the '
+    'compiled step: the accelerator then holds nothing that grows with the number of '
+    'f-grams). Default: host unless --table_storage=device.')
 _MESH = flags.DEFINE_string(
     'mesh', '', 'serve / generate / eval of an export: tensor-parallel over local devices. '
     'tensor:N (or N; -1 = every local device) splits the main model\'s attention heads and MLP '
     'units (as training\'s mesh.tensor does) and the KV cache\'s heads over N devices; the '
     'f-gram table stays in --table_storage (device/host: split along d over the same devices). '
-    'Empty: one device.')
+    'Empty: one device. With --mode=compile: the decode chunk over tensor:N of the topology\'s '
+    'first N chips.')
 _TABLE_DTYPE = flags.DEFINE_enum(
     'table_dtype', None, ('float32', 'float16', 'bfloat16', 'int8'),
     'The f-gram table as serve, generate and eval hold it (default: the export\'s dtype): '
@@ -182,9 +189,10 @@ def main(argv):
                          'or the run\'s own f-gram set.')
   serving_export = mode in ('serve', 'generate') or (
       mode == 'eval' and _EXPORT_DIR.value and not _WORKDIR.value)
-  if _MESH.value and not serving_export:
-    raise app.UsageError(f'--mesh is for serve, generate and eval of an --export_dir; '
-                         f'--mode={mode} uses the config\'s mesh (--config.mesh.tensor=N).')
+  if _MESH.value and not serving_export and mode != 'compile':
+    raise app.UsageError(f'--mesh is for serve, generate and eval of an --export_dir and for '
+                         f'compile; --mode={mode} uses the config\'s mesh '
+                         '(--config.mesh.tensor=N).')
   mesh = None
   if serving_export:
     from scone_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -199,6 +207,7 @@ def main(argv):
                            drain_timeout=_DRAIN_TIMEOUT.value).check()
     server.run(_require(_EXPORT_DIR.value, 'export_dir'), host=_HOST.value, port=_PORT.value,
                table_storage=_TABLE_STORAGE.value, table_dtype=_TABLE_DTYPE.value,
+               matcher_storage=_MATCHER_STORAGE.value,
                max_batch=_MAX_BATCH.value,
                tokens_per_dispatch=_TOKENS_PER_DISPATCH.value,
                served_model_name=_SERVED_MODEL_NAME.value, limits=limits,
@@ -209,7 +218,7 @@ def main(argv):
     from scone_jax import serving  # pylint: disable=g-import-not-at-top
     export_dir = _require(_EXPORT_DIR.value, 'export_dir')
     gen = serving.load(export_dir, table_storage=_TABLE_STORAGE.value, mesh=mesh,
-                       table_dtype=_TABLE_DTYPE.value)
+                       table_dtype=_TABLE_DTYPE.value, matcher_storage=_MATCHER_STORAGE.value)
     if mode == 'generate':
       prompts = _require(_PROMPT.value, 'prompt')
       texts = gen.generate_text(prompts, max_new_tokens=_MAX_NEW_TOKENS.value,
@@ -236,7 +245,11 @@ def main(argv):
       raise app.UsageError('--topology (e.g. v5e:4x4) or config.compile.topology is required '
                            'for --mode=compile.')
     num_slices = _NUM_SLICES.value or cfg.compile.num_slices
-    report = compile_lib.compile_steps(cfg, topology, num_slices)
+    from scone_jax import sharding  # pylint: disable=g-import-not-at-top
+    report = compile_lib.compile_steps(
+        cfg, topology, num_slices, table_storage=_TABLE_STORAGE.value,
+        matcher_storage=_MATCHER_STORAGE.value,
+        decode_tensor=sharding.parse_serving_mesh(_MESH.value) if _MESH.value else 0)
     for line in compile_lib.summary_lines(report):
       print(line)
     print(json.dumps(report))

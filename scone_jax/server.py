@@ -924,6 +924,7 @@ def served_name(export_dir: str) -> str:
 
 def run(export_dir: str, *, host: str = '127.0.0.1', port: int = 8000,
         table_storage: str = 'host', table_dtype: Optional[str] = None, max_batch: int = 8,
+        matcher_storage: Optional[str] = None,
         max_len: Optional[int] = None,
         tokens_per_dispatch: int = 8,
         served_model_name: Optional[str] = None, limits: Optional[Limits] = None,
@@ -934,7 +935,7 @@ def run(export_dir: str, *, host: str = '127.0.0.1', port: int = 8000,
   name = served_model_name or served_name(export_dir)
   t0 = time.time()
   gen = serving.load(export_dir, table_storage, max_len=max_len, mesh=mesh,
-                     table_dtype=table_dtype)
+                     table_dtype=table_dtype, matcher_storage=matcher_storage)
   if tokens_per_dispatch < 1:
     raise ValueError(f'--tokens_per_dispatch={tokens_per_dispatch} must be at least 1.')
   engine = Engine(gen, max_batch, tokens_per_dispatch=tokens_per_dispatch)

@@ -127,3 +127,48 @@ def test_compile_runs_beside_a_process_holding_the_libtpu_lockfile():
   finally:
     holder.kill()
     holder.wait()
+
+
+_DECODE_S = '''
+import json, sys
+from experiments import configs
+from scone_jax import compile as c
+devices = c.topology_devices('v5e:2x2')
+out = {}
+for storage in ('host', 'device'):
+  for s in (1000, 1000000):
+    cfg = configs.load('experiments/configs/scone.py')
+    with cfg.unlocked():
+      cfg.model.num_layers = 1
+      cfg.fgrams.num_fgrams = s
+    out[f'{storage}:{s}'] = c.compile_decode(cfg, devices, table_storage='host',
+                                             matcher_storage=storage)
+import numpy as np, jax.numpy as jnp
+out['row_bytes'] = cfg.model.d_model * np.dtype(jnp.dtype(cfg.export.dtype)).itemsize
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_chunk_does_not_grow_with_s_off_the_accelerator():
+  """The decode chunk serving runs, compiled for a v5e chip with S = 1,000 and 1,000,000
+  f-grams: with the matcher and the table in host memory its accelerator bytes are the
+  same (the f-gram path's bytes are host bytes, reported beside them); with the matcher on
+  the accelerator they grow by its ~38 bytes per f-gram."""
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', _DECODE_S], cwd=REPO, capture_output=True,
+                        text=True, timeout=900, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  row_bytes = r.pop('row_bytes')
+  accel = lambda key: tuple(r[key]['memory'][k] for k in ('arguments', 'temporaries',
+                                                          'outputs'))
+  assert all(x['fits'] and x['matcher_storage'] in key for key, x in r.items())
+  assert accel('host:1000') == accel('host:1000000')
+  table_growth = 999000 * row_bytes
+  host_growth = (r['host:1000000']['memory']['host_arguments']
+                 - r['host:1000']['memory']['host_arguments'])
+  assert host_growth >= table_growth + 30 * 999000, host_growth
+  device_growth = (r['device:1000000']['memory']['arguments']
+                   - r['device:1000']['memory']['arguments'])
+  assert 30 * 999000 <= device_growth <= 64 * 999000, device_growth

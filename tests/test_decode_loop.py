@@ -1,15 +1,21 @@
-"""The on-device decode loop: tokens do not depend on how many steps run per dispatch nor on
-where the table lives, and the host-synced loop of before gives the same tokens."""
+"""The decode core's on-device loop: every table storage x matcher storage x tokens per
+dispatch gives the tokens of the host-matched reference, on a model and prompts where most
+decode positions have competing f-gram matches of several lengths."""
 from flax import linen as nn
 import jax
 import numpy as np
 import pytest
 
+from scone_jax import decode
 from scone_jax import fgrams
 from scone_jax import model as model_lib
 from scone_jax import serving
 
-VOCAB = 12
+VOCAB = 5            # 0 BOS, 1 EOS, the alphabet 2..4
+K = 4
+NEW = 24
+# Keeps every decoded token in the f-gram alphabet, so decode positions have matches.
+NO_SPECIALS = {0: -100.0, 1: -100.0}
 
 
 @pytest.fixture(scope='module')
@@ -20,72 +26,132 @@ def parts():
   params = jax.device_get(nn.unbox(model.init(jax.random.PRNGKey(3), np.zeros(
       (1, 1), np.int32))['params']))
   rng = np.random.default_rng(0)
-  grams = sorted({tuple(rng.integers(2, 6, int(rng.integers(2, 4))).tolist())
-                  for _ in range(40)})  # a 4-token alphabet: most positions match
-  fs = fgrams.FGramSet.from_ngrams(grams, max_len=3)
+  alphabet = [2, 3, 4]
+  every = [tuple(int(t) for t in g) for n in range(2, K + 1)
+           for g in np.array(np.meshgrid(*[alphabet] * n)).reshape(n, -1).T]
+  # Every 2-gram and most longer ones: a position usually matches at 2, 3 and 4 tokens.
+  grams = [g for g in every if len(g) == 2 or rng.random() < 0.85]
+  fs = fgrams.FGramSet.from_ngrams(sorted(grams), max_len=K)
   # Rows far from the token embeddings, so a wrong or missing row changes the tokens.
   table = (rng.standard_normal((len(fs), 16)) * 3).astype(np.float32)
-  prompts = [[2, 3, 4, 5, 2, 3], [], [4, 4], [5, 2, 3, 3, 4, 2, 5, 5, 2, 3, 4]]
+  prompts = [[2, 3, 4, 2, 2, 3], [], [4, 4], [3, 2, 3, 3, 4, 2, 4, 4, 2, 3, 4]]
   return mc, params, fs, table, prompts
 
 
-def _gen(parts, storage='ram', use_table=True):
+def _gen(parts, storage='ram', matcher_storage=None, use_table=True):
   mc, params, fs, table, _ = parts
-  if storage == 'mmap':  # a memmap is a host lookup like ram, through the same path
-    t = serving.Table(table, storage='mmap')
-  elif storage == 'tensorstore':
-    return None
-  else:
-    t = serving.place_table(table, storage)
+  t = (serving.Table(table, storage='mmap') if storage == 'mmap'  # a host lookup like ram
+       else serving.place_table(table, storage))
   return serving.Generator(mc, params, t if use_table else None, fs if use_table else None,
-                           use_table=use_table, seq_len=32, max_len=64)
+                           use_table=use_table, seq_len=32, max_len=64,
+                           matcher_storage=matcher_storage)
 
 
-def test_tokens_per_dispatch_does_not_change_the_tokens(parts):
-  gen, prompts = _gen(parts, 'device'), parts[4]
-  kw = dict(max_new_tokens=20, stop_tokens=())
-  one = gen.generate(prompts, tokens_per_dispatch=1, **kw)
-  assert gen.last_stats['dispatches'] == 19
-  sixteen = gen.generate(prompts, tokens_per_dispatch=16, **kw)
-  assert gen.last_stats['dispatches'] == 2 and sixteen == one
-  assert gen.generate(prompts, tokens_per_dispatch=7, **kw) == one
-  # Sampling too: one rng split per step, wherever the dispatch boundaries fall.
-  kw.update(temperature=1.0, seed=4)
-  assert (gen.generate(prompts, tokens_per_dispatch=16, **kw)
-          == gen.generate(prompts, tokens_per_dispatch=3, **kw))
-  # Stop tokens end rows mid-chunk; the others go on.
-  stop = one[0][4]
-  outs = gen.generate(prompts, max_new_tokens=20, stop_tokens=(stop,), tokens_per_dispatch=16)
-  for full, out in zip(one, outs):
-    assert out == (full[:full.index(stop) + 1] if stop in full else full)
+def _reference(gen, prompts, seed=0, temperature=0.0):
+  """Step by step with the host matcher (DecodeLookup: advance_matches + the table's host
+  lookup) and one KV-cached step of the model, sampled by the same sampler."""
+  n = len(prompts)
+  ids = [np.array(p, np.int64) for p in prompts]
+  width = decode.bucket(max(p.size for p in ids) + 1, decode.PREFILL_BUCKET)
+  cache_len = decode.bucket(width + NEW, decode.CACHE_BUCKET)
+  opts = decode.make_options(n, VOCAB, seed=seed, temperature=temperature,
+                             logit_bias=[NO_SPECIALS] * n)
+  flags = decode.Flags(sample=temperature > 0, adjust=True)
+  is_stop = gen.stop_mask(())
+  _, state = gen.prefill_fn(cache_len, flags)(
+      gen.params, gen.table_operand, gen.matcher,
+      gen.prompt_batch(ids, [True] * n, [NEW] * n, width), opts, is_stop)
+  lookup = serving.DecodeLookup(gen.table, gen.fgram_set, n, 16)
+  lookup.reset(ids, [p.size + 1 for p in ids])
+
+  @jax.jit
+  def step(params, cache, rows, ints, count, counts):
+    logits, cache = decode.apply_cached(gen.model, params, cache, rows[:, None], ints[:, None])
+    return decode.next_tokens(logits[:, 0], opts, count, counts, flags), cache
+
+  tok, cache, counts = np.asarray(state.tok), state.cache, np.array(state.counts_BxV)
+  got, fids = [tok], []
+  for i in range(1, NEW):
+    rows, ints = lookup.advance(tok)
+    fids.append(ints[:, 2].copy())
+    tok, cache = step(gen.params, cache, rows, ints, np.full(n, i, np.int32), counts)
+    tok = np.asarray(tok)
+    counts[np.arange(n), tok] += 1
+    got.append(tok)
+  return np.stack(got, 1).tolist(), np.stack(fids, 1)
 
 
-@pytest.mark.parametrize('storage', ['host', 'ram', 'mmap'])
-def test_every_storage_gives_the_same_tokens(parts, storage):
-  prompts = parts[4]
-  kw = dict(max_new_tokens=12, stop_tokens=())
-  want = _gen(parts, 'device').generate(prompts, **kw)
-  gen = _gen(parts, storage)
-  assert gen.generate(prompts, **kw) == want
-  # The table matters: the baseline (same weights, no rows) decodes otherwise.
-  assert _gen(parts, use_table=False).generate(prompts, **kw) != want
+def _competing(fs, prompts, outs) -> tuple:
+  """(decode positions, those where f-grams of two or more lengths end)."""
+  grams = {tuple(g[:n]) for g, n in zip(np.asarray(fs.tokens_padded).tolist(), fs.lengths)}
+  total = several = 0
+  for p, out in zip(prompts, outs):
+    doc = list(p) + out
+    for end in range(len(p) + 1, len(doc)):  # the fed-back tokens (the last is not fed)
+      lengths = [n for n in range(2, K + 1) if end >= n and tuple(doc[end - n:end]) in grams]
+      total += 1
+      several += len(lengths) >= 2
+  return total, several
 
 
-def test_loop_matches_the_host_matched_reference(parts):
-  """Step by step with the host matcher (DecodeLookup: advance_matches + gather) and the
-  one-token step, as serving decoded before the loop moved onto the device."""
-  gen, prompts = _gen(parts, 'ram'), parts[4]
-  want = gen.generate(prompts, max_new_tokens=10, stop_tokens=())
-  batch, lens = len(prompts), np.array([len(p) + 1 for p in prompts])
-  tok, cache, rng = gen._prefill([np.array(p, np.int64) for p in prompts], lens, True, 10,  # pylint: disable=protected-access
-                                 (True, 0, False), np.array([1e-6, 1.0], np.float32), 0)
-  lookup = serving.DecodeLookup(gen.table, gen.fgram_set, batch, 16)
-  lookup.reset([np.array(p) for p in prompts], lens)
-  step = gen._step_fn(True, 0, False)  # pylint: disable=protected-access
-  got = [np.asarray(tok)]
-  for _ in range(9):
-    rows, ints = lookup.advance(got[-1])
-    tok, cache, rng = step(gen.params, cache, rows[:, None], ints[:, None], rng,
-                           np.array([1e-6, 1.0], np.float32))
-    got.append(np.asarray(tok))
-  assert np.stack(got, 1).tolist() == want
+@pytest.fixture(scope='module')
+def reference(parts):
+  return _reference(_gen(parts, 'ram', 'host'), parts[4])
+
+
+def test_the_reference_meets_competing_matches(parts, reference):
+  outs, fids = reference
+  total, several = _competing(parts[2], parts[4], outs)
+  assert total == len(parts[4]) * (NEW - 1) and several >= 0.6 * total, (total, several)
+  assert (fids >= 0).mean() > 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('matcher_storage', ['device', 'host'])
+@pytest.mark.parametrize('storage', ['device', 'host', 'ram', 'mmap'])
+def test_every_storage_and_chunking_equals_the_reference(parts, reference, storage,
+                                                          matcher_storage):
+  gen = _gen(parts, storage, matcher_storage)
+  kw = dict(max_new_tokens=NEW, stop_tokens=(), logit_bias=NO_SPECIALS)
+  for per_dispatch in (1, 16):
+    assert gen.generate(parts[4], tokens_per_dispatch=per_dispatch, **kw) == reference[0], (
+        storage, matcher_storage, per_dispatch)
+    assert gen.last_stats['dispatches'] == -(-(NEW - 1) // per_dispatch)
+
+
+def test_sampled_tokens_follow_the_seed_not_the_chunking(parts):
+  gen = _gen(parts, 'device', 'device')
+  kw = dict(max_new_tokens=NEW, stop_tokens=(), logit_bias=NO_SPECIALS, temperature=1.0,
+            seed=4)
+  want, _ = _reference(gen, parts[4], seed=4, temperature=1.0)
+  assert gen.generate(parts[4], tokens_per_dispatch=16, **kw) == want
+  assert gen.generate(parts[4], tokens_per_dispatch=3, **kw) == want
+  # Alone or batched: row b of a batch samples what it samples alone.
+  assert gen.generate(parts[4][3:], tokens_per_dispatch=5, **kw) == want[3:]
+
+
+def test_stop_tokens_end_rows_mid_chunk(parts):
+  gen = _gen(parts, 'device')
+  kw = dict(max_new_tokens=NEW, logit_bias=NO_SPECIALS, tokens_per_dispatch=16)
+  full = gen.generate(parts[4], stop_tokens=(), **kw)
+  stop = full[0][4]
+  outs = gen.generate(parts[4], stop_tokens=(stop,), **kw)
+  for f, out in zip(full, outs):
+    assert out == (f[:f.index(stop) + 1] if stop in f else f)
+
+
+def test_the_table_matters(parts, reference):
+  kw = dict(max_new_tokens=NEW, stop_tokens=(), logit_bias=NO_SPECIALS)
+  assert _gen(parts, use_table=False).generate(parts[4], **kw) != reference[0]
+
+
+def test_one_tokens_per_dispatch_default():
+  """The CLI flag, the server, the engine and generate decode the same chunk by default."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  from scone_jax import engine, main, server  # pylint: disable=g-import-not-at-top
+  want = decode.DEFAULT_TOKENS_PER_DISPATCH
+  assert main._TOKENS_PER_DISPATCH.default == want  # pylint: disable=protected-access
+  assert inspect.signature(server.run).parameters['tokens_per_dispatch'].default == want
+  assert engine.DEFAULT_TOKENS_PER_DISPATCH == serving.DEFAULT_TOKENS_PER_DISPATCH == want
+  assert (inspect.signature(serving.Generator.generate).parameters['tokens_per_dispatch']
+          .default == want)

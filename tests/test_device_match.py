@@ -68,28 +68,47 @@ def test_device_matcher_equals_advance_matches(max_len):
   assert ids == fs.match(doc)[0].tolist()
 
 
-def test_a_hash_collision_never_selects_a_wrong_row():
-  """Plant a collision: give f-gram 1's key to an n-gram that is not an f-gram. The search
-  then finds f-gram 1 for that n-gram, and the token check must reject it."""
-  fs = fgrams.FGramSet.from_ngrams([(1, 2), (3, 4, 5), (2, 3)], max_len=3)
+@pytest.mark.parametrize('host', [False, True])
+def test_a_colliding_intruder_is_rejected_at_every_position(host):
+  """For every stored f-gram g (every length n = 2..K) and every position p < n: an
+  intruder equal to g except at p (a token no f-gram has), whose length-n key is forced to
+  be g's (the keys_hook test hook), finds g's entry, and the stored-token check rejects it:
+  the match is what the host matcher gives for the intruder. With host=True the matcher's
+  arrays sit in host memory, read by export_reader.match_in_step's host gathers."""
+  k = 4
+  rng = np.random.default_rng(1)
+  fs = _random_set(rng, 4, 40, k)
   m = device_match.build(fs)
-  intruder = np.array([[4, 4, 4]], np.int32)  # its 2- and 3-suffixes are no f-grams
-  hi, lo = device_match._hash_suffixes(intruder, m.seed, (3,))[3]  # pylint: disable=protected-access
-  size = len(fs)
-  at = int(np.flatnonzero(m.id_M[:size] == 1)[0])   # the key of f-gram 1 = (3, 4, 5)
-  keys = ((m.key_hi_M[:size].astype(np.uint64) << np.uint64(32))
-          | m.key_lo_M[:size].astype(np.uint64))
-  keys[at] = (np.uint64(hi[0]) << np.uint64(32)) | np.uint64(lo[0])
-  order = np.argsort(keys)
-  planted = device_match.from_sorted(keys[order], m.id_M[:size][order], m.tokens_SxK,
-                                     m.lengths_S, m.seed, m.max_len)
-  found, pos = device_match._find(planted, jnp.asarray(hi), jnp.asarray(lo))  # pylint: disable=protected-access
-  assert bool(found[0]) and int(planted.id_M[int(pos[0])]) == 1  # lands on the wrong f-gram
-  got = device_match.match_last(planted, jnp.asarray(intruder), jnp.array([3]))
-  assert int(got[0]) == -1
-  # The real f-gram (3, 4, 5) now has another key: not found, never mistaken.
-  assert int(device_match.match_last(planted, jnp.array([[3, 4, 5]]), jnp.array([3]))[0]) == -1
-  assert int(device_match.match_last(m, jnp.array([[3, 4, 5]]), jnp.array([3]))[0]) == 1
+  key_at = {int(i): j for j, i in enumerate(m.id_M[:len(fs)])}
+  rows, target_hi, target_lo, length, want = [], [], [], [], []
+  for gid, (tokens, n) in enumerate(zip(np.asarray(fs.tokens_padded), fs.lengths)):
+    for p in range(n):
+      intruder = np.array(tokens[:n], np.int64)
+      intruder[p] = 9   # outside the alphabet: the intruder is no f-gram
+      rows.append(intruder)
+      target_hi.append(m.key_hi_M[key_at[gid]])
+      target_lo.append(m.key_lo_M[key_at[gid]])
+      length.append(n)
+      want.append(int(fs.match(intruder)[0][-1]))
+  assert sorted(set(length)) == list(range(2, k + 1))
+  ctx, doc_len = device_match.window(rows, k)
+  length_B = np.array(length)
+  target_hi, target_lo = np.array(target_hi, np.uint32), np.array(target_lo, np.uint32)
+
+  def hook(q_hi, q_lo):
+    forced = (jnp.arange(2, k + 1)[None, :] == length_B[:, None])
+    return (jnp.where(forced, target_hi[:, None], q_hi),
+            jnp.where(forced, target_lo[:, None], q_lo))
+
+  from scone_jax import export_reader  # pylint: disable=g-import-not-at-top
+  storage = 'host' if host else 'device'
+  arrays = export_reader.place_matcher(m, storage)
+  take = export_reader.host_take if host else None
+  got = jax.jit(lambda a, c, d: device_match.match_last(a, c, d, take=take, keys_hook=hook))(
+      arrays, ctx, doc_len)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  # The hook did force collisions: without the token check each row would pick g itself.
+  assert (np.asarray(want) != np.repeat(np.arange(len(fs)), fs.lengths)).all()
 
 
 def test_duplicate_keys_are_reseeded(monkeypatch):

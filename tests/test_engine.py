@@ -2,16 +2,15 @@
 
 Requests that join together are prefilled in one call per prompt width; each must get what
 it gets prefilled alone (and what Generator.generate gives it, greedy). Seeded sampling
-follows the engine's own design (a request's key for its i-th token is fold_in(seed, i), so
-its tokens never depend on the requests beside it); Generator.generate splits one key for
-the whole batch per step, so the two do not sample the same tokens for a seed, by design.
+follows the decode core's one sampler (a request's key for its i-th token is fold_in(seed,
+i), so its tokens never depend on the requests beside it), as Generator.generate does.
 """
-# pylint: disable=protected-access
 from flax import linen as nn
 import jax
 import numpy as np
 import pytest
 
+from scone_jax import decode
 from scone_jax import engine as engine_lib
 from scone_jax import fgrams
 from scone_jax import model as model_lib
@@ -68,7 +67,7 @@ def _run(engine, requests: list) -> list:
     engine.submit(engine_lib.Request(on_event=on_event, ignore_eos=True, **kw))
     outs.append(out)
   while engine.load()['pending'] or engine.load()['active']:
-    engine._iterate()
+    engine.iterate()
   assert all(o['end'] == ('done', 'length') for o in outs), [o['end'] for o in outs]
   return outs
 
@@ -103,7 +102,7 @@ def test_batched_prefill_equals_one_by_one_and_generate(gen, fns):
     _same(a, b)
     assert a['tokens'] == tokens
     assert len(a['prompt']['logprob']) == p.size  # BOS is not scored
-  assert {k[:2] for k in batched.fns._prefill} >= {(16, 4), (32, 2), (48, 1)}
+  assert {k[:2] for k in batched.fns.prefill_shapes} >= {(16, 4), (32, 2), (48, 1)}
 
 
 @pytest.mark.slow
@@ -138,15 +137,16 @@ def test_compiled_prefill_shapes_stay_bounded(gen, fns):
   for n in range(1, MAX_BATCH + 1):
     _run(engine, [dict(prompt_ids=p, max_tokens=1) for p in _prompts([4] * n, seed=n)])
   assert engine.stats['prefill_calls'] == MAX_BATCH
-  assert sorted(k[1] for k in fns._prefill if k[0] == 16 and not any(k[2:])) == [1, 2, 4, 8]
-  # warmup() compiles every row count of a width without writing a slot; more joiners than
+  assert sorted(k[1] for k in fns.prefill_shapes if k[0] == 16 and not k[2]) == [1, 2, 4, 8]
+  # warmup() compiles every row count of a width (with and without logprobs) without writing
+  # a slot; more joiners than
   # slots get one slot each, the rest join as slots free up; max_batch caps the rows.
   small = engine_lib.Engine(gen, 3)
   small.warmup(widths=(16,))
-  assert sorted(k[1] for k in small.fns._prefill if k[0] == 16) == [1, 2, 3]
+  assert sorted(k[1] for k in small.fns.prefill_shapes if k[0] == 16) == [1, 1, 2, 2, 3, 3]
   prompts = _prompts([4] * 7, seed=9)
   outs = _run(small, [dict(prompt_ids=p, max_tokens=2) for p in prompts])
-  assert small.stats['prefill_calls'] == 3 and len(small.fns._prefill) == 3
+  assert small.stats['prefill_calls'] == 3 and len(small.fns.prefill_shapes) == 6
   assert [o['tokens'] for o in outs] == gen.generate(prompts, max_new_tokens=2, stop_tokens=())
 
 
@@ -156,18 +156,17 @@ def _reference_samples(gen, prompt, n, seed, temperature, top_k=0, top_p=1.0):
   tokens before it (right-padded to one width: causal, so the padding changes nothing)."""
   width = prompt.size + n
   forward = jax.jit(lambda rows, ints: gen.model.apply(
-      {'params': gen.params}, gen._input_vectors(gen.params, rows, ints),
+      {'params': gen.params}, gen.input_vectors(gen.params, rows, ints),
       positions_BxL=ints[..., 1], method=model_lib.SconeLM.backbone))
-  sample_rows = jax.jit(engine_lib._sample_rows, static_argnames='sampling')
+  sample_rows = jax.jit(decode.sample_rows, static_argnames='sampling')
   toks = []
   for i in range(n):
     seq = np.concatenate([prompt, np.array(toks, np.int64)])
     ints = np.zeros((1, width, 4), np.int32)
     ints[..., 2] = -1
-    ints[:, :seq.size + 1] = gen._prefill_inputs([seq], np.array([seq.size + 1]),
-                                                 seq.size + 1, True)
-    logits = forward(gen._rows_for(ints[..., 2]), ints)
-    keys = engine_lib._row_keys(np.array([seed], np.int32), np.array([i], np.int32))
+    ints[:, :seq.size + 1] = gen.prompt_batch([seq], [True], [1], seq.size + 1).ints_NxWx4
+    logits = forward(gen.rows_for(ints[..., 2]), ints)
+    keys = decode.row_keys(np.array([seed], np.int32), np.array([i], np.int32))
     toks.append(int(sample_rows(logits[:, seq.size], np.array([temperature], np.float32),
                                 np.array([top_p], np.float32), np.array([top_k], np.int32),
                                 keys, sampling=True)[0]))
@@ -177,13 +176,14 @@ def _reference_samples(gen, prompt, n, seed, temperature, top_k=0, top_p=1.0):
 def test_seeded_sampling_follows_the_seed_alone(gen, fns):
   """A sampled request's i-th token uses fold_in(seed, i) (the prefill's token is i = 0,
   the decode loop's count goes on from 1), alone or beside other requests; same seed, same
-  tokens; another seed, other tokens. Generator.generate samples differently by design
-  (one key split per step for its whole batch), so it is not the reference here."""
+  tokens; another seed, other tokens; Generator.generate samples the same."""
   prompt = _prompts([6], seed=4)[0]
   kw = dict(prompt_ids=prompt, max_tokens=12, temperature=1.5, seed=11)
   engine = engine_lib.Engine(gen, MAX_BATCH, functions=fns)  # 8 tokens per chunk: two
   alone = _run(engine, [kw])[0]['tokens']
   assert alone == _reference_samples(gen, prompt, 12, 11, 1.5)
+  assert gen.generate([prompt], max_new_tokens=12, temperature=1.5, seed=11,
+                      stop_tokens=())[0] == alone
   assert _run(engine, [kw])[0]['tokens'] == alone
   assert _run(engine, [dict(kw, seed=12)])[0]['tokens'] != alone
   # Beside others (greedy and sampled with other seeds), in another slot: the same tokens.

@@ -19,6 +19,7 @@ from scone_jax import packing
 from scone_jax import export
 from scone_jax import fgrams
 from scone_jax import model as model_lib
+from scone_jax import decode
 from scone_jax import serving
 from scone_jax import step_batch
 from scone_jax import train
@@ -259,15 +260,44 @@ def test_learned_positions_cap_the_length():
 def test_sampling_filters_keep_the_right_tokens():
   probs = np.array([0.5, 0.3, 0.15, 0.05])
   logits = np.log(np.tile(probs, (4000, 1))).astype(np.float32)
-  key = jax.random.PRNGKey(0)
-  sample = lambda **kw: np.asarray(serving._sample(  # pylint: disable=protected-access
-      logits, key, 1.0, kw.pop('top_p', 1.0), greedy=False, **kw))
-  counts = np.bincount(sample(top_k=0, use_top_p=True, top_p=0.8), minlength=4)
+  n = logits.shape[0]
+  keys = decode.row_keys(np.arange(n, dtype=np.int32), np.zeros(n, np.int32))
+  sample_rows = jax.jit(decode.sample_rows, static_argnames='sampling')
+  sample = lambda top_p=1.0, top_k=0: np.asarray(sample_rows(
+      logits, np.ones(n, np.float32), np.full(n, top_p, np.float32),
+      np.full(n, top_k, np.int32), keys, sampling=True))
+  counts = np.bincount(sample(top_p=0.8), minlength=4)
   assert counts[2] == counts[3] == 0  # {0, 1} is the smallest set with mass >= 0.8
   np.testing.assert_allclose(counts[0] / counts[:2].sum(), 0.5 / 0.8, atol=0.03)
-  counts = np.bincount(sample(top_k=3, use_top_p=False), minlength=4)
+  counts = np.bincount(sample(top_k=3), minlength=4)
   assert counts[3] == 0 and counts[2] > 0
   np.testing.assert_allclose(counts[:3] / counts.sum(), probs[:3] / 0.95, atol=0.03)
+
+
+def test_the_smallest_top_p_keeps_the_most_probable_token():
+  """top_p = 1e-38 (float32 flushes it to 0 on some backends) samples the top token, never
+  token 0 for want of any kept token."""
+  logits = np.log(np.tile([0.1, 0.2, 0.6, 0.1], (64, 1))).astype(np.float32)
+  n = logits.shape[0]
+  keys = decode.row_keys(np.arange(n, dtype=np.int32), np.zeros(n, np.int32))
+  for top_p in (1e-38, 1e-45, 1e-6):
+    got = decode.sample_rows(logits, np.ones(n, np.float32), np.full(n, top_p, np.float32),
+                             np.zeros(n, np.int32), keys, sampling=True)
+    assert (np.asarray(got) == 2).all(), top_p
+
+
+def test_penalties_and_bias_follow_openai(setup):
+  """logit_bias moves a token to the top (greedy too); a frequency penalty stops a repeat."""
+  gen = setup.gen
+  prompt = [gen.tokenizer.encode('The nation')]
+  plain = gen.generate(prompt, max_new_tokens=6, stop_tokens=())[0]
+  target = (plain[0] + 7) % gen.config.vocab_size
+  biased = gen.generate(prompt, max_new_tokens=6, stop_tokens=(), logit_bias={target: 100.0})
+  assert biased[0] == [target] * 6
+  # Penalised: the token the bias pushes loses 200 per use, so it is never chosen twice.
+  both = gen.generate(prompt, max_new_tokens=6, stop_tokens=(), logit_bias={target: 100.0},
+                      frequency_penalty=2.0 * 100)
+  assert both[0][0] == target and target not in both[0][1:]
 
 
 def test_generate_text(setup):
@@ -455,3 +485,58 @@ def test_cli_export_generate_eval(setup, tmp_path):
   assert "=== 'The nation'" in text and '\nThe nation' in text
   assert got['tokens'] == want['tokens']
   np.testing.assert_allclose(got['ppl'], want['ppl'], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_same_seed_same_tokens_everywhere(setup):
+  """One request, greedy and sampled (seed 7, temperature 1): Generator.generate alone and
+  batched, the Engine alone and beside other requests, --mode=generate and the HTTP server
+  (openai client, alone and with concurrent requests) all continue it with the same tokens:
+  token i is drawn with the key (seed, i) only."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import openai  # pylint: disable=g-import-not-at-top
+  from scone_jax import engine as engine_lib  # pylint: disable=g-import-not-at-top
+  gen, tok = setup.gen, setup.gen.tokenizer
+  prompt, others = 'The Congress shall', ['Our people will', 'The nation must protect']
+  ids, other_ids = tok.encode(prompt), [tok.encode(p) for p in others]
+  new = 12
+  text = lambda toks: tok.decode([t for t in toks if t != tok.eos_id])
+  want = {}
+  for temperature in (0.0, 1.0):
+    kw = dict(max_new_tokens=new, temperature=temperature, stop_tokens=(tok.eos_id,))
+    alone = gen.generate([ids], seed=7, **kw)[0]
+    assert gen.generate(other_ids + [ids], seed=[3, 4, 7], **kw)[2] == alone
+    got = {}
+    engine = engine_lib.Engine(gen, 4)
+    for i, p in enumerate(other_ids + [ids]):
+      engine.submit(engine_lib.Request(np.asarray(p), new, temperature=temperature,
+                                       seed=3 + i if i < 2 else 7, on_event=(
+          lambda kind, *a, i=i: got.setdefault(i, []).append(a[0]) if kind == 'token'
+          else None)))
+    while engine.load()['pending'] or engine.load()['active']:
+      engine.iterate()
+    assert got[2] == alone and engine.stats['shared_steps'] > 0
+    want[temperature] = text(alone)
+  cli = _finish(_cli('--mode=generate', f'--export_dir={setup.export_dir}',
+                     f'--prompt={prompt}', f'--max_new_tokens={new}', '--temperature=1',
+                     '--seed=7'))
+  assert f'\n{prompt}{want[1.0]}\n' in cli + '\n', (cli, want[1.0])
+  proc = _cli('--mode=serve', f'--export_dir={setup.export_dir}', '--port=0',
+              '--max_batch=4')
+  try:
+    line = proc.stdout.readline()
+    assert line.startswith('serving on '), proc.stderr.read()[-3000:] if proc.poll() else line
+    client = openai.OpenAI(base_url=line.split()[-1] + '/v1', api_key='none', max_retries=0,
+                           timeout=300)
+    ask = lambda p, t, s: client.completions.create(
+        model=os.path.basename(setup.export_dir), prompt=p, max_tokens=new, temperature=t,
+        seed=s).choices[0].text
+    for temperature in (0.0, 1.0):
+      assert ask(prompt, temperature, 7) == want[temperature]
+      with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(ask, p, temperature, s)
+                   for p, s in ((others[0], 3), (prompt, 7), (others[1], 4))]
+        assert futures[1].result() == want[temperature]
+  finally:
+    proc.kill()
+    proc.communicate()

@@ -13,7 +13,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Data-flow order: a module may import only modules listed before it.
 ORDER = ['paths', 'config', 'loader', 'tokenizer', 'fgrams', 'corpus', 'packing', 'token_shards',
          'beam_dask', 'fgrams_beam', 'artifacts', 'seqio_tasks', 'grain_input', 'model', 'sharding',
-         'flops', 'metrics', 'checkpoints', 'table', 'device_match', 'step_batch', 'preemption',
+         'flops', 'metrics', 'checkpoints', 'table', 'device_match', 'decode',
+         'export_reader', 'step_batch', 'preemption',
          'train', 'export', 'serving',
          'engine', 'server', 'compile', 'main']
 # Train, export and serving stand side by side on a shared floor.
@@ -62,6 +63,7 @@ def test_import_graph_runs_one_way():
 # extraction, training, export, checkpoints, Beam, seqio ...
 SERVING_MAY_LOAD = {'paths', 'config', 'tokenizer', 'corpus', 'packing', 'fgrams', 'fgrams.fgram_set',
                     'fgrams.kernels', 'model', 'sharding', 'table', 'device_match', 'metrics',
+                    'decode', 'export_reader',
                     'serving',
                     'engine',
                     'server'}

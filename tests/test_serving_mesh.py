@@ -12,6 +12,7 @@ import numpy as np
 import openai
 import pytest
 
+from scone_jax import decode
 from scone_jax import engine as engine_lib
 from scone_jax import fgrams
 from scone_jax import model as model_lib
@@ -129,7 +130,7 @@ def test_generate_on_8_devices_equals_one_device(parts, mesh, one_device, storag
   assert got == one_device['scone' if storage else 'baseline']
   _assert_params_split(gen.params)
   if storage is None:
-    # Sampling too: the same key splits, and the random bits do not depend on the sharding.
+    # Sampling too: the same keys (seed, token index), and the random bits do not depend on the sharding.
     kw = dict(max_new_tokens=NEW, stop_tokens=(), temperature=1.0, top_k=8, seed=4)
     assert gen.generate(PROMPTS, **kw) == _gen(parts, None).generate(PROMPTS, **kw)
   if storage == 'host':
@@ -140,10 +141,13 @@ def test_generate_on_8_devices_equals_one_device(parts, mesh, one_device, storag
     _split_on(rows, 1)
     # The prompt's cache after prefill is split on heads too (the loop keeps it so: the
     # engine test below checks the cache after decode chunks).
-    lens = np.array([len(p) + 1 for p in PROMPTS])
-    _, cache, _ = gen._prefill([np.array(p, np.int64) for p in PROMPTS], lens, True, NEW,
-                               (True, 0, False), np.array([1e-6, 1.0], np.float32), 0)
-    _assert_cache_split(cache)
+    n = len(PROMPTS)
+    batch = gen.prompt_batch([np.array(p, np.int64) for p in PROMPTS], [True] * n, [NEW] * n,
+                             decode.PREFILL_BUCKET)
+    _, state = gen.prefill_fn(decode.CACHE_BUCKET, decode.Flags())(
+        gen.params, gen.table_operand, gen.matcher, batch,
+        decode.make_options(n, gen.config.vocab_size), gen.stop_mask(()))
+    _assert_cache_split(state.cache)
 
 
 @pytest.mark.slow
@@ -159,7 +163,7 @@ def test_eval_on_8_devices_equals_one_device(parts, mesh):
   out = []
   for m in (None, mesh):
     gen = _gen(parts, 'host', m)
-    rows = gen._rows_for(fid)
+    rows = gen.rows_for(fid)
     out.append(jax.device_get(gen._eval_step()(gen.params, rows, ints, segments, targets,
                                                mask)))
   np.testing.assert_allclose(out[1][2], out[0][2], rtol=1e-5, atol=1e-5)
@@ -210,7 +214,7 @@ def _engine_run(gen):
     engine.submit(engine_lib.Request(np.array(p, np.int64), NEW, on_event(i), ignore_eos=True,
                                      logprobs=3))
   while engine.load()['pending'] or engine.load()['active']:
-    engine._iterate()
+    engine.iterate()
   assert engine.stats['shared_steps'] > 0
   return ([toks[i] for i in range(len(PROMPTS))], [np.stack(lps[i]) for i in range(len(PROMPTS))],
           engine)
@@ -221,7 +225,7 @@ def test_engine_on_8_devices_equals_one_device(parts, mesh, one_device):
   """The server's path: requests joining and leaving slots of a sharded cache."""
   toks, lps, engine = _engine_run(_gen(parts, 'host', mesh))
   assert toks == one_device['scone']
-  _assert_cache_split(engine._cache)  # after prefills into slots and decode chunks
+  _assert_cache_split(engine.state.cache)  # after prefills into slots and decode chunks
   _, want_lps, _ = _engine_run(_gen(parts, 'host'))
   for got, want in zip(lps, want_lps):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
