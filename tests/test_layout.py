@@ -14,7 +14,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ORDER = ['paths', 'config', 'loader', 'tokenizer', 'fgrams', 'corpus', 'packing', 'token_shards',
          'beam_dask', 'fgrams_beam', 'artifacts', 'seqio_tasks', 'grain_input', 'model', 'sharding',
          'flops', 'metrics', 'checkpoints', 'table', 'device_match', 'decode',
-         'export_reader', 'step_batch', 'preemption',
+         'export_reader', 'step_batch', 'preemption', 'train_hooks',
          'train', 'export', 'serving',
          'engine', 'server', 'compile', 'main']
 # Train, export and serving stand side by side on a shared floor.
