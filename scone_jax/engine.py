@@ -182,6 +182,9 @@ class Request:
   temperature: float = 0.0
   top_p: float = 1.0
   top_k: int = 0
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  logit_bias: Optional[dict] = None   # {token id: bias}, at most engine.MAX_LOGIT_BIAS (300)
   seed: int = 0
   logprobs: Optional[int] = None    # None: none; n: the chosen token's and the top n
   echo: bool = False
