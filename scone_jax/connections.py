@@ -4,11 +4,12 @@ cap on open connections and on requests per kept-alive connection.
 uvicorn's h11 protocol arms a timer only after a response (the keep-alive timeout), and
 disarms it on any byte received: a client that opens a connection and sends a header line
 every few seconds (slowloris) is held forever, and nothing bounds how many such clients
-there are. `guarded_protocol` subclasses that protocol: every phase in which the server
-waits for the client has a deadline counted from the phase's start (bytes trickling in do
-not extend it): the request line and headers (from the connection's start, or the previous
-response's end), then the body. A connection beyond the cap is answered 503 and closed
-before any of its bytes are read.
+there are. `guarded_protocol` subclasses that protocol: the request line and headers must
+arrive within --header_timeout of the connection's start (or the previous response's end),
+however the bytes trickle in (408, then closed); a body that stalls for --body_timeout
+(no byte while the server is reading) is cut; a connection beyond --max_connections is
+answered 503 and closed before any of its bytes are read; the --keep_alive_requests-th
+response on a connection says "connection: close".
 """
 import dataclasses
 import logging
@@ -17,7 +18,7 @@ import h11
 from uvicorn.protocols.http import h11_impl
 
 DEFAULT_HEADER_TIMEOUT = 10.0
-DEFAULT_BODY_TIMEOUT = 60.0
+DEFAULT_BODY_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_KEEP_ALIVE_TIMEOUT = 5
 DEFAULT_KEEP_ALIVE_REQUESTS = 1000
@@ -36,8 +37,9 @@ def _error(template: bytes, message: str, kind: str) -> bytes:
 
 @dataclasses.dataclass
 class ConnectionLimits:
-  """The --header_timeout, --body_timeout, --max_connections, --keep_alive_timeout and
-  --keep_alive_requests flags (0: no bound, except keep_alive_timeout)."""
+  """The --header_timeout (all headers), --body_timeout (a stall in the body),
+  --max_connections, --keep_alive_timeout (idle) and --keep_alive_requests flags (0: no
+  bound, except keep_alive_timeout)."""
   header_timeout: float = DEFAULT_HEADER_TIMEOUT
   body_timeout: float = DEFAULT_BODY_TIMEOUT
   max_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -82,8 +84,8 @@ def guarded_protocol(limits: ConnectionLimits):
       self._enter(None)
       super().connection_lost(exc)
 
-    def _enter(self, phase):
-      if phase == self._phase:
+    def _enter(self, phase, restart=False):
+      if phase == self._phase and not restart:
         return
       if self._deadline is not None:
         self._deadline.cancel()
@@ -96,6 +98,9 @@ def guarded_protocol(limits: ConnectionLimits):
     def _expired(self, phase):
       self._deadline = None
       if self.transport.is_closing():
+        return
+      if phase == 'body' and self.flow.read_paused:
+        self._enter('body', restart=True)  # the server is not reading: not the client's fault
         return
       if phase == 'headers' and (self.cycle is None or self.cycle.response_complete):
         if self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE and (
@@ -117,9 +122,11 @@ def guarded_protocol(limits: ConnectionLimits):
           self.scope['headers'].append(h11_impl.CLOSE_HEADER)
           self.cycle.keep_alive = False
       state = self.conn.their_state
+      # Headers: a deadline for all of them. Body: for each stretch without a byte (a body
+      # may be long; one that stalls is cut).
       self._enter('headers' if state is h11.IDLE and (
           self.cycle is None or self.cycle.response_complete) else
-          'body' if state is h11.SEND_BODY else None)
+          'body' if state is h11.SEND_BODY else None, restart=state is h11.SEND_BODY)
 
     def on_response_complete(self):
       super().on_response_complete()

@@ -87,9 +87,9 @@ _CHAT_TEMPLATE = flags.DEFINE_string(
     'for a base model, then "Assistant:").')
 _HEADER_TIMEOUT = flags.DEFINE_float('header_timeout', 10.0, '--mode=serve: seconds a client '
                                      'has to send a request\'s headers (0 = no bound).')
-_BODY_TIMEOUT = flags.DEFINE_float('body_timeout', 60.0, '--mode=serve: seconds a client has '
-                                   'to send a request\'s body once its headers are in '
-                                   '(0 = no bound).')
+_BODY_TIMEOUT = flags.DEFINE_float('body_timeout', 30.0, '--mode=serve: seconds a request\'s '
+                                   'body may stall (no byte arrives) before the connection '
+                                   'is closed (0 = no bound).')
 _MAX_CONNECTIONS = flags.DEFINE_integer('max_connections', 1024, '--mode=serve: most open '
                                         'connections; more are answered 503 and closed '
                                         '(0 = no bound).')

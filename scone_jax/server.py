@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 
 import fastapi
 from fastapi import responses
+import numpy as np
 from starlette import exceptions as starlette_exceptions
 from starlette import requests as starlette_requests
 import uvicorn
@@ -43,6 +44,7 @@ from scone_jax import protocol
 from scone_jax import server_metrics
 from scone_jax import serving
 from scone_jax import streaming
+from scone_jax import tokenizing
 
 Engine = engine_lib.Engine
 ApiError = protocol.ApiError
@@ -165,8 +167,10 @@ async def _read_body(http: fastapi.Request, limit: int) -> bytes:
 
 
 def json_list(items, piece: int = _JSON_PIECE) -> bytes:
-  """json.dumps(list(items)) written piece by piece, letting other threads run between."""
-  parts = [json.dumps(items[i:i + piece])[1:-1] for i in range(0, len(items), piece)]
+  """json.dumps(list(items)) (a list or an array) written piece by piece, letting other
+  threads run between pieces."""
+  as_list = (lambda x: x.tolist()) if isinstance(items, np.ndarray) else list
+  parts = [json.dumps(as_list(items[i:i + piece]))[1:-1] for i in range(0, len(items), piece)]
   return ('[' + ','.join(p for p in parts if p) + ']').encode()
 
 
@@ -184,7 +188,7 @@ def _body(model) -> dict:
       'schema': {'$ref': f'#/components/schemas/{model.__name__}'}}}}}
 
 
-def _openapi(app):
+def _openapi(app, models: Sequence[str]):
   """The app's OpenAPI document with the request models in its components."""
   from fastapi import openapi as fastapi_openapi  # pylint: disable=g-import-not-at-top
   from pydantic import json_schema  # pylint: disable=g-import-not-at-top
@@ -199,6 +203,8 @@ def _openapi(app):
       schemas = doc.setdefault('components', {}).setdefault('schemas', {})
       for name, schema in defs.get('$defs', {}).items():
         schemas.setdefault(name, schema)
+      for name in ('CompletionRequest', 'ChatCompletionRequest'):  # the models served
+        schemas[name]['properties']['model'] = {'type': 'string', 'enum': list(models)}
       app.openapi_schema = doc
     return app.openapi_schema
   return openapi
@@ -239,6 +245,7 @@ def build_app(engines: dict, tokenizer, *, limits: Optional[Limits] = None,
   state = {'draining': False}
   metrics = server_metrics.Metrics(engines)
   pools = _Pools()
+  text_workers = tokenizing.Tokenizing(tokenizer, engine_any.eos_id)
   piece = tokenizer.id_to_piece
   served = protocol.Served(
       models=list(engines), tokenizer=tokenizer, max_len=engine_any.gen.max_len,
@@ -252,6 +259,7 @@ def build_app(engines: dict, tokenizer, *, limits: Optional[Limits] = None,
   async def lifespan(_):
     for engine in engines.values():
       engine.start()
+    text_workers.start()
     yield
     # The HTTP side has drained (uvicorn waits up to --drain_timeout for open requests,
     # then cancels them, which cancels their engine requests); finish what is queued.
@@ -260,13 +268,14 @@ def build_app(engines: dict, tokenizer, *, limits: Optional[Limits] = None,
       await asyncio.to_thread(engine.stop, limits.drain_timeout or None)
       logging.info('drained %s: %s', model, engine.load())
     pools.shutdown()
+    text_workers.shutdown()
 
   app = fastapi.FastAPI(title='scone_jax', version='1', lifespan=lifespan)
-  app.openapi = _openapi(app)
+  app.openapi = _openapi(app, list(engines))
   app.add_middleware(_Gate, keys=tuple(api_keys), metrics=metrics)
   _error_handlers(app)
   _info_routes(app, engines, served, state, metrics)
-  _tokenizer_routes(app, served, pools, int(limits.max_body_mb * 2**20))
+  _tokenizer_routes(app, served, pools, int(limits.max_body_mb * 2**20), text_workers)
   _completion_routes(app, engines, served, pools, metrics, limits)
   return app
 
@@ -337,7 +346,8 @@ def _info_routes(app, engines: dict, served: protocol.Served, state: dict, metri
             'chat_template': served.chat_template.source}
 
 
-def _tokenizer_routes(app, served: protocol.Served, pools: _Pools, max_body: int):
+def _tokenizer_routes(app, served: protocol.Served, pools: _Pools, max_body: int,
+                      text_workers: tokenizing.Tokenizing):
   """/tokenize and /detokenize as vLLM serves them (lm-evaluation-harness's remote
   tokenizer). Decoding, tokenizing and the response's JSON all run in the pools: a 4 MB
   prompt's million ids never reach the event loop as a list."""
@@ -349,9 +359,9 @@ def _tokenizer_routes(app, served: protocol.Served, pools: _Pools, max_body: int
       raise protocol._not_found(req.model, served.models)  # pylint: disable=protected-access
     # The BOS and EOS strings are read as those tokens (lm-eval finds the special ids this
     # way, and a task can end a document with '</s>').
-    ids = [BOS_ID] if req.add_special_tokens is not False else []
-    for plain, special in served.specials.pieces(req.prompt):
-      ids += tokenizer.encode(plain).tolist() + ([special] if special is not None else [])
+    ids = text_workers.encode(req.prompt)
+    if req.add_special_tokens is not False:
+      ids = np.concatenate([np.asarray([BOS_ID], ids.dtype), ids])
     strs = b'null'
     if req.return_token_strs:
       strs = json_list([tokenizer.id_to_piece(t) for t in ids])
@@ -362,17 +372,21 @@ def _tokenizer_routes(app, served: protocol.Served, pools: _Pools, max_body: int
     req = protocol.decode(raw, protocol.DetokenizeRequest)
     if req.tokens and max(req.tokens) >= tokenizer.vocab_size:
       raise ApiError(400, f'token ids must be in [0, {tokenizer.vocab_size}).', 'tokens')
-    return json.dumps({'prompt': tokenizer.decode(req.tokens)}).encode()
+    return json.dumps({'prompt': text_workers.decode(req.tokens)}).encode()
+
+  def route(fn):
+    async def handle(http: fastapi.Request):
+      raw = await _read_body(http, max_body)
+      return responses.Response(await pools.run(len(raw), fn, raw),
+                                media_type='application/json')
+    return handle
 
   for path, fn, model, out in (('/tokenize', tokenize, protocol.TokenizeRequest,
                                 protocol.TokenizeResponse),
                                ('/detokenize', detokenize, protocol.DetokenizeRequest,
                                 protocol.DetokenizeResponse)):
-    async def route(http: fastapi.Request, fn=fn):
-      raw = await _read_body(http, max_body)
-      return responses.Response(await pools.run(len(raw), fn, raw),
-                                 media_type='application/json')
-    app.post(path, openapi_extra=_body(model), response_model=out, responses=_ERRORS)(route)
+    app.post(path, openapi_extra=_body(model), response_model=out,
+             responses=_ERRORS)(route(fn))
 
 
 def _completion_routes(app, engines: dict, served: protocol.Served, pools: _Pools, metrics,

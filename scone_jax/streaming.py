@@ -39,12 +39,14 @@ class TokenTexts:
     got = self._bytes.get(token)
     if got is None:
       plain = self.tok.decode([token])
-      if not plain:                     # control tokens (BOS, EOS, padding) have no text
+      piece = self.tok.id_to_piece(token) if self._pieces else ''
+      m = _BYTE_PIECE.fullmatch(piece)
+      if m:
+        got = bytes([int(m.group(1), 16)])
+      elif not plain and '\u2581' not in piece:  # control tokens (BOS, EOS, padding)
         got = b''
       elif self._pieces:
-        piece = self.tok.id_to_piece(token)
-        m = _BYTE_PIECE.fullmatch(piece)
-        got = bytes([int(m.group(1), 16)]) if m else piece.replace('\u2581', ' ').encode()
+        got = piece.replace('\u2581', ' ').encode()
       else:
         got = plain.encode('utf-8', 'surrogatepass')
       self._bytes[token] = got
