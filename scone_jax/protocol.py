@@ -358,6 +358,7 @@ def validation_error(e: pydantic.ValidationError) -> ApiError:
   if err['type'] == 'model_type' or not err['loc']:
     return ApiError(400, 'the request body must be a JSON object.')
   param = '.'.join(str(p) for p in err['loc'])
+  err['msg'] = err['msg'].removeprefix('Value error, ')
   shown = repr(err.get('input'))
   shown = shown if len(shown) <= 60 else shown[:57] + '...'
   return ApiError(400, f'"{param}": {err["msg"]} (got {shown}).', param)
@@ -536,6 +537,9 @@ def _text_prompt(i, text, add_bos, max_tokens, served: Served, specials=False) -
     raise _too_long(i, limit, add_bos, max_tokens, served.max_len, at_least=True)
   if specials and ids.size and ids[0] == BOS_ID:   # the template wrote the BOS: not doubled
     ids, add_bos = ids[1:], True
+  problem = served.check(ids, max_tokens, add_bos)
+  if problem:
+    raise ApiError(400, f'prompt {i}: {problem}', 'prompt')
   return Prompt(text, ids, add_bos)
 
 
@@ -577,9 +581,6 @@ def parse_completion(req: CompletionRequest, served: Served) -> CompletionParams
       parsed.append(_text_prompt(i, p, add_special, max_tokens, served))
     else:
       parsed.append(_id_prompt(i, p, add_special, max_tokens, served))
-    if parsed[-1].ids.size + int(parsed[-1].add_bos) == 0:
-      raise ApiError(400, f'prompt {i} is empty and add_special_tokens is false: there is '
-                     'nothing to condition on.', 'prompt')
   return CompletionParams(prompts=parsed, logprobs=req.logprobs, echo=bool(req.echo),
                           **shared)
 
