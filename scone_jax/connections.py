@@ -56,7 +56,8 @@ class ConnectionLimits:
 
 
 def guarded_protocol(limits: ConnectionLimits):
-  """An uvicorn http protocol class (uvicorn.Config(http=...)) enforcing `limits`."""
+  """An uvicorn http protocol class (uvicorn.Config(http=...)) enforcing `limits` (its
+  length is the class it defines)."""
   limits = limits.check()
 
   class GuardedH11Protocol(h11_impl.H11Protocol):

@@ -9,7 +9,6 @@ parser, booleans strict), so that every hostile body is a 4xx with an OpenAI err
 ({"error": {"message", "type", "param", "code"}}) and never a 5xx.
 """
 import dataclasses
-import json
 import math
 import re
 from typing import Annotated, Any, Callable, Literal, Optional, Sequence, Union
@@ -473,7 +472,7 @@ class Served:
   eos_id: int
   max_prompts: int = 256
   max_timeout: float = 0.0
-  chat_template: Any = None   # a chat.Template
+  chat_template: Any = None   # a chat_template.ChatTemplate
   specials: Optional[Specials] = None
 
 
@@ -594,71 +593,3 @@ def parse_chat(req: ChatCompletionRequest, served: Served) -> CompletionParams:
   prompt = _text_prompt(0, text, True, max_tokens, served, specials=True)
   logprobs = (req.top_logprobs or 0) if req.logprobs else None
   return CompletionParams(prompts=[prompt], logprobs=logprobs, echo=False, chat=True, **shared)
-
-
-# ----------------------------------------------------------------------------- chat templates
-
-# For base models (no template given): each message as "Role: content" and a blank line,
-# then "Assistant:" for the model to continue.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] | capitalize }}: "
-    "{{ message['content'] }}\n\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}")
-
-
-def read_chat_template(path: str) -> str:
-  """A Jinja chat template from a file: the template itself, or a Hugging Face
-  tokenizer_config.json whose "chat_template" holds it (a string, or named templates of
-  which "default" is used)."""
-  with open(path, encoding='utf-8') as f:
-    text = f.read()
-  if not text.lstrip().startswith('{"') and not path.endswith('.json'):
-    return text
-  try:
-    found = json.loads(text).get('chat_template')
-  except (ValueError, AttributeError) as e:
-    raise ValueError(f'--chat_template={path} is not a JSON object with "chat_template" '
-                     f'({e}).') from None
-  if isinstance(found, list):
-    found = {t.get('name'): t.get('template') for t in found if isinstance(t, dict)}.get(
-        'default')
-  if not isinstance(found, str):
-    raise ValueError(f'--chat_template={path} has no "chat_template" string (nor a named '
-                     '"default" one); give the template file itself.')
-  return found
-
-
-class ChatTemplate:
-  """A Jinja chat template rendered as Hugging Face tokenizers render theirs (a sandboxed
-  environment, trim_blocks and lstrip_blocks, bos_token, eos_token, raise_exception)."""
-
-  def __init__(self, source: Optional[str], bos_token: str, eos_token: str):
-    import jinja2  # pylint: disable=g-import-not-at-top
-    from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
-    self.source = source or DEFAULT_CHAT_TEMPLATE
-    self._error = jinja2.TemplateError
-    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-    def raise_exception(message):
-      raise jinja2.TemplateError(message)
-
-    env.globals['raise_exception'] = raise_exception
-    try:
-      self._template = env.from_string(self.source)
-    except jinja2.TemplateSyntaxError as e:
-      raise ValueError(f'the chat template does not parse: {e}') from None
-    self.bos_token, self.eos_token = bos_token, eos_token
-
-  def render(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
-    plain = [{'role': m.role, 'content': m.text(), **({'name': m.name} if m.name else {})}
-             for m in messages]
-    try:
-      return self._template.render(messages=plain, add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.bos_token, eos_token=self.eos_token)
-    except self._error as e:
-      raise ApiError(400, f'the chat template refused these messages: {e}', 'messages') \
-          from None
-    except Exception as e:  # pylint: disable=broad-except
-      # A user's template may fail on any input (a missing key, a type): the request's fault.
-      raise ApiError(400, f'the chat template failed on these messages ({type(e).__name__}: '
-                     f'{str(e)[:200]}).', 'messages') from None

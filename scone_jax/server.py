@@ -38,6 +38,7 @@ from starlette import exceptions as starlette_exceptions
 from starlette import requests as starlette_requests
 import uvicorn
 
+from scone_jax import chat_template as chat_lib
 from scone_jax import connections
 from scone_jax import engine as engine_lib
 from scone_jax import protocol
@@ -239,7 +240,7 @@ class _Pools:
 def build_app(engines: dict, tokenizer, *, limits: Optional[Limits] = None,
               api_keys: Sequence[str] = (), chat_template: Optional[str] = None):
   """The FastAPI app serving `engines` ({model name: Engine}); starts and drains them with
-  the app's lifespan. chat_template: Jinja source (None: protocol.DEFAULT_CHAT_TEMPLATE)."""
+  the app's lifespan. chat_template: Jinja source (None: chat_template.DEFAULT)."""
   limits = (limits or Limits()).check()
   engine_any = next(iter(engines.values()))
   state = {'draining': False}
@@ -251,7 +252,7 @@ def build_app(engines: dict, tokenizer, *, limits: Optional[Limits] = None,
       models=list(engines), tokenizer=tokenizer, max_len=engine_any.gen.max_len,
       check=engine_any.check, eos_id=engine_any.eos_id,
       max_prompts=limits.max_prompts_per_request, max_timeout=limits.request_timeout,
-      chat_template=protocol.ChatTemplate(chat_template, piece(BOS_ID),
+      chat_template=chat_lib.ChatTemplate(chat_template, piece(BOS_ID),
                                           piece(engine_any.eos_id)),
       specials=protocol.Specials(tokenizer, engine_any.eos_id))
 
@@ -473,10 +474,10 @@ def run(export_dir: str, *, host: str = '127.0.0.1', port: int = 8000,
         api_keys: Sequence[str] = (), mesh=None, chat_template: Optional[str] = None):
   """Loads an export and serves it as `served_model_name` (default served_name(export_dir));
   mesh: a serving mesh (`--mesh`, sharding.serving_mesh) the model is split over;
-  chat_template: a file (protocol.read_chat_template)."""
+  chat_template: a file (chat_template.read_chat_template)."""
   limits = (limits or Limits()).check()
   name = served_model_name or served_name(export_dir)
-  template = protocol.read_chat_template(chat_template) if chat_template else None
+  template = chat_lib.read_chat_template(chat_template) if chat_template else None
   t0 = time.time()
   gen = serving.load(export_dir, table_storage, max_len=max_len, mesh=mesh,
                      table_dtype=table_dtype)

@@ -15,8 +15,8 @@ ORDER = ['paths', 'config', 'loader', 'tokenizer', 'fgrams', 'corpus', 'packing'
          'beam_dask', 'fgrams_beam', 'artifacts', 'seqio_tasks', 'grain_input', 'model', 'sharding',
          'flops', 'metrics', 'checkpoints', 'table', 'device_match', 'step_batch', 'preemption',
          'train', 'export', 'serving',
-         'engine', 'protocol', 'tokenizing', 'streaming', 'server_metrics', 'connections',
-         'server', 'compile', 'main']
+         'engine', 'protocol', 'chat_template', 'tokenizing', 'streaming', 'server_metrics',
+         'connections', 'server', 'compile', 'main']
 # Train, export and serving stand side by side on a shared floor.
 SIBLINGS = {'train', 'export', 'serving'}
 
@@ -64,8 +64,8 @@ def test_import_graph_runs_one_way():
 SERVING_MAY_LOAD = {'paths', 'config', 'tokenizer', 'corpus', 'packing', 'fgrams', 'fgrams.fgram_set',
                     'fgrams.kernels', 'model', 'sharding', 'table', 'device_match', 'metrics',
                     'serving',
-                    'engine', 'protocol', 'tokenizing', 'streaming', 'server_metrics', 'connections',
-                    'server'}
+                    'engine', 'protocol', 'chat_template', 'tokenizing', 'streaming',
+                    'server_metrics', 'connections', 'server'}
 # Named because serving once loaded them: each must exist and stay forbidden.
 MUST_NOT_LOAD = {'loader', 'token_shards', 'fgrams.extraction', 'train', 'artifacts',
                  'seqio_tasks', 'export', 'step_batch'}

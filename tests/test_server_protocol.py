@@ -19,6 +19,7 @@ import numpy as np
 import openai
 import pytest
 
+from scone_jax import chat_template
 from scone_jax import protocol
 from scone_jax import streaming
 from test_server import build_export, start_server
@@ -82,7 +83,7 @@ def _server_errors(live) -> str:
 def test_chat_templates_as_hugging_face_stores_them(tmp_path):
   messages = [protocol.ChatMessage(role='system', content='Be brief.'),
               protocol.ChatMessage(role='user', content=[{'type': 'text', 'text': 'Hi'}])]
-  default = protocol.ChatTemplate(None, '<s>', '</s>')
+  default = chat_template.ChatTemplate(None, '<s>', '</s>')
   assert default.render(messages) == 'System: Be brief.\n\nUser: Hi\n\nAssistant:'
   assert default.render(messages, False) == 'System: Be brief.\n\nUser: Hi\n\n'
   config = tmp_path / 'tokenizer_config.json'
@@ -91,15 +92,15 @@ def test_chat_templates_as_hugging_face_stores_them(tmp_path):
   plain = tmp_path / 'template.jinja'
   plain.write_text(TEMPLATE)
   for path in (config, plain):
-    t = protocol.ChatTemplate(protocol.read_chat_template(str(path)), '<s>', '</s>')
+    t = chat_template.ChatTemplate(chat_template.read_chat_template(str(path)), '<s>', '</s>')
     assert t.render(messages) == '<s><|system|>Be brief.<|user|>Hi<|assistant|>'
   config.write_text('{"model_max_length": 8}')
   with pytest.raises(ValueError, match='chat_template'):
-    protocol.read_chat_template(str(config))
-  strict = protocol.ChatTemplate("{{ raise_exception('only user turns') }}", '', '')
+    chat_template.read_chat_template(str(config))
+  strict = chat_template.ChatTemplate("{{ raise_exception('only user turns') }}", '', '')
   with pytest.raises(protocol.ApiError, match='only user turns'):
     strict.render(messages)
-  sandboxed = protocol.ChatTemplate("{{ ''.__class__.__mro__ }}", '', '')
+  sandboxed = chat_template.ChatTemplate("{{ ''.__class__.__mro__ }}", '', '')
   with pytest.raises(protocol.ApiError):   # the sandbox refuses it: a 400, not a leak
     sandboxed.render(messages)
 
@@ -273,7 +274,7 @@ def test_chat_completions_plain_and_streamed(live):
   assert r.object == 'chat.completion' and r.id.startswith('chatcmpl-')
   assert c.message.role == 'assistant' and c.finish_reason in ('stop', 'length')
   # The same as a completion of the template's text (the BOS string read as the BOS token).
-  text = protocol.ChatTemplate(TEMPLATE, '<pad>', '</s>').render(
+  text = chat_template.ChatTemplate(TEMPLATE, '<pad>', '</s>').render(
       [protocol.ChatMessage(**m) for m in messages])
   assert text.startswith('<pad><|system|>')
   ids = live.tok.encode(text[len('<pad>'):]).tolist()
