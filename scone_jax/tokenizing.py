@@ -9,6 +9,9 @@ smaller ones take a few milliseconds and stay in the calling thread.
 """
 import concurrent.futures
 import multiprocessing
+import os
+import threading
+import time
 from typing import Optional
 
 import numpy as np
@@ -24,6 +27,15 @@ _worker = {}
 def _start(path: str, kind: str, special_ids: dict, eos_id: int):
   tok = tokenizer_lib.load(path, kind, special_ids)
   _worker.update(tokenizer=tok, specials=protocol.Specials(tok, eos_id))
+  threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with(parent: int):
+  """Ends this worker once the server is gone: a server killed outright (SIGKILL, OOM)
+  never shuts its pool down, and a worker blocked on its queue would outlive it."""
+  while os.getppid() == parent:
+    time.sleep(1.0)
+  os._exit(0)  # pylint: disable=protected-access
 
 
 def _ids(specials: protocol.Specials, text: str) -> np.ndarray:

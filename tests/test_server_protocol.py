@@ -434,3 +434,30 @@ def test_schemathesis_finds_no_server_error(live, tmp_path):
   tail = out.stdout[-3000:] + out.stderr[-2000:]
   assert out.returncode == 0 and 'passed' in out.stdout, tail
   assert not _server_errors(live), _server_errors(live)[-3000:]
+
+
+def _children(pid: int) -> list:
+  kids = []
+  for entry in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        if entry.isdigit() and int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+          kids.append(int(entry))
+    except (OSError, ValueError, IndexError):
+      pass
+  return kids
+
+
+# Last: it kills the module's server.
+@pytest.mark.slow
+def test_the_tokenizer_worker_dies_with_a_killed_server(live):
+  """A server killed outright (SIGKILL, the OOM killer) never shuts its pools down; its
+  tokenizer worker process must not outlive it."""
+  workers = _children(live.srv.proc.pid)
+  assert workers, 'no tokenizer worker process'
+  live.srv.proc.kill()
+  live.srv.proc.wait()
+  deadline = time.time() + 10
+  while time.time() < deadline and any(os.path.exists(f'/proc/{p}') for p in workers):
+    time.sleep(0.2)
+  assert not any(os.path.exists(f'/proc/{p}') for p in workers), workers
