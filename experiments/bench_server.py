@@ -23,7 +23,9 @@ of the ratio within a round (`*_ratio`, the headline) and of the totals
 same workload beside an adversarial mix (`adversarial`): 1% of requests (at least one per
 round) carry a huge prompt (3 MB of text: refused as too long, after the server has
 counted just past the model's limit) and --adversarial_clients extra streaming clients,
-half reading slowly (a pause after every event), half leaving after 3 events; and a load
+half reading slowly (a pause after every event), half leaving after 3 events, one client
+sending the huge prompt to /tokenize back to back (answered: a million ids) and
+SLOW_HEADER_CLIENTS connections trickling header bytes (closed by --header_timeout); and a load
 control (`control`): the same extra clients reading every token at full speed, so the
 extra decode work is told apart from the misbehaviour. Reported: p50/p99 time per output
 token of the normal requests in each, and the adversarial/plain and adversarial/control
@@ -75,6 +77,8 @@ MAX_LEN = 192
 OUTPUT_TOKENS = (8, 16, 32, 64, 96)
 PROMPT_WORDS = (1, 12)
 EXTRA_TOKENS = 64        # --adversarial: each extra client's max_tokens
+SLOW_HEADER_CLIENTS = 8  # --adversarial: slowloris connections held open at once
+SLOW_HEADER_GAP_S = 0.5  # ... each sending a header byte this often
 SLOW_PAUSE_S = 0.05      # a slow reader's pause after every event
 LEAVER_THINK_S = 0.1     # a leaving client's pause before its next request
 
@@ -230,6 +234,38 @@ async def _huge(host: str, port: int, model: str, prompt: str):
     raise RuntimeError(f'a huge prompt got {status!r}, not 400')
 
 
+async def _big_tokenize(host: str, port: int, prompt: str):
+  """One /tokenize of a huge prompt (answered, with its million ids, off the event loop)."""
+  body = json.dumps({'prompt': prompt}).encode()
+  reader, writer = await asyncio.open_connection(host, port)
+  writer.write(b'POST /tokenize HTTP/1.0\r\nHost: bench\r\nContent-Type: application/json\r\n'
+               + f'Content-Length: {len(body)}\r\n\r\n'.encode() + body)
+  await writer.drain()
+  status = await reader.readline()
+  await reader.read()
+  writer.close()
+  if b' 200 ' not in status:
+    raise RuntimeError(f'a big /tokenize got {status!r}, not 200')
+
+
+async def _slow_headers(host: str, port: int, done: asyncio.Event):
+  """Slowloris: a header line a byte every SLOW_HEADER_GAP_S until the server closes the
+  connection (--header_timeout); then again."""
+  reader, writer = await asyncio.open_connection(host, port)
+  writer.write(b'POST /v1/completions HTTP/1.1\r\nHost: bench\r\n')
+  try:
+    while not done.is_set() and not reader.at_eof():
+      writer.write(b'X')
+      await writer.drain()
+      try:
+        await asyncio.wait_for(reader.read(1024), SLOW_HEADER_GAP_S)
+      except asyncio.TimeoutError:
+        pass
+  except ConnectionError:
+    pass
+  writer.close()
+
+
 async def _misbehaving(host: str, port: int, model: str, prompt: str, max_tokens: int,
                        leave_after: int = 0, pause: float = 0.0):
   """A streaming client that leaves after `leave_after` events or pauses after each."""
@@ -260,13 +296,24 @@ async def adversarial_round(url: str, model: str, work: list, huge_prompt: str,
   rng = np.random.default_rng(seed)
   n_requests = sum(len(reqs) for reqs in work)
   done = asyncio.Event()
-  counts = {'huge': 0, 'slow': 0, 'leaving': 0, 'behaving': 0}
+  counts = {'huge': 0, 'slow': 0, 'leaving': 0, 'behaving': 0, 'big_tokenize': 0,
+            'slow_headers': 0}
 
   async def huge_sender():
     for _ in range(max(1, round(0.01 * n_requests))):
       await asyncio.sleep(float(rng.uniform(0.0, 0.5)))
       await _huge(host, port, model, huge_prompt)
       counts['huge'] += 1
+
+  async def big_tokenizer():
+    while not done.is_set():
+      await _big_tokenize(host, port, huge_prompt)
+      counts['big_tokenize'] += 1
+
+  async def slow_header_client():
+    while not done.is_set():
+      await _slow_headers(host, port, done)
+      counts['slow_headers'] += 1
 
   async def extra_client(i):
     while not done.is_set():
@@ -289,7 +336,9 @@ async def adversarial_round(url: str, model: str, work: list, huge_prompt: str,
       done.set()
 
   extras = [extra_client(i) for i in range(extra)]
-  result, *_ = await asyncio.gather(normal(), *([] if behave else [huge_sender()]), *extras)
+  hostile = [] if behave else [huge_sender(), big_tokenizer()] + [
+      slow_header_client() for _ in range(SLOW_HEADER_CLIENTS)]
+  result, *_ = await asyncio.gather(normal(), *hostile, *extras)
   result['extra_clients'] = counts
   return result
 
@@ -530,8 +579,10 @@ def main():
              'control and adversarial, order rotated per round (adversarial: 1% huge '
              'prompts of 3 MB refused as too long, and --adversarial_clients extra '
              'streaming clients of 64 tokens, half pausing 50 ms after every event, '
-             'half leaving after 3 events; control: the same extra clients reading at '
-             'full speed); figures are of the normal requests only. ')
+             'half leaving after 3 events, one client sending the 3 MB prompt to '
+             f'/tokenize back to back, {SLOW_HEADER_CLIENTS} slowloris connections '
+             'trickling header bytes; control: the same extra streaming clients reading '
+             'at full speed); figures are of the normal requests only. ')
   elif per_engine is not None:
     result.update(engine_ratios(per_engine))
     setup = ('one server process with three engines (scone, baseline = use_table=False, '

@@ -93,6 +93,22 @@ _API_KEY = flags.DEFINE_string('api_key', None, '--mode=serve: require "Authoriz
                                'Bearer KEY" on every endpoint but /health.')
 _API_KEY_FILE = flags.DEFINE_string('api_key_file', None, '--mode=serve: accepted keys, one '
                                     'per line (kept out of the process list).')
+_CHAT_TEMPLATE = flags.DEFINE_string(
+    'chat_template', None, '--mode=serve: the Jinja chat template of /v1/chat/completions, '
+    'or a Hugging Face tokenizer_config.json holding one (default: "Role: content" lines '
+    'for a base model, then "Assistant:").')
+_HEADER_TIMEOUT = flags.DEFINE_float('header_timeout', 10.0, '--mode=serve: seconds a client '
+                                     'has to send a request\'s headers (0 = no bound).')
+_BODY_TIMEOUT = flags.DEFINE_float('body_timeout', 30.0, '--mode=serve: seconds a request\'s '
+                                   'body may stall (no byte arrives) before the connection '
+                                   'is closed (0 = no bound).')
+_MAX_CONNECTIONS = flags.DEFINE_integer('max_connections', 1024, '--mode=serve: most open '
+                                        'connections; more are answered 503 and closed '
+                                        '(0 = no bound).')
+_KEEP_ALIVE_TIMEOUT = flags.DEFINE_integer('keep_alive_timeout', 5, '--mode=serve: seconds an '
+                                           'idle kept-alive connection stays open.')
+_KEEP_ALIVE_REQUESTS = flags.DEFINE_integer('keep_alive_requests', 1000, '--mode=serve: most '
+                                            'requests on one connection (0 = no bound).')
 _TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU topology --mode=compile compiles for, '
                                 'e.g. v5e:4x4, v5p:2x2x1, v4:4x4x4 (default: '
                                 'config.compile.topology).')
@@ -204,14 +220,20 @@ def main(argv):
                            max_prompts_per_request=_MAX_PROMPTS.value,
                            max_pending=_MAX_PENDING.value,
                            request_timeout=_REQUEST_TIMEOUT.value,
-                           drain_timeout=_DRAIN_TIMEOUT.value).check()
+                           drain_timeout=_DRAIN_TIMEOUT.value,
+                           header_timeout=_HEADER_TIMEOUT.value,
+                           body_timeout=_BODY_TIMEOUT.value,
+                           max_connections=_MAX_CONNECTIONS.value,
+                           keep_alive_timeout=_KEEP_ALIVE_TIMEOUT.value,
+                           keep_alive_requests=_KEEP_ALIVE_REQUESTS.value).check()
     server.run(_require(_EXPORT_DIR.value, 'export_dir'), host=_HOST.value, port=_PORT.value,
                table_storage=_TABLE_STORAGE.value, table_dtype=_TABLE_DTYPE.value,
                matcher_storage=_MATCHER_STORAGE.value,
                max_batch=_MAX_BATCH.value,
                tokens_per_dispatch=_TOKENS_PER_DISPATCH.value,
                served_model_name=_SERVED_MODEL_NAME.value, limits=limits,
-               api_keys=server.read_api_keys(_API_KEY.value, _API_KEY_FILE.value), mesh=mesh)
+               api_keys=server.read_api_keys(_API_KEY.value, _API_KEY_FILE.value), mesh=mesh,
+               chat_template=_CHAT_TEMPLATE.value)
     return
 
   if serving_export:

@@ -16,7 +16,8 @@ ORDER = ['paths', 'config', 'loader', 'tokenizer', 'fgrams', 'corpus', 'packing'
          'flops', 'metrics', 'checkpoints', 'table', 'device_match', 'decode',
          'export_reader', 'step_batch', 'preemption', 'train_hooks',
          'train', 'export', 'serving',
-         'engine', 'server', 'compile', 'main']
+         'engine', 'protocol', 'chat_template', 'tokenizing', 'streaming', 'server_metrics',
+         'connections', 'server', 'compile', 'main']
 # Train, export and serving stand side by side on a shared floor.
 SIBLINGS = {'train', 'export', 'serving'}
 
@@ -65,8 +66,8 @@ SERVING_MAY_LOAD = {'paths', 'config', 'tokenizer', 'corpus', 'packing', 'fgrams
                     'fgrams.kernels', 'model', 'sharding', 'table', 'device_match', 'metrics',
                     'decode', 'export_reader',
                     'serving',
-                    'engine',
-                    'server'}
+                    'engine', 'protocol', 'chat_template', 'tokenizing', 'streaming',
+                    'server_metrics', 'connections', 'server'}
 # Named because serving once loaded them: each must exist and stay forbidden.
 MUST_NOT_LOAD = {'loader', 'token_shards', 'fgrams.extraction', 'train', 'artifacts',
                  'seqio_tasks', 'export', 'step_batch'}

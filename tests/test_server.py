@@ -25,8 +25,10 @@ import pytest
 
 from scone_jax import engine as engine_lib
 from scone_jax import model as model_lib
+from scone_jax import protocol
 from scone_jax import server
 from scone_jax import serving
+from scone_jax import streaming
 import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,6 +162,7 @@ def test_engine_reuses_slots_and_matches_generate():
 
 class _FakeTokenizer:
   vocab_size = 100
+  eos_id = 1
 
   def encode(self, text):
     return np.array([ord(c) % 100 for c in text])
@@ -168,33 +171,69 @@ class _FakeTokenizer:
     return ''.join(chr(97 + int(i) % 26) for i in ids)
 
 
+def served(tok, max_len=32, **kw) -> protocol.Served:
+  """What parsing knows of a server of model 'm' (the length check: Engine.check's own)."""
+  shapes = types.SimpleNamespace(gen=types.SimpleNamespace(
+      config=types.SimpleNamespace(vocab_size=tok.vocab_size), max_len=max_len))
+  return protocol.Served(models=['m'], tokenizer=tok, max_len=max_len, eos_id=tok.eos_id,
+                         check=lambda *a: engine_lib.Engine.check(shapes, *a), **kw)
+
+
+def parse(body, tok, max_len=32, **kw) -> protocol.CompletionParams:
+  """protocol.parse_completion of a body given as JSON (as the server reads it)."""
+  raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+  return protocol.parse_completion(protocol.decode(raw, protocol.CompletionRequest),
+                                   served(tok, max_len, **kw))
+
+
 def test_parse_completion_says_what_is_wrong():
   ok = {'model': 'm', 'prompt': 'abc'}
-  p = server.parse_completion(dict(ok), ['m'], _FakeTokenizer(), 32)
-  assert p.max_tokens == server.DEFAULT_MAX_TOKENS and p.temperature == 1.0 and not p.stream
-  assert server.parse_completion(dict(ok, prompt=[[1, 2], [3]]), ['m'], _FakeTokenizer(),
-                                 32).prompts[1].ids.tolist() == [3]
+  p = parse(dict(ok), _FakeTokenizer())
+  assert p.max_tokens == protocol.DEFAULT_MAX_TOKENS and p.temperature == 1.0 and not p.stream
+  assert parse(dict(ok, prompt=[[1, 2], [3]]), _FakeTokenizer()).prompts[1].ids.tolist() == [3]
+  # The spec allows these: an integral float is an integer, a null prompt starts a document.
+  assert parse(dict(ok, max_tokens=1.0), _FakeTokenizer()).max_tokens == 1
+  p = parse(dict(ok, prompt=None), _FakeTokenizer()).prompts[0]
+  assert p.fed == [0] and p.add_bos
+  assert parse(dict(ok, n=3, best_of=3, seed=2**40), _FakeTokenizer()).n == 3
   bad = [({'prompt': 'abc'}, 400, 'model'), (dict(ok, model='x'), 404, 'does not exist'),
          (dict(ok, max_tokens=-1), 400, 'max_tokens'), (dict(ok, max_tokens=33), 400, 'beyond'),
          (dict(ok, prompt='a' * 30, max_tokens=4), 400, 'positions'),
          (dict(ok, temperature=-0.5), 400, 'temperature'), (dict(ok, top_p=0), 400, 'top_p'),
          (dict(ok, top_p=1.5), 400, 'top_p'), (dict(ok, logprobs=99), 400, 'logprobs'),
-         (dict(ok, stop=['']), 400, 'stop'), (dict(ok, n=2), 400, '"n"'),
+         (dict(ok, stop=['']), 400, 'stop'), (dict(ok, n=2, best_of=3), 400, 'best_of'),
+         (dict(ok, n=99), 400, 'n'), (dict(ok, prompt=['a'] * 20, n=16), 400, 'per request'),
          (dict(ok, prompt=[]), 400, 'prompt'), (dict(ok, prompt=[[1], 'a']), 400, 'prompt'),
          (dict(ok, prompt=[100]), 400, 'token ids'), (dict(ok, max_tokens=True), 400, 'max_t'),
-         (dict(ok, ignore_eos='yes'), 400, 'ignore_eos'),
-         ([1], 400, 'JSON object')]
+         (dict(ok, max_tokens=1.5), 400, 'max_t'), (dict(ok, max_tokens='3'), 400, 'max_t'),
+         (dict(ok, ignore_eos='yes'), 400, 'ignore_eos'), (dict(ok, suffix='x'), 400, 'suffix'),
+         (dict(ok, prompt=[[2**70]]), 400, 'prompt'), (dict(ok, prompt=[2**31]), 400, 'prompt'),
+         (dict(ok, prompt=[-1]), 400, 'prompt'), (dict(ok, presence_penalty=2.5), 400, 'pres'),
+         (dict(ok, frequency_penalty=-3), 400, 'frequency_penalty'),
+         (dict(ok, logit_bias={'5': 101}), 400, 'logit_bias'),
+         (dict(ok, logit_bias={'100': 1}), 400, 'logit_bias'),
+         (dict(ok, logit_bias={'x': 1}), 400, 'logit_bias'),
+         (dict(ok, logit_bias={str(i): 1 for i in range(301)}), 400, 'logit_bias'),
+         ([1], 400, 'JSON object'), (b'{"model": "m", "prompt": "a\\ud800b"}', 400, 'JSON'),
+         (b'[' * 100_000 + b']' * 100_000, 400, 'deeper'), (b'{"model": ', 400, 'JSON')]
   for body, status, words in bad:
     with pytest.raises(server.ApiError) as e:
-      server.parse_completion(body, ['m'], _FakeTokenizer(), 32)
+      parse(body, _FakeTokenizer())
     assert e.value.status == status and words in e.value.message, (body, e.value.message)
+  p = parse(dict(ok, presence_penalty=1.5, frequency_penalty=-0.5, logit_bias={'7': -100}),
+            _FakeTokenizer())
+  assert (p.presence_penalty, p.frequency_penalty, p.logit_bias) == (1.5, -0.5, {7: -100.0})
+
+
+def test_json_depth_counts_brackets_outside_strings():
+  assert protocol.json_depth(b'{"a": [1, {"b": "[[[{{"}], "c": "\\"}"}') == 3
+  assert protocol.json_depth(b'"[[["') == 0 and protocol.json_depth(b'[' * 50) == 50
 
 
 def test_stop_strings_cut_and_hold_back():
-  params = server.parse_completion({'model': 'm', 'prompt': '', 'stop': ['cd', 'zzz']}, ['m'],
-                                   _FakeTokenizer(), 32)
-  choice = server._Choice(0, server.Prompt('', np.zeros(0, np.int64), False), params,
-                          _FakeTokenizer(), eos_id=99)
+  params = parse({'model': 'm', 'prompt': '', 'stop': ['cd', 'zzz']}, _FakeTokenizer())
+  choice = streaming.Choice(0, protocol.Prompt('', np.zeros(0, np.int64), False), params,
+                            _FakeTokenizer(), eos_id=99)
   # Token ids 0.. decode to 'a'...: 'ab' is safe, 'c' might start 'cd', 'z' might start 'zzz'.
   texts = [choice.on_event('token', t, None)[0] for t in (0, 1, 2)]
   assert texts == ['a', 'b', ''] and not choice.done
@@ -252,7 +291,9 @@ def test_requests_joining_a_running_batch_match_generate_alone(live):
   for i, prompt in enumerate(prompts):
     want = _expected(live, prompt, lengths[i])
     ids = live.tok.encode(prompt).tolist()
-    pieces = [server._token_text(live.tok, ids + want[:j], t) for j, t in enumerate(want)]
+    texts = streaming.TokenTexts(live.tok)
+    pieces = [texts.text(t, at_start=not live.tok.decode(ids + want[:j]))
+              for j, t in enumerate(want)]
     assert got[i] == pieces, prompt
   assert _health(live)['shared_steps'] > before + 10
 

@@ -20,9 +20,10 @@ import openai
 import pytest
 
 from scone_jax import model as model_lib
+from scone_jax import protocol
 from scone_jax import server
 from scone_jax import serving
-from test_server import build_export, start_server, PROMPTS
+from test_server import build_export, parse as parse_body, start_server, PROMPTS
 
 KEY = 'sk-test-0123456789abcdef'
 NAME = 'tiny-scone'
@@ -54,18 +55,18 @@ class _CountingTokenizer:
 def test_encode_within_counts_only_up_to_the_limit():
   tok = _CountingTokenizer()
   huge = 'word ' * 4_000_000  # 20 MB, 4M tokens
-  assert server.encode_within(tok, huge, 100) is None
-  assert tok.chars < 10 * server._COUNT_CHARS, tok.chars  # not 20 MB of tokenizing
+  assert protocol.encode_within(tok, huge, 100) is None
+  assert tok.chars < 10 * protocol._COUNT_CHARS, tok.chars  # not 20 MB of tokenizing
   text = 'word ' * 3000   # 15,000 characters: counted in pieces, then encoded whole
-  assert server.encode_within(tok, text, 3000).size == 3000
-  assert server.encode_within(tok, text, 2999) is None
-  assert server.encode_within(tok, 'a b c', 3).tolist() == [3, 4, 5]
+  assert protocol.encode_within(tok, text, 3000).size == 3000
+  assert protocol.encode_within(tok, text, 2999) is None
+  assert protocol.encode_within(tok, 'a b c', 3).tolist() == [3, 4, 5]
 
 
 def test_parse_completion_limits_and_options():
   tok = _CountingTokenizer()
   ok = {'model': 'm', 'prompt': 'a b'}
-  parse = lambda body, **kw: server.parse_completion(body, ['m'], tok, 32, **kw)
+  parse = lambda body, **kw: parse_body(body, tok, 32, **kw)
   with pytest.raises(server.ApiError, match='max_prompts_per_request'):
     parse(dict(ok, prompt=['a'] * 9), max_prompts=8)
   assert len(parse(dict(ok, prompt=['a'] * 8), max_prompts=8).prompts) == 8
@@ -201,8 +202,8 @@ def test_body_size_prompt_count_and_long_prompts_are_refused_early(live):
   want = live.tok.encode(text).tolist()
   status, _, body = _call(live.url + '/tokenize', {'prompt': text, 'add_special_tokens': False})
   assert status == 200 and json.loads(body)['tokens'] == want
-  assert server.encode_within(live.tok, text, len(want)).tolist() == want
-  assert server.encode_within(live.tok, text, len(want) - 1) is None
+  assert protocol.encode_within(live.tok, text, len(want)).tolist() == want
+  assert protocol.encode_within(live.tok, text, len(want) - 1) is None
 
 
 def _slow_client(url, stop: threading.Event):
@@ -319,13 +320,24 @@ def test_metrics_in_prometheus_format(live):
   assert m[ok] - m0.get(ok, 0) == 3 and m[denied] - m0.get(denied, 0) == 1
   assert m[('scone_generation_tokens_total', model)] - m0.get(
       ('scone_generation_tokens_total', model), 0) == 18
-  for name in ('scone_time_to_first_token_seconds', 'scone_time_per_output_token_seconds'):
-    assert m[(name + '_count', model)] - m0.get((name + '_count', model), 0) == 3, name
+  delta = lambda key: m[key] - m0.get(key, 0)
+  # One observation per request of each per-request histogram (vLLM's dashboard set).
+  for name in ('scone_time_to_first_token_seconds', 'scone_time_per_output_token_seconds',
+               'scone_e2e_request_latency_seconds', 'scone_request_decode_time_seconds',
+               'scone_request_prompt_tokens', 'scone_request_generation_tokens'):
+    assert delta((name + '_count', model)) == 3, name
+  assert delta(('scone_request_generation_tokens_sum', model)) == 18
+  assert delta(('scone_inter_token_latency_seconds_count', model)) == 3 * 5  # gaps
+  assert delta(('scone_request_success_total', (('finished_reason', 'length'),) + model)) == 3
+  assert m[('scone_e2e_request_latency_seconds_sum', model)] >= m[
+      ('scone_time_to_first_token_seconds_sum', model)]
   for name in ('scone_table_lookup_seconds', 'scone_decode_step_seconds'):
     assert m[(name + '_count', model)] - m0.get((name + '_count', model), 0) >= 15, name
     assert m[(name + '_sum', model)] > 0
   assert m[('scone_queue_length', model)] == 0 and m[('scone_active_slots', model)] == 0
-  assert m[('scone_slots', model)] == 4 and m[('scone_tokens_per_second', model)] >= 0
+  assert m[('scone_slots', model)] == 4
+  # No scrape-relative rates: two scrapers would disturb each other (rate() in PromQL).
+  assert not any(name == 'scone_tokens_per_second' for name, _ in m)
   assert m[('scone_decode_step_seconds_sum', model)] > m[('scone_table_lookup_seconds_sum',
                                                           model)]
 
