@@ -212,6 +212,13 @@ class Engine:
     every = [decode.Flags(s, a, lp) for s in (False, True) for a in (False, True)
              for lp in (0, self.fns.top)]
     active = np.zeros(self.max_batch, bool)
+    # A chunk's output state carries the sharding that every later call sees, which the
+    # fresh state lacks: one chunk first, so that every program below compiles for the
+    # state requests will meet (else the first request pays a compile of its own).
+    for flags in every[:1] + every:
+      _, self._state = self.fns.decode(flags)(self.gen.params, self.gen.table_operand,
+                                              self.gen.matcher, self._state, self._is_stop,
+                                              active)
     for flags in every:
       # A prefill program depends on logprobs alone (decode.prefill): compile each once.
       for width in widths if not (flags.sample or flags.adjust) else ():
@@ -222,9 +229,6 @@ class Engine:
           _, self._state = self.fns.prefill(width, n, flags)(
               self.gen.params, self.gen.table_operand, self.gen.matcher, self._state, batch,
               opts, self._is_stop, np.full(n, self.max_batch, np.int32))
-      _, self._state = self.fns.decode(flags)(self.gen.params, self.gen.table_operand,
-                                              self.gen.matcher, self._state, self._is_stop,
-                                              active)
     jax.block_until_ready(self._state)
 
   def _prefill_rows(self, requests: int) -> int:
