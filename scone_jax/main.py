@@ -97,6 +97,9 @@ _CHAT_TEMPLATE = flags.DEFINE_string(
     'chat_template', None, '--mode=serve: the Jinja chat template of /v1/chat/completions, '
     'or a Hugging Face tokenizer_config.json holding one (default: "Role: content" lines '
     'for a base model, then "Assistant:").')
+_WARMUP = flags.DEFINE_enum(
+    'warmup', 'all', ['all', 'shortest'], '--mode=serve: compile before serving every prompt '
+    'width bucket (all: no request waits for a compile) or only the shortest (a faster start).')
 _HEADER_TIMEOUT = flags.DEFINE_float('header_timeout', 10.0, '--mode=serve: seconds a client '
                                      'has to send a request\'s headers (0 = no bound).')
 _BODY_TIMEOUT = flags.DEFINE_float('body_timeout', 30.0, '--mode=serve: seconds a request\'s '
@@ -233,7 +236,7 @@ def main(argv):
                tokens_per_dispatch=_TOKENS_PER_DISPATCH.value,
                served_model_name=_SERVED_MODEL_NAME.value, limits=limits,
                api_keys=server.read_api_keys(_API_KEY.value, _API_KEY_FILE.value), mesh=mesh,
-               chat_template=_CHAT_TEMPLATE.value)
+               chat_template=_CHAT_TEMPLATE.value, warmup=_WARMUP.value)
     return
 
   if serving_export:

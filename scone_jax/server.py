@@ -473,10 +473,13 @@ def run(export_dir: str, *, host: str = '127.0.0.1', port: int = 8000,
         max_len: Optional[int] = None,
         tokens_per_dispatch: int = 8,
         served_model_name: Optional[str] = None, limits: Optional[Limits] = None,
-        api_keys: Sequence[str] = (), mesh=None, chat_template: Optional[str] = None):
+        api_keys: Sequence[str] = (), mesh=None, chat_template: Optional[str] = None,
+        warmup: str = 'all'):
   """Loads an export and serves it as `served_model_name` (default served_name(export_dir));
   mesh: a serving mesh (`--mesh`, sharding.serving_mesh) the model is split over;
-  chat_template: a file (chat_template.read_chat_template)."""
+  chat_template: a file (chat_template.read_chat_template); warmup: 'all' compiles every
+  prompt width bucket before serving (no request waits for a compile), 'shortest' only the
+  shortest one."""
   limits = (limits or Limits()).check()
   name = served_model_name or served_name(export_dir)
   template = chat_lib.read_chat_template(chat_template) if chat_template else None
@@ -488,7 +491,12 @@ def run(export_dir: str, *, host: str = '127.0.0.1', port: int = 8000,
   engine = Engine(gen, max_batch, tokens_per_dispatch=tokens_per_dispatch)
   app = build_app({name: engine}, gen.tokenizer, limits=limits, api_keys=api_keys,
                   chat_template=template)  # before warmup: a bad template fails fast
-  engine.warmup()
+  if warmup not in ('all', 'shortest'):
+    raise ValueError(f'--warmup={warmup!r}: use all or shortest.')
+  if warmup == 'all':
+    engine.warmup(engine.prefill_widths())
+  else:
+    engine.warmup()  # the shortest width
   logging.info('serving %s as %r: %d slots, %d positions, %s, %s, ready in %.1fs', export_dir,
                name, max_batch, gen.max_len, 'API key required' if api_keys else 'no API key',
                f'mesh {dict(mesh.shape)}' if mesh is not None else 'one device',

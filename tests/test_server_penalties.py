@@ -31,7 +31,7 @@ PROMPT = 'The nation must protect'
 def live(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('server_penalties'))
   export_dir = build_export(root)
-  srv = start_server(export_dir, os.path.join(root, 'server.log'))
+  srv = start_server(export_dir, os.path.join(root, 'server.log'), '--warmup=all')
   gen = serving.load(export_dir)
   yield types.SimpleNamespace(srv=srv, client=srv.client, url=srv.url, model='export',
                               gen=gen, tok=gen.tokenizer)
@@ -84,7 +84,8 @@ def test_no_request_waits_for_a_compile(live):
            dict(temperature=1.0, extra_body={'top_k': 5}, top_p=0.5),
            dict(temperature=0, presence_penalty=0.5, logit_bias={'5': 3}),
            dict(temperature=1.0, frequency_penalty=0.5, logprobs=1),
-           dict(temperature=1.0, prompt=[PROMPT] * 3), dict(temperature=0, prompt=['a'] * 4)]
+           dict(temperature=1.0, prompt=[PROMPT] * 3), dict(temperature=0, prompt=['a'] * 4),
+           dict(temperature=0, prompt=' '.join([PROMPT] * 6))]  # a wider prompt bucket
   for kw in kinds:
     args = dict(model=live.model, prompt=PROMPT, max_tokens=4)
     args.update(kw)
