@@ -24,16 +24,19 @@ SMALL_IDS = 16 << 10
 _worker = {}
 
 
-def _start(path: str, kind: str, special_ids: dict, eos_id: int):
+def _start(server_pid: int, path: str, kind: str, special_ids: dict, eos_id: int):
+  # Watch first, with the pid the server gave: a server killed while this worker was still
+  # importing is already gone here, and os.getppid() would name init instead of it.
+  threading.Thread(target=_exit_with, args=(server_pid,), daemon=True).start()
   tok = tokenizer_lib.load(path, kind, special_ids)
   _worker.update(tokenizer=tok, specials=protocol.Specials(tok, eos_id))
-  threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
 
 
-def _exit_with(parent: int):
+def _exit_with(server_pid: int):
   """Ends this worker once the server is gone: a server killed outright (SIGKILL, OOM)
-  never shuts its pool down, and a worker blocked on its queue would outlive it."""
-  while os.getppid() == parent:
+  never shuts its pool down, and a worker blocked on its queue would outlive it, holding
+  the server's stdout and stderr open (a caller reading them to EOF would wait forever)."""
+  while os.getppid() == server_pid:
     time.sleep(1.0)
   os._exit(0)  # pylint: disable=protected-access
 
@@ -73,7 +76,7 @@ class Tokenizing:
     if self._pool is None:
       self._pool = concurrent.futures.ProcessPoolExecutor(
           self._workers, mp_context=multiprocessing.get_context('spawn'),
-          initializer=_start, initargs=self._args)
+          initializer=_start, initargs=(os.getpid(), *self._args))
       self._pool.submit(_encode, '')
 
   def encode(self, text: str) -> np.ndarray:

@@ -448,6 +448,33 @@ def _children(pid: int) -> list:
   return kids
 
 
+# The "server" of this script dies the moment its tokenizer worker is spawned, while the
+# worker is still importing: its initializer then runs with init as its parent.
+_DIES_AT_SPAWN = """
+import os, signal, sys
+from scone_jax import tokenizer, tokenizing
+tok = tokenizer.load(sys.argv[1])
+pool = tokenizing.Tokenizing(tok, tok.eos_id)
+pool.start()
+print(' '.join(str(p) for p in pool._pool._processes), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_spawned_as_its_server_dies_exits_too(live):
+  """A worker whose server died before the worker had started (killed at start-up) still
+  exits: it would otherwise hold the server's stdout open forever (a caller reading it to
+  EOF, as subprocess.run(capture_output=True) does, would hang)."""
+  export_dir = os.path.join(os.path.dirname(live.srv.log_path), 'export')
+  proc = subprocess.run([sys.executable, '-c', _DIES_AT_SPAWN,
+                         os.path.join(export_dir, 'tokenizer.model')],
+                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                        timeout=60, check=False, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  workers = [int(p) for p in proc.stdout.split()]
+  assert workers and proc.returncode == -9, (proc.returncode, proc.stdout)
+
+
 # Last: it kills the module's server.
 @pytest.mark.slow
 def test_the_tokenizer_worker_dies_with_a_killed_server(live):
