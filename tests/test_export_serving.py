@@ -522,7 +522,7 @@ def test_same_seed_same_tokens_everywhere(setup):
                      '--seed=7'))
   assert f'\n{prompt}{want[1.0]}\n' in cli + '\n', (cli, want[1.0])
   proc = _cli('--mode=serve', f'--export_dir={setup.export_dir}', '--port=0',
-              '--max_batch=4')
+              '--max_batch=4', '--warmup=shortest')
   try:
     line = proc.stdout.readline()
     assert line.startswith('serving on '), proc.stderr.read()[-3000:] if proc.poll() else line

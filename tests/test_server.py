@@ -23,6 +23,7 @@ import numpy as np
 import openai
 import pytest
 
+from scone_jax import decode
 from scone_jax import engine as engine_lib
 from scone_jax import model as model_lib
 from scone_jax import protocol
@@ -176,11 +177,13 @@ class _FakeTokenizer:
 
 
 def served(tok, max_len=32, **kw) -> protocol.Served:
-  """What parsing knows of a server of model 'm' (the length check: Engine.check's own)."""
-  shapes = types.SimpleNamespace(gen=types.SimpleNamespace(
-      config=types.SimpleNamespace(vocab_size=tok.vocab_size), max_len=max_len))
+  """What parsing knows of a server of model 'm' (the length check: the one Engine.check
+  and Generator.check apply, decode.check_prompt, for a rope model of max_len)."""
+  def check(ids, max_tokens, add_bos=True):
+    return decode.check_prompt(np.asarray(ids), max_tokens, add_bos, tok.vocab_size, max_len,
+                               '', ', or load(..., max_len=N)')
   return protocol.Served(models=['m'], tokenizer=tok, max_len=max_len, eos_id=tok.eos_id,
-                         check=lambda *a: engine_lib.Engine.check(shapes, *a), **kw)
+                         check=check, **kw)
 
 
 def parse(body, tok, max_len=32, **kw) -> protocol.CompletionParams:

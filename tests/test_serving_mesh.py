@@ -257,7 +257,7 @@ def test_server_with_mesh_answers_as_one_device(tmp_path):
   with open(log_path, 'w') as log:
     proc = subprocess.Popen(
         [sys.executable, '-m', 'scone_jax.main', '--mode=serve', f'--export_dir={export_dir}',
-         '--port=0', '--max_batch=2', '--mesh=tensor:8'],
+         '--port=0', '--max_batch=2', '--mesh=tensor:8', '--warmup=shortest'],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
       line = proc.stdout.readline()  # the server's first line says where it listens
