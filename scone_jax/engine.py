@@ -33,9 +33,6 @@ from scone_jax import serving
 MAX_LOGPROBS = decode.MAX_LOGPROBS
 MAX_LOGIT_BIAS = decode.MAX_LOGIT_BIAS
 DEFAULT_TOKENS_PER_DISPATCH = decode.DEFAULT_TOKENS_PER_DISPATCH
-# The sampler's old names here, for callers that import them from the engine.
-_sample_rows = decode.sample_rows
-_row_keys = decode.row_keys
 
 
 @dataclasses.dataclass

@@ -367,15 +367,6 @@ class Generator:
   def input_vectors(self, params, rows_BxLxD, ints_BxLx4):
     return decode.input_vectors(self.model, params, rows_BxLxD, ints_BxLx4)
 
-  # Older names, kept for callers outside the decode path (the server's tests).
-  _rows_for = rows_for
-  _input_vectors = input_vectors
-
-  def _prefill_inputs(self, prompts, lens, width, add_bos):  # pylint: disable=unused-argument
-    """The older name of prompt_batch(...).ints_NxWx4 (lens: each prompt's size + BOS)."""
-    n = len(prompts)
-    return self.prompt_batch(prompts, [add_bos] * n, [1] * n, width).ints_NxWx4
-
   # -- the jitted core -----------------------------------------------------
 
   def jit(self, fn, *, donate_argnums=(), cache_out: Optional[int] = None):

@@ -119,8 +119,8 @@ def test_row_sampler_keeps_the_right_tokens():
   probs = np.array([0.5, 0.3, 0.15, 0.05])
   logits = np.log(np.tile(probs, (4000, 1))).astype(np.float32)
   n = logits.shape[0]
-  keys = engine_lib._row_keys(np.arange(n, dtype=np.int32), np.zeros(n, np.int32))
-  sample_rows = jax.jit(engine_lib._sample_rows, static_argnames='sampling')
+  keys = decode.row_keys(np.arange(n, dtype=np.int32), np.zeros(n, np.int32))
+  sample_rows = jax.jit(decode.sample_rows, static_argnames='sampling')
 
   def sample(temperature, top_p, top_k):
     return np.asarray(sample_rows(logits, np.full(n, temperature, np.float32),
@@ -341,8 +341,8 @@ def test_logprobs_and_echo_score_a_prompt(live):
   assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
   lp.token_logprobs, lp.top_logprobs = lp.token_logprobs[1:], lp.top_logprobs[1:]
   gen = live.gen
-  ints = gen._prefill_inputs([ids], np.array([ids.size + 1]), ids.size + 1, True)
-  x = gen._input_vectors(gen.params, gen._rows_for(ints[..., 2]), ints)
+  ints = gen.prompt_batch([ids], [True], [1], ids.size + 1).ints_NxWx4
+  x = gen.input_vectors(gen.params, gen.rows_for(ints[..., 2]), ints)
   logits = gen.model.apply({'params': gen.params}, x, positions_BxL=ints[..., 1],
                            method=model_lib.SconeLM.backbone)
   logp = np.asarray(jax.nn.log_softmax(logits[0, :-1]))

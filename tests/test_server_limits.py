@@ -345,8 +345,8 @@ def test_metrics_in_prometheus_format(live):
 def _forward_logprobs(gen, fed):
   """log p(fed[j + 1] | fed[:j + 1]) by one forward pass of the model, without any BOS."""
   fed = np.asarray(fed)
-  ints = gen._prefill_inputs([fed], np.array([fed.size]), fed.size, False)
-  x = gen._input_vectors(gen.params, gen._rows_for(ints[..., 2]), ints)
+  ints = gen.prompt_batch([fed], [False], [1], fed.size).ints_NxWx4
+  x = gen.input_vectors(gen.params, gen.rows_for(ints[..., 2]), ints)
   logits = gen.model.apply({'params': gen.params}, x, positions_BxL=ints[..., 1],
                            method=model_lib.SconeLM.backbone)
   logp = np.asarray(jax.nn.log_softmax(logits[0, :-1]))

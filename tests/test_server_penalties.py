@@ -44,8 +44,8 @@ def live(tmp_path_factory):
 def _last_logits(gen, fed) -> np.ndarray:
   """The model's logits after `fed` (BOS included), by one forward pass without a cache."""
   fed = np.asarray(fed)
-  ints = gen._prefill_inputs([fed], np.array([fed.size]), fed.size, False)
-  x = gen._input_vectors(gen.params, gen._rows_for(ints[..., 2]), ints)
+  ints = gen.prompt_batch([fed], [False], [1], fed.size).ints_NxWx4
+  x = gen.input_vectors(gen.params, gen.rows_for(ints[..., 2]), ints)
   logits = gen.model.apply({'params': gen.params}, x, positions_BxL=ints[..., 1],
                            method=model_lib.SconeLM.backbone)
   return np.asarray(logits[0, -1], np.float64)
