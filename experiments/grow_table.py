@@ -122,14 +122,32 @@ def evaluate_export(cfg, run_workdir, run, export_dir, fgram_paths, eval_sets) -
   return out
 
 
+def own_set_file(run_workdir, run, base, num_fgrams) -> str:
+  """The run's f-gram set as a file with its fgrams.json, which the union cell loads as it
+  loads any extracted set. A sweep point's set lies outside its workdir, with no fgrams.json
+  (points/<name>/fgrams.npz, a cut of the sweep's shared extraction): extract it again at
+  the trained S (ids are ranks, so the same set; the more_S<S> cell reuses it) and check."""
+  own = os.path.join(run_workdir, artifacts.FGRAMS_FILE)
+  if os.path.isfile(own) and os.path.isfile(artifacts.fgram_set_meta_path(own)):
+    return own
+  path = extract(run_workdir, os.path.join(base, f'more_S{num_fgrams}'), num_fgrams=num_fgrams)
+  _, source = artifacts.load_fgram_set(path, run.tokenizer)
+  if source['fingerprint'] != run.fgram_set.fingerprint:
+    raise ValueError(f'{run_workdir}: the training split extracted at S={num_fgrams} gives '
+                     f'set {source["fingerprint"][:12]}, not the run\'s '
+                     f'{run.fgram_set.fingerprint[:12]}; put the run\'s fgrams.npz with its '
+                     'fgrams.json (--mode=extract) in the workdir.')
+  return path
+
+
 def run_one(run_workdir, args, scratch) -> dict:
   cfg = configs.load('experiments/configs/from_json.py:'
                      + os.path.join(run_workdir, artifacts.CONFIG_FILE))
   run = artifacts.prepare_run(cfg, run_workdir)
-  own = os.path.join(run_workdir, artifacts.FGRAMS_FILE)
   out = {'workdir': os.path.abspath(run_workdir), 'seed': int(cfg.seed),
          'trained_S': int(cfg.fgrams.num_fgrams), 'K': int(cfg.fgrams.max_len), 'cells': {}}
   base = os.path.join(scratch, f'seed{cfg.seed}')
+  own = own_set_file(run_workdir, run, base, int(cfg.fgrams.num_fgrams))
   ood = {n: corpus.eval_corpus(n, args.eval_chars) for n in args.domains.split(',')
          if n in corpus.EVAL_CORPORA}
   general = {'heldout': run.heldout_docs, **ood}

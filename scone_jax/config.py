@@ -90,6 +90,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.fgrams.max_len = 5
   c.fgrams.min_count = 2
   c.fgrams.path = ''               # an existing FGramSet file to reuse
+  # Training-time remedies that may let the model use f-grams outside its training set
+  # (issue 29: a table grown after training), off by default. Training batches only:
+  # held-out eval, export, serving and decoding match the whole set, longest first. Each
+  # choice is a hash of (seed, row id, [position,] f-gram id), so resumes stay exact. Only
+  # the token-shard inputs ('shards', 'grain') support them: they match each row as read.
+  # Each training row matches against a random subset of the set, this fraction of it (the
+  # longest active f-gram ending at a position is taken); 1.0 = the whole set.
+  c.fgrams.train_subset_fraction = 1.0
+  # At each matched position the match drops to the next shorter f-gram ending there with
+  # this probability, repeatedly (none left: unmatched); 0.0 = never.
+  c.fgrams.train_shorten_prob = 0.0
 
   # Main model.
   c.model = ml_collections.ConfigDict()
@@ -208,6 +219,9 @@ RESUME_KINDS = {
     'corpus': IDENTITY,
     'tokenizer': IDENTITY,
     'fgrams': IDENTITY,
+    # They change which f-grams the training rows hold.
+    'fgrams.train_subset_fraction': IDENTITY,
+    'fgrams.train_shorten_prob': IDENTITY,
     'model.num_layers': IDENTITY,
     'model.d_model': IDENTITY,
     'model.num_heads': IDENTITY,
@@ -341,6 +355,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: Optional[int] = None):
       raise ValueError(f'config.fgram_model.pack_len={cfg.fgram_model.pack_len} is shorter than '
                        f'config.fgrams.max_len={cfg.fgrams.max_len}: a window must fit one '
                        'packed row; raise pack_len.')
+  check_train_matching(cfg)
   if cfg.tokenizer.kind not in ('sentencepiece', 'huggingface'):
     raise ValueError(f'config.tokenizer.kind={cfg.tokenizer.kind!r}; use sentencepiece or '
                      'huggingface.')
@@ -383,6 +398,35 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: Optional[int] = None):
   if cfg.fgrams.enabled and cfg.fgram_model.pack_bucket % batch_shards:
     raise ValueError(f'config.fgram_model.pack_bucket={cfg.fgram_model.pack_bucket} must '
                      f'be a multiple of mesh data × fsdp = {batch_shards}.')
+
+
+TRAIN_MATCHING_PIPELINES = ('shards', 'grain')
+
+
+def train_matching_on(cfg) -> bool:
+  """Whether training samples its f-gram matches (fgrams.train_subset_fraction < 1 or
+  fgrams.train_shorten_prob > 0)."""
+  return cfg.fgrams.train_subset_fraction != 1.0 or cfg.fgrams.train_shorten_prob != 0.0
+
+
+def check_train_matching(cfg):
+  """One-line errors for the training-time matching remedies: range, f-grams, input path."""
+  fraction, prob = cfg.fgrams.train_subset_fraction, cfg.fgrams.train_shorten_prob
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f'config.fgrams.train_subset_fraction={fraction} must be in (0, 1] '
+                     '(1.0 = match against the whole set).')
+  if not 0.0 <= prob < 1.0:
+    raise ValueError(f'config.fgrams.train_shorten_prob={prob} must be in [0, 1) '
+                     '(0.0 = never shorten a match).')
+  if not train_matching_on(cfg):
+    return
+  if not cfg.fgrams.enabled:
+    raise ValueError('config.fgrams.train_subset_fraction / train_shorten_prob are set but '
+                     'config.fgrams.enabled is False; enable f-grams or leave them at 1.0 / 0.0.')
+  if cfg.input_pipeline not in TRAIN_MATCHING_PIPELINES:
+    raise ValueError(f'config.fgrams.train_subset_fraction / train_shorten_prob need '
+                     f"input_pipeline 'shards' or 'grain' (rows matched as they are read); "
+                     f'input_pipeline={cfg.input_pipeline!r} matches each document once.')
 
 
 def parse_profile_steps(value: str):

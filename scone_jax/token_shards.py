@@ -225,12 +225,13 @@ def read_index(directory: str) -> Optional[dict]:
 
 
 def rows_from_windows(window_BxL1: np.ndarray, valid_BxL: np.ndarray, eos_id: int,
-                      fgram_set=None) -> dict:
+                      fgram_set=None, *, sampling=None, row_ids_B=None) -> dict:
   """Packed rows (packing.py's rule) from stream windows: column 0 = the token before the row.
 
   window_BxL1: int [B, L+1]; row b's targets are window[b, 1:], its inputs the tokens before
   them. valid_BxL: False past the end of the stream (padding). A row starting the stream
-  has EOS (or anything ending a document) in column 0.
+  has EOS (or anything ending a document) in column 0. sampling: an `fgrams.MatchSampling`
+  (training's remedies), keyed per row by row_ids_B (the rows' global ids).
   """
   prev_BxL = window_BxL1[:, :-1].astype(np.int32)
   tok_BxL = window_BxL1[:, 1:].astype(np.int32)
@@ -252,8 +253,14 @@ def rows_from_windows(window_BxL1: np.ndarray, valid_BxL: np.ndarray, eos_id: in
   else:
     # Per row, inputs only: BOS (0, in no f-gram) cuts the segments, so the longest f-gram
     # ending at an input within the row is rule 4b's f-gram there.
-    ids, lens = fgram_set.match_flat(np.where(valid_BxL, inputs, 0).reshape(-1),
-                                     np.arange(0, b * l + 1, l, dtype=np.int64))
+    flat = np.where(valid_BxL, inputs, 0).reshape(-1)
+    offsets = np.arange(0, b * l + 1, l, dtype=np.int64)
+    if sampling is None:
+      ids, lens = fgram_set.match_flat(flat, offsets)
+    else:
+      if row_ids_B is None or len(row_ids_B) != b:
+        raise ValueError(f'rows_from_windows: sampling needs row_ids_B, one id per row ({b}).')
+      ids, lens = sampling.match_flat(fgram_set, flat, offsets, row_ids_B)
     out['fgram_ids'] = np.where(first_BxL, -1, ids.reshape(b, l))
     out['fgram_lengths'] = np.where(first_BxL, 1, lens.reshape(b, l))
   return {k: np.where(valid_BxL, out[k], packing.PAD_VALUES[k]).astype(np.int32)
@@ -266,9 +273,12 @@ class TokenShards:
   Local shards are read with pread on file descriptors kept open (no mmap: resident pages
   of a mapped file would count against the process and grow with what it has touched);
   cloud shards with ranged reads through the IO layer. Thread-safe.
+  sampling: an `fgrams.MatchSampling` for training rows (config.fgrams.train_*): row g's
+  matches are sampled with key g, so a row read again (a resume, a later epoch) gets the
+  same matches.
   """
 
-  def __init__(self, directory: str, fgram_set=None):
+  def __init__(self, directory: str, fgram_set=None, *, sampling=None):
     index = read_index(directory)
     if index is None:
       raise FileNotFoundError(f'{directory}: no prepared token shards (no {INDEX}); run '
@@ -276,6 +286,9 @@ class TokenShards:
     self.directory = directory
     self.index = index
     self.fgram_set = fgram_set
+    if sampling is not None and fgram_set is None:
+      raise ValueError('TokenShards: sampling was given without an f-gram set to sample from.')
+    self.sampling = sampling
     self.dtype = np.dtype(index['dtype'])
     self.eos_id = int(index['eos_id'])
     counts = np.asarray(index['shard_tokens'], np.int64)
@@ -353,7 +366,8 @@ class TokenShards:
       else:
         window_BxL1[i, 1:1 + got.size] = got
       valid_BxL[i, :min(seq_len, total - lo)] = True
-    return rows_from_windows(window_BxL1, valid_BxL, self.eos_id, self.fgram_set)
+    return rows_from_windows(window_BxL1, valid_BxL, self.eos_id, self.fgram_set,
+                             sampling=self.sampling, row_ids_B=row_ids)
 
   def documents(self) -> Iterable[np.ndarray]:
     """Each document's tokens with its EOS, in stream order, one shard in memory at a time."""

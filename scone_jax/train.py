@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from scone_jax import artifacts
 from scone_jax import checkpoints
 from scone_jax import config as config_lib
+from scone_jax import fgrams
 from scone_jax import flops
 from scone_jax import metrics
 from scone_jax import packing
@@ -518,11 +519,25 @@ class _MetricsWriter:
       self._f.close()
 
 
+def train_match_sampling(cfg, run: artifacts.RunArtifacts):
+  """The training rows' `fgrams.MatchSampling` (config.fgrams.train_*), or None: matching
+  the whole set, longest first (as held-out eval, export and serving always do)."""
+  config_lib.check_train_matching(cfg)
+  if not config_lib.train_matching_on(cfg) or run.fgram_set is None:
+    return None
+  return fgrams.MatchSampling(seed=int(cfg.seed),
+                              keep_fraction=float(cfg.fgrams.train_subset_fraction),
+                              drop_prob=float(cfg.fgrams.train_shorten_prob))
+
+
 def make_loaders(cfg, workdir, run: artifacts.RunArtifacts):
   cache = paths.join(workdir, artifacts.DATA_DIR)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  sampling = train_match_sampling(cfg, run)
+  if sampling is not None:
+    logging.info('training rows sample their f-gram matches: %s', sampling)
   if cfg.input_pipeline == 'shards':
-    shards = token_shards.TokenShards(run.train_shards, run.fgram_set)
+    shards = token_shards.TokenShards(run.train_shards, run.fgram_set, sampling=sampling)
     logging.info('training input: %d token shards in %s (%d documents, %d tokens), matched '
                  'on the fly, %d batches built ahead by %d threads', shards.index['num_shards'],
                  run.train_shards, shards.num_docs, shards.num_tokens, cfg.data.prefetch,
@@ -531,7 +546,7 @@ def make_loaders(cfg, workdir, run: artifacts.RunArtifacts):
                                   seed=cfg.seed, shuffle=True, **process)
   elif cfg.input_pipeline == 'grain':
     from scone_jax import grain_input  # pylint: disable=g-import-not-at-top
-    shards = token_shards.TokenShards(run.train_shards, run.fgram_set)
+    shards = token_shards.TokenShards(run.train_shards, run.fgram_set, sampling=sampling)
     logging.info('training input: grain over %d token shards in %s',
                  shards.index['num_shards'], run.train_shards)
     train_loader = grain_input.GrainLoader(

@@ -204,3 +204,28 @@ def test_a_killed_unreaped_holder_is_gone(tmp_path):
   finally:
     child.kill()
     child.wait()
+
+
+def _sweep_configs(name):
+  from experiments import sweep  # pylint: disable=g-import-not-at-top
+  base, points, evals = sweep.load_sweep(os.path.join(REPO, 'experiments', 'sweeps', name))
+  return {p['name']: sweep.resolve(base, p) for p in points}, evals
+
+
+def test_grow_remedies_points_are_the_readme_model_plus_one_remedy():
+  """Each point of grow_remedies.py is cpu_study's scone_xs_16k_s<seed>_v2 (the README
+  model, seed for seed) but for S and one remedy field, and validates."""
+  from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
+  from scone_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  remedies, evals = _sweep_configs('grow_remedies.py')
+  study, study_evals = _sweep_configs('cpu_study.py')
+  assert evals == study_evals
+  assert {'remedy_subset_s0', 'remedy_subset_s1', 'remedy_shorten_s0',
+          'remedy_shorten_s1'} <= set(remedies)
+  for name, cfg in remedies.items():
+    config_lib.validate(cfg, num_devices=1)
+    got = artifacts.flatten(cfg.to_dict())
+    want = artifacts.flatten(study[f'scone_xs_16k_s{cfg.seed}_v2'].to_dict())
+    diff = {k: got[k] for k in got if got[k] != want.get(k)}
+    remedy = 'train_subset_fraction' if 'subset' in name else 'train_shorten_prob'
+    assert set(diff) - {'fgrams.num_fgrams'} == {f'fgrams.{remedy}'}, (name, diff)

@@ -14,12 +14,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from scone_jax import artifacts
+from scone_jax import fgrams
 from scone_jax import packing
 from scone_jax import preemption
 from scone_jax import seqio_tasks
 from scone_jax import config as config_lib
 from scone_jax import sharding
 from scone_jax import step_batch
+from scone_jax import token_shards
 from scone_jax import train
 import tiny
 
@@ -63,6 +65,57 @@ def test_batch_must_split_over_mesh(run_setup):
   cfg.batch_size = 4  # 8 data shards
   with pytest.raises(ValueError, match='divisible by mesh data'):
     train.validate_config(cfg)
+
+
+@pytest.mark.parametrize('changes, message', [
+    ({'fgrams.train_subset_fraction': 0.0}, 'train_subset_fraction=0.0 must be in'),
+    ({'fgrams.train_subset_fraction': 1.5}, 'train_subset_fraction=1.5 must be in'),
+    ({'fgrams.train_shorten_prob': 1.0}, 'train_shorten_prob=1.0 must be in'),
+    ({'fgrams.train_shorten_prob': 0.3, 'input_pipeline': 'numpy'},
+     "need input_pipeline 'shards' or 'grain'"),
+    ({'fgrams.train_subset_fraction': 0.5, 'input_pipeline': 'seqio'},
+     "need input_pipeline 'shards' or 'grain'"),
+    ({'fgrams.train_shorten_prob': 0.3, 'fgrams.enabled': False},
+     'config.fgrams.enabled is False'),
+])
+def test_training_remedies_out_of_range_or_unsupported_fail(run_setup, changes, message):
+  cfg = tiny.copy_config(run_setup[1])
+  for key, value in changes.items():
+    group, field = key.split('.') if '.' in key else (None, key)
+    (cfg[group] if group else cfg)[field] = value
+  with pytest.raises(ValueError, match=message):
+    train.validate_config(cfg)
+
+
+def test_training_remedies_change_only_the_training_rows_matches(run_setup, tmp_path):
+  """Same rows in the same order; only their f-gram matches change, to shorter or none;
+  held-out rows keep the whole set; grain reads the shards input's sampled rows."""
+  _, cfg, run = run_setup
+  base_train, base_eval = train.make_loaders(cfg, str(tmp_path / 'base'), run)
+  for field, value in (('train_subset_fraction', 0.3), ('train_shorten_prob', 0.5)):
+    c = tiny.copy_config(cfg)
+    c.fgrams[field] = value
+    sampled, heldout = train.make_loaders(c, str(tmp_path / field), run)
+    c.input_pipeline = 'grain'
+    via_grain, _ = train.make_loaders(c, str(tmp_path / field), run)
+    for step in (0, 3):
+      want, got = base_train.batch_at(step), sampled.batch_at(step)
+      for k in packing.BATCH_KEYS:
+        if not k.startswith('fgram_'):
+          np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+      assert (got['fgram_lengths'] <= want['fgram_lengths']).all(), field
+      assert (got['fgram_ids'] >= 0).mean() < (want['fgram_ids'] >= 0).mean() - 0.05, field
+      for k, v in via_grain.batch_at(step).items():
+        np.testing.assert_array_equal(v, got[k], err_msg=f'grain {k}')
+    for want, got in zip(base_eval, heldout):
+      for k in packing.BATCH_KEYS:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=f'held-out {k}')
+  # The kernel itself at fraction 1 / prob 0 gives the shards input's rows unchanged.
+  whole = token_shards.TokenShards(run.train_shards, run.fgram_set,
+                                   sampling=fgrams.MatchSampling(seed=cfg.seed))
+  rows = base_train.global_rows(2)
+  for k, v in whole.rows(rows, cfg.seq_len).items():
+    np.testing.assert_array_equal(v, base_train.split.rows(rows, cfg.seq_len)[k], err_msg=k)
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -391,14 +444,14 @@ def _final_params(workdir, step):
   return ocp.StandardCheckpointer().restore(path)['params']
 
 
-def _uninterrupted_run(run_setup, tmp_path, steps):
+def _uninterrupted_run(run_setup, tmp_path, steps, *extra):
   """(config file, workdir) of a CLI run trained to `steps` without interruption."""
   _, cfg, _ = run_setup
   config_path = tiny.write_config_file(
       str(tmp_path / 'cfg.py'), os.path.dirname(cfg.corpus.train_files), steps=steps,
       tokenizer=cfg.tokenizer.path)
   straight = str(tmp_path / 'straight')
-  p = _main(config_path, straight)
+  p = _main(config_path, straight, *extra)
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
   return config_path, straight
@@ -434,11 +487,15 @@ def test_sigterm_checkpoints_the_current_step_and_resume_is_bitwise_identical(ru
   """Preemption: SIGTERM mid-run saves a checkpoint at the step it finishes (not a periodic
   one: checkpoint_every_steps is beyond the run), exits with preemption.EXIT_CODE, and the
   same command resumes there and ends bitwise equal to an uninterrupted run."""
-  steps = 12
-  config_path, straight = _uninterrupted_run(run_setup, tmp_path, steps)
+  _sigterm_then_resume(run_setup, tmp_path)
+
+
+def _sigterm_then_resume(run_setup, tmp_path, *extra, steps=12) -> str:
+  """The SIGTERM test's body, every run with `extra` flags; the resumed run's output."""
+  config_path, straight = _uninterrupted_run(run_setup, tmp_path, steps, *extra)
   stopped = str(tmp_path / 'stopped')
   every = '--config.checkpoint_every_steps=1000'
-  p = _main(config_path, stopped, every)
+  p = _main(config_path, stopped, every, *extra)
   metrics = os.path.join(stopped, artifacts.METRICS_FILE)
   deadline = time.time() + 300
   while time.time() < deadline and p.poll() is None:
@@ -455,12 +512,22 @@ def test_sigterm_checkpoints_the_current_step_and_resume_is_bitwise_identical(ru
   assert f'stopping at step {saved[0]}' in out, out
   assert any(json.loads(line).get('preempted_at_step') == saved[0]
              for line in out.splitlines() if line.startswith('{')), out
-  p = _main(config_path, stopped, every)
+  p = _main(config_path, stopped, every, *extra)
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
   assert f'resumed from step {saved[0]}' in out, out
   jax.tree.map(np.testing.assert_array_equal, _final_params(straight, steps),
                _final_params(stopped, steps))
+  return out
+
+
+@pytest.mark.parametrize('remedy', ['--config.fgrams.train_subset_fraction=0.5',
+                                    '--config.fgrams.train_shorten_prob=0.3'])
+def test_training_remedies_train_and_resume_exactly(run_setup, tmp_path, remedy):
+  """Each of issue 29's remedies: the run samples its matches (logged), and a SIGTERM
+  resume ends bitwise equal to an uninterrupted run (the samples are hashes, not state)."""
+  out = _sigterm_then_resume(run_setup, tmp_path, remedy)
+  assert 'training rows sample their f-gram matches' in out, out
 
 
 def test_seqio_pipeline_trains_and_resumes_exactly(tmp_path):

@@ -9,6 +9,8 @@ probe touches one cache line. The n-gram ending at position i is hashed from its
 backwards, so probes for n = 2, 3, ... extend one hash and stop at the first miss (no longer
 f-gram can end there), and the slots for upcoming positions are prefetched so that cache
 misses overlap. The table arrays (`flat`, `width`, `shift`) are `FGramSet.table`'s fields.
+`match_flat_sampled` is the same search with two hashed tests on each f-gram found (training
+remedies, `sampling.py`).
 
 Counting (extraction) sorts exact integer n-gram codes with an LSD radix sort and scans the
 runs of equal codes.
@@ -265,6 +267,32 @@ def insert_fgrams(tokens_padded, lengths, table, width, shift, max_entries):
 
 
 @numba.njit(inline='always')
+def _probe(tokens, i, n, h, table, width, shift):
+  """The slot of the n-gram tokens[i-n+1..i] (hash h): its id (-1: a marker, a suffix of
+  longer f-grams only), or -2 when it is not in the table (no longer f-gram ends at i).
+
+  The probe of `_longest_ending_at`, for the sampled search; `_longest_ending_at` keeps its
+  own copy: written with this helper, match_flat measured 3-9% slower (3 runs).
+  """
+  mask = (table.size // width) - 1
+  s = _hash_slot(h, shift)
+  while True:
+    base = s * width
+    cur = table[base]
+    if cur == 0:
+      return -2
+    if cur == n:
+      eq = True
+      for k in range(n):
+        if table[base + 2 + k] != tokens[i - n + 1 + k]:
+          eq = False
+          break
+      if eq:
+        return table[base + 1]
+    s = (s + 1) & mask
+
+
+@numba.njit(inline='always')
 def _longest_ending_at(tokens, i, lim, table, width, shift):
   """(id, length) of the longest f-gram ending at tokens[i] using tokens[i-lim+1..i]."""
   mask = (table.size // width) - 1
@@ -298,6 +326,18 @@ def _longest_ending_at(tokens, i, lim, table, width, shift):
   return best_id, best_len
 
 
+@numba.njit(inline='always')
+def _prefetch_ahead(tokens, i, table, width, shift):
+  # Prefetch the 2- and 3-gram slots of a position ahead so their misses overlap with this
+  # position's work (ignoring document boundaries: a useless prefetch is harmless).
+  j = i + _PREFETCH_DISTANCE
+  if j < tokens.size and j >= 2:
+    h = _hash_step(_hash_first(tokens[j]), tokens[j - 1])
+    _prefetch(table, _hash_slot(h, shift) * width)
+    h = _hash_step(h, tokens[j - 2])
+    _prefetch(table, _hash_slot(h, shift) * width)
+
+
 @numba.njit(cache=True, nogil=True)
 def match_flat(tokens, offsets, table, width, shift, max_len, ids, lens):
   total = tokens.size
@@ -318,6 +358,88 @@ def match_flat(tokens, offsets, table, width, shift, max_len, ids, lens):
       fid, flen = _longest_ending_at(tokens, i, lim, table, width, shift)
       ids[i] = fid
       lens[i] = flen
+
+
+# ---------------------------------------------------------------------------
+# Sampled matching (training only: `fgrams.sampling`)
+
+_MIX_A = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_B = np.uint64(0x94D049BB133111EB)
+_S27 = np.uint64(27)
+_S30 = np.uint64(30)
+_S11 = np.uint64(11)
+# Salts that make the seed's, the subset's and the drops' random streams independent.
+_SALT_SEED = np.uint64(0x243F6A8885A308D3)
+_SALT_KEEP = np.uint64(0x6A09E667F3BCC908)
+_SALT_DROP = np.uint64(0xBB67AE8584CAA73B)
+
+
+@numba.njit(inline='always')
+def _mix(x):
+  """splitmix64's finaliser: a well-mixed 64-bit function of x."""
+  x = (x ^ (x >> _S30)) * _MIX_A
+  x = (x ^ (x >> _S27)) * _MIX_B
+  return x ^ (x >> _S31)
+
+
+@numba.njit(inline='always')
+def _segment_hashes(seed, key):
+  """The hashes a segment's subset and its drops are drawn from: of (seed, key) only."""
+  row_h = _mix(_mix(seed ^ _SALT_SEED) ^ _mix(key))
+  return _mix(row_h ^ _SALT_KEEP), _mix(row_h ^ _SALT_DROP)
+
+
+@numba.njit(inline='always')
+def _active(fid, keep_h, keep_below):
+  # Uniforms are the top 53 bits, so keep_below = 2^53 keeps every f-gram.
+  return (_mix(keep_h ^ (np.uint64(fid) * _M1)) >> _S11) < keep_below
+
+
+@numba.njit(inline='always')
+def _dropped(fid, pos_h, drop_below):
+  return (_mix(pos_h ^ (np.uint64(fid) * _M1)) >> _S11) < drop_below
+
+
+@numba.njit(cache=True, nogil=True)
+def subset_active(keys, num_fgrams, seed, keep_below, out_DxS):
+  """out_DxS[d, f] = whether f-gram f is in segment d's subset (`match_flat_sampled`)."""
+  for d in range(keys.size):
+    keep_h, _ = _segment_hashes(seed, np.uint64(keys[d]))
+    for f in range(num_fgrams):
+      out_DxS[d, f] = _active(f, keep_h, keep_below)
+
+
+@numba.njit(cache=True, nogil=True)
+def match_flat_sampled(tokens, offsets, keys, seed, keep_below, drop_below, table, width,
+                       shift, max_len, ids, lens):
+  """`match_flat` taking, at each position, the longest f-gram ending there that is active in
+  the segment's subset (`_active`: keyed by seed, keys[d] and the id) and not dropped at
+  this position (`_dropped`: keyed by seed, keys[d], the position in the segment and the
+  id). Walking up the lengths and keeping the last such f-gram is the longest active one,
+  dropped to the next shorter active one with probability drop_below / 2^53, repeatedly,
+  since each drop test is independent. keep_below = 2^53 and drop_below = 0: `match_flat`."""
+  for d in range(offsets.size - 1):
+    start = offsets[d]
+    end = offsets[d + 1]
+    keep_h, drop_h = _segment_hashes(seed, np.uint64(keys[d]))
+    for i in range(start, end):
+      _prefetch_ahead(tokens, i, table, width, shift)
+      pos_h = _mix(drop_h ^ (np.uint64(i - start) * _M2))
+      lim = min(max_len, i - start + 1)
+      best_id = -1
+      best_len = 1
+      h = _hash_first(tokens[i])
+      for n in range(2, lim + 1):
+        h = _hash_step(h, tokens[i - n + 1])
+        found = _probe(tokens, i, n, h, table, width, shift)
+        if found == -2:
+          break
+        if (found >= 0 and _active(found, keep_h, keep_below) and
+            not _dropped(found, pos_h, drop_below)):
+          best_id = found
+          best_len = n
+      ids[i] = best_id
+      lens[i] = best_len
 
 
 @numba.njit(cache=True, nogil=True)
