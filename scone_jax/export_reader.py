@@ -166,7 +166,8 @@ def host_gather(table: Table, fid_B: np.ndarray) -> np.ndarray:
     rows[matched] = table.lookup(fid_B[matched])
   seconds = time.perf_counter() - t0
   table.host_lookup_seconds += seconds
-  table.lookup_times.record(seconds, fid_B.size)  # a decode step: B ids; a prefill: B x width
+  # A decode step asks for B ids, a prefill for B x width; only the matched ones are read.
+  table.lookup_times.record(seconds, fid_B.size, int(np.count_nonzero(matched)))
   return rows
 
 

@@ -42,19 +42,29 @@ def pool() -> concurrent.futures.ThreadPoolExecutor:
 
 class LookupTimes:
   """Durations of the latest `capacity` host lookups, each with the number of ids it asked
-  for (a decode step asks for its batch; a prefill for batch x width)."""
+  for (a decode step asks for its batch; a prefill for batch x width) and how many of them
+  were rows to read (matched: id >= 0)."""
 
   def __init__(self, capacity: int = DEFAULT_TIMES):
     self._seconds = np.zeros(capacity, np.float64)
     self._num_ids = np.zeros(capacity, np.int64)
+    self._num_rows = np.zeros(capacity, np.int64)
     self._count = 0
     self._lock = threading.Lock()
 
-  def record(self, seconds: float, num_ids: int):
+  def record(self, seconds: float, num_ids: int, num_rows: int = -1):
     with self._lock:
       i = self._count % self._seconds.size
       self._seconds[i], self._num_ids[i] = seconds, num_ids
+      self._num_rows[i] = num_ids if num_rows < 0 else num_rows
       self._count += 1
+
+  def rows(self, num_ids: Optional[int] = None) -> np.ndarray:
+    """The rows read by each kept lookup (all, or those of lookups of num_ids ids)."""
+    with self._lock:
+      n = min(self._count, self._seconds.size)
+      r, k = self._num_rows[:n].copy(), self._num_ids[:n].copy()
+    return r if num_ids is None else r[k == num_ids]
 
   def reset(self):
     with self._lock:

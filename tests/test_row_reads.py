@@ -84,6 +84,7 @@ def test_lookup_times_keep_the_latest_in_a_bounded_ring(tmp_path, rows_SxD):
   for _ in range(3):
     export_reader.host_gather(table, np.array([1, -1, 5, 7]))
   assert table.lookup_times.seconds(num_ids=4).size == 3
+  assert table.lookup_times.rows(num_ids=4).tolist() == [3, 3, 3]  # -1 is not read
   assert table.host_lookup_seconds > before
 
 
