@@ -570,6 +570,11 @@ def _rss():
   return st.get('RssAnon', 0.0), st.get('RssFile', 0.0)
 
 
+def _track_rss(rss):
+  anon, file_ = _rss()
+  rss['anon_max'], rss['file_max'] = max(rss['anon_max'], anon), max(rss['file_max'], file_)
+
+
 def _timed_generate(g, prompts, kw):
   g.generate(prompts, **kw)
   return g.last_stats['tokens'] / g.last_stats['decode_s']
@@ -597,8 +602,7 @@ def _serve_rounds(gen, base, prompts, b, cache, rounds, kw, export_dir, rss):
       got[name][0].append(_timed_generate(gen, prompts, kw))
       got[name][1].append(gen.table.lookup_times.seconds(num_ids=b))  # decode steps only
       got[name][2].append(gen.table.lookup_times.rows(num_ids=b))
-      anon, file_ = _rss()
-      rss['anon_max'], rss['file_max'] = max(rss['anon_max'], anon), max(rss['file_max'], file_)
+      _track_rss(rss)
   gen.table.lookup_concurrent = True
   return got
 
@@ -682,9 +686,11 @@ def unit_serve(out, rows, storage, batches, new_tokens, rounds, table_kind='real
         r[key + '_lookup_p50_ms'], r[key + '_lookup_p99_ms'] = pct['p50_ms'], pct['p99_ms']
         r[key + '_lookup_steps'] = pct['count']
         # What the step's lookups read: an untrained model's tokens match few f-grams.
-        r[key + '_lookup_rows_per_step'] = float(np.mean(np.concatenate(rows_read)))
-      if gen.table.storage != 'ram':
+        read = np.concatenate(rows_read)
+        r[key + '_lookup_rows_per_step'] = float(read.mean()) if read.size else None
+      if gen.table.device_rows is None:  # a host lookup (ram, mmap, tensorstore)
         r.update(_direct_lookups(gen.table, b, cache, rounds, export_dir))
+        _track_rss(rss)
       tag = f'_{storage}_{cache}_b{b}_'
       log(f'{storage} b{b} {cache}: ' + ', '.join(
           f'{k.replace(tag, "_")}={v:.3g}' for k, v in r.items()
