@@ -388,7 +388,7 @@ class Table:
     if self.device_rows is not None:
       out[...] = np.asarray(self._device_gather(self.operand, ids))
     elif self._rows is not None:
-      gather = (functools.partial(row_reads.gather_concurrent, gather_rows_kernel)
+      gather = (functools.partial(row_reads.gather_mapped, gather_rows_kernel)
                 if concurrent else gather_rows_kernel)
       if self.quantized:
         q = np.empty((ids.size, self.dim), np.int8)

@@ -27,13 +27,21 @@ def rows_SxD():
   return np.random.default_rng(0).standard_normal((S, D)).astype(np.float16)
 
 
+def _save_synced(path, arr):
+  """np.save, flushed to disk: a dirty page cannot be dropped from the page cache."""
+  np.save(path, arr)
+  fd = os.open(path, os.O_RDONLY)
+  os.fsync(fd)
+  os.close(fd)
+
+
 def _tables(tmp_path, rows_SxD):
   """The same rows as an mmap table, an int8 mmap table and a tensorstore table."""
   npy = str(tmp_path / 'rows.npy')
-  np.save(npy, table_lib.as_bits(rows_SxD))
+  _save_synced(npy, table_lib.as_bits(rows_SxD))
   mapped = np.asarray(np.load(npy, mmap_mode='r')).view(np.float16)
   q, scales = table_lib.quantize_rows(rows_SxD)
-  np.save(str(tmp_path / 'q.npy'), q)
+  _save_synced(str(tmp_path / 'q.npy'), q)
   layout = table_lib.make_layout(S, D, 'float16', rows_per_chunk=64, chunks_per_shard=4)
   store = table_lib.open_table(str(tmp_path / 'table'), layout, create=True)
   store[:].write(rows_SxD).result()
@@ -54,6 +62,7 @@ def test_concurrent_lookups_equal_sequential_ones(tmp_path, rows_SxD):
       table.lookup_concurrent = False
       want = table.lookup(ids)
       table.lookup_concurrent = True
+      table.drop_cache()  # the rows come from disk: mmap's thread pool copies them
       got = table.lookup(ids)
       assert got.dtype == want.dtype and got.shape == (n, D), name
       np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=name)
@@ -130,3 +139,26 @@ def test_loaded_fgram_set_is_mapped_and_passes_release_its_pages(tmp_path):
   in_ram = fgrams.FGramSet.load(path, mmap_arrays=False)
   assert row_reads.mapping_of(in_ram.tokens_padded)[0] is None
   assert in_ram.fingerprint == fs.fingerprint
+
+
+def test_mapped_lookups_copy_resident_rows_and_pool_the_others(tmp_path, rows_SxD):
+  table = _tables(tmp_path, rows_SxD)['mmap']
+  bits = table_lib.as_bits(table.array)
+  ids = np.array([10, 3000, 5999, 10], np.int64)
+  out = np.zeros((4, D), np.uint16)
+  missing = np.zeros(4, np.int64)
+  vec = np.zeros(4, np.uint8)
+  table.drop_cache()
+  assert row_reads.copy_resident(bits, ids, out, missing, vec) == 4  # none in memory
+  assert not out.any()
+  np.testing.assert_array_equal(table.lookup(ids), rows_SxD[ids])  # reads them
+  assert row_reads.copy_resident(bits, ids, out, missing, vec) == 0
+  np.testing.assert_array_equal(out.view(np.float16), rows_SxD[ids])
+  # One row missing among resident ones (MADV_RANDOM: a fault reads its own page only).
+  table.drop_cache()
+  table.lookup([10, 3000])
+  one = np.array([10, 5999, 3000], np.int64)
+  assert row_reads.copy_resident(bits, one, out[:3], missing, vec) == 1
+  table.drop_cache()
+  table.lookup([10, 3000])
+  np.testing.assert_array_equal(table.lookup(one), rows_SxD[one])
