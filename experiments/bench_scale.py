@@ -21,15 +21,23 @@ writes its result under `--out`/units/, so a re-run skips what a previous run fi
    same run, a float32 matmul's FLOP/s on this CPU (jax, model-shaped and square), and the
    export's rows/s as a fraction of the FLOP-bound rows/s of the f-gram model
    (`flops.fgram_forward_flops_per_position` x K per row, as the export runs it).
-3. Serving stage 2's largest export (`--serve_rows`) from disk, `--storages` mmap and
-   tensorstore, `--batches`: SCONE tokens/s and SCONE / baseline ratio (same main model
-   without the table, interleaved rounds, medians), page cache dropped before each round
-   (cold) or not (warm). A skeleton: the per-step lookup p50 / p99 are null until serving's
-   lookup is timed, and mmap's own mapping keeps its pages across a "cold" round.
-4. The 1B-row, d=2048 case (olmo1b.py's 1.8B f-gram model) projected from stages 1-2:
+3. Serving an export from disk (`--serve_rows`: stage 2's export of that many rows, or with
+   `--serve_table=synthetic` an export of that many rows built in the export's exact format
+   from stage 2's largest export and stage 1's set of that many f-grams, rows cheap to make:
+   experiments/scale_table.py; the disk it needs is checked first), `--storages` mmap and
+   tensorstore (ram where it fits), `--batches`: SCONE tokens/s and SCONE / baseline ratio
+   (same main model without the table, interleaved rounds, medians) with the page cache cold
+   (the table's files fadvise'd, serving's mapping released, a tensorstore reopened with an
+   empty cache before each SCONE round) or warm; the per-step lookup p50 / p99 (the Table's
+   lookup timer, decode steps only); concurrent per-row reads against sequential ones in the
+   same rounds (`..._sequential_...` keys); the serving process's RSS split (RssAnon /
+   RssFile) and the tensorstore cache bound. Prompts are matched with the step's matcher
+   arrays (`StepMatcherSet`): serving's host matcher table does not fit beside the rest at
+   100M f-grams on this host.
+4. The 1B-row, d=2048 case (olmo1b.py's 1.8B f-gram model) projected from stages 1-3:
    table and disk bytes per dtype, matcher host RAM and build time, export hours per host
-   count; each figure lists the measured input it scales (`projection_1b`). A skeleton: the
-   per-token lookup times (cold / warm page cache) wait for stage 3's lookup timer.
+   count, the per-token lookup at batch 16 cold and warm (stage 3's step p50 / 16); each
+   figure lists the measured input it scales (`projection_1b`).
 
   python -m experiments.bench_scale --out=runs/bench_scale --stages=1,2 \
       --sizes=1000000,10000000 --export_rows=250000,1000000
@@ -41,9 +49,16 @@ command after any interruption):
       --sizes=1000000,10000000,100000000 --export_rows=10000000,100000000 \
       --host_note="quiet host" > bench_scale.log 2>&1 &
 
+Serving a synthetic 100M-row table (25.6 GB, plus 25.6 GB for mmap's copy) on a host with
+less memory than that, after stages 1 (at 100M) and 2 (at a smaller size) have run:
+  nohup python -m experiments.bench_scale --out=/data/bench_scale --stages=3,4 \
+      --sizes=1000000,10000000,100000000 --export_rows=2000000 --serve_rows=100000000 \
+      --serve_table=synthetic --host_note="quiet host" >> bench_scale.log 2>&1 &
+
 Progress goes to stdout; the last line is one JSON object with every unit's results.
 """
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -506,7 +521,7 @@ def _timed(fn):
 
 def _drop_page_cache(directory):
   """posix_fadvise(DONTNEED) on every file under directory: the next reads go to disk
-  (pages a process still maps stay; serving's own mapping is not dropped by this)."""
+  (pages a process still maps stay: `Table.drop_cache` releases serving's own first)."""
   for root, _, files in os.walk(directory):
     for name in files:
       fd = os.open(os.path.join(root, name), os.O_RDONLY)
@@ -516,53 +531,228 @@ def _drop_page_cache(directory):
         os.close(fd)
 
 
-def unit_serve(out, rows, storage, batches, new_tokens, rounds):
-  """Decode from stage 2's export of `rows` rows with the table in `storage` (mmap or
-  tensorstore: read from disk by the step's host lookup) against the same main model
-  without the table, page cache dropped before each round (cold) or not (warm): tokens/s
-  and SCONE / baseline ratios, medians of `rounds` interleaved rounds. A skeleton of issue
-  27's stage 3: the per-step lookup p50 / p99 need a timer inside serving's lookup, not
-  here yet, and a table bigger than RAM is not served on this host."""
+def _serve_dir(out, rows, table_kind):
+  """The export stage 3 serves: stage 2's real one, or the synthetic one it builds."""
+  if table_kind == 'synthetic':
+    return os.path.join(out, 'stage3', f'synthetic_{rows}', 'export')
+  return os.path.join(_stage2_dir(out, rows), 'export')
+
+
+class StepMatcherSet:
+  """An f-gram set whose `match` (what serving matches prompts with) runs the decode step's
+  own matcher arrays (device_match, ~39 B per f-gram, already built by the Generator) over
+  every prefix of the prompt, instead of the set's host hash table, which serving builds on
+  the first prompt: ~170 B per f-gram at 100M synthetic f-grams (17 GB), more than this
+  host holds beside the rest. Same ids (device_match equals the host matcher)."""
+
+  def __init__(self, fgram_set, matcher):
+    import jax  # pylint: disable=g-import-not-at-top
+    self.fgram_set = fgram_set
+    self.max_len = fgram_set.max_len
+    self._matcher = jax.tree.map(np.asarray, matcher)
+
+  def __len__(self):
+    return len(self.fgram_set)
+
+  def match(self, tokens):
+    from scone_jax import device_match  # pylint: disable=g-import-not-at-top
+    p = np.asarray(tokens, np.int64).reshape(-1)
+    k = self.max_len
+    padded = np.concatenate([np.zeros(k - 1, np.int64), p]).astype(np.int32)
+    ctx_PxK = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(padded, k))
+    doc_len_P = np.arange(1, p.size + 1, dtype=np.int32)
+    ids = np.asarray(device_match.match_last(self._matcher, ctx_PxK, doc_len_P), np.int32)
+    return ids, np.where(ids >= 0, np.asarray(self.fgram_set.lengths)[np.maximum(ids, 0)], 1)
+
+
+def _rss():
+  st = _proc_status(os.getpid())
+  return st.get('RssAnon', 0.0), st.get('RssFile', 0.0)
+
+
+def _track_rss(rss):
+  anon, file_ = _rss()
+  rss['anon_max'], rss['file_max'] = max(rss['anon_max'], anon), max(rss['file_max'], file_)
+
+
+def _timed_generate(g, prompts, kw):
+  g.generate(prompts, **kw)
+  return g.last_stats['tokens'] / g.last_stats['decode_s']
+
+
+def _serve_rounds(gen, base, prompts, b, cache, rounds, kw, export_dir, rss):
+  """Interleaved rounds of SCONE (concurrent lookups, and sequential ones where B > 1 on
+  disk storage) and the baseline -> {mode: (tokens/s per round, lookup s per step)}."""
+  modes = [('scone', True)]
+  if b > 1 and gen.table.storage in ('mmap', 'tensorstore'):
+    modes.append(('sequential', False))
+  got = {name: ([], [], []) for name, _ in modes + [('baseline', None)]}
+  for i in range(rounds):
+    order = modes + [('baseline', None)]
+    order = order[i % len(order):] + order[:i % len(order)]  # each mode leads in turn
+    for name, concurrent in order:
+      if name == 'baseline':
+        got[name][0].append(_timed_generate(base, prompts, kw))
+        continue
+      gen.table.lookup_concurrent = concurrent
+      if cache == 'cold':
+        gen.table.drop_cache()  # the process's mapping / tensorstore cache
+        _drop_page_cache(export_dir)
+      gen.table.lookup_times.reset()
+      got[name][0].append(_timed_generate(gen, prompts, kw))
+      got[name][1].append(gen.table.lookup_times.seconds(num_ids=b))  # decode steps only
+      got[name][2].append(gen.table.lookup_times.rows(num_ids=b))
+      _track_rss(rss)
+  gen.table.lookup_concurrent = True
+  return got
+
+
+DIRECT_STEPS = 64  # host lookups of B matched rows per round in `_direct_lookups`
+
+
+def _direct_lookups(table, b, cache, rounds, export_dir, steps=DIRECT_STEPS) -> dict:
+  """The step's host lookup (`export_reader.host_gather`) called directly with B matched
+  ids per step (ids skewed to the frequent f-grams like the stream's, floor(S u^3)), `steps`
+  per round, concurrent and sequential reads interleaved, caches dropped before each round
+  (cold) or not: the lookup of a step whose B positions all match, which decoding from an
+  untrained model rarely reaches -> lookup_<storage>_<cache>_b<B>[_sequential]_p50_ms / _p99_ms."""
+  from scone_jax import export_reader  # pylint: disable=g-import-not-at-top
+  from scone_jax import row_reads  # pylint: disable=g-import-not-at-top
+  modes = [('', True)] + ([('_sequential', False)] if b > 1 else [])
+  got = {name: [] for name, _ in modes}
+  for i in range(rounds):
+    rng = np.random.default_rng(1000 + i)
+    ids = (rng.random((steps, b)) ** 3 * table.num_rows).astype(np.int64)
+    for name, concurrent in modes[i % len(modes):] + modes[:i % len(modes)]:
+      table.lookup_concurrent = concurrent
+      if cache == 'cold':
+        table.drop_cache()
+        _drop_page_cache(export_dir)
+      table.lookup_times.reset()
+      for step in range(steps):
+        export_reader.host_gather(table, ids[step])
+      got[name].append(table.lookup_times.seconds(num_ids=b))
+  table.lookup_concurrent = True
+  r = {}
+  for name, secs in got.items():
+    pct = row_reads.percentiles_ms(np.concatenate(secs))
+    key = f'lookup_{table.storage}_{cache}_b{b}{name}'
+    r[key + '_p50_ms'], r[key + '_p99_ms'] = pct['p50_ms'], pct['p99_ms']
+  return r
+
+
+def unit_serve(out, rows, storage, batches, new_tokens, rounds, table_kind='real'):
+  """Decode from an export of `rows` rows (stage 2's, or the synthetic one) with the table in
+  `storage` against the same main model without the table: page cache dropped before each
+  SCONE round (cold: the table's files fadvise'd, the process's mapping released, a
+  tensorstore reopened with an empty cache) or not (warm). Tokens/s and SCONE / baseline
+  ratios (medians of `rounds` interleaved rounds), the per-step lookup p50 / p99 (the
+  Table's lookup timer, decode steps only), concurrent per-row reads against sequential
+  ones in the same rounds, and the process's RSS split (anonymous vs file pages)."""
   import statistics  # pylint: disable=g-import-not-at-top
-  from scone_jax import fgrams  # pylint: disable=g-import-not-at-top
+  from scone_jax import row_reads  # pylint: disable=g-import-not-at-top
   from scone_jax import serving  # pylint: disable=g-import-not-at-top
-  export_dir = os.path.join(_stage2_dir(out, rows), 'export')
+  export_dir = _serve_dir(out, rows, table_kind)
   t0 = time.time()
   gen = serving.load(export_dir, table_storage=storage)
-  r = {'load_s': time.time() - t0, 'storage': storage, 'rows': rows}
+  r = {'load_s': time.time() - t0, 'storage': storage, 'rows': rows,
+       'serve_table_content': table_kind, 'lookup_pool_threads': row_reads.POOL_THREADS,
+       'tensorstore_cache_bytes': gen.table.cache_bytes if storage == 'tensorstore' else None}
+  r['rss_anon_after_load_mb'], r['rss_file_after_load_mb'] = _rss()
+  fs = gen.fgram_set
+  gen.fgram_set = StepMatcherSet(fs, gen.matcher)
   base = serving.Generator(gen.config, gen.params, None, None, use_table=False,
                            seq_len=gen.seq_len, max_len=gen.max_len)
-  fs = fgrams.FGramSet.load(os.path.join(export_dir, 'fgrams.npz'))
   stream = token_stream(fs, 64 * 32, seed=3)
   kw = dict(max_new_tokens=new_tokens, stop_tokens=())
+  gen.table.drop_cache()  # what loading read (the mmap copy's verification) is not kept
+  rss = {'anon_max': 0.0, 'file_max': 0.0}
   for b in batches:
     prompts = stream[:b * 32].reshape(b, 32).tolist()  # prompts made of the set's f-grams
     gen.generate(prompts, **kw)  # compile
     base.generate(prompts, **kw)
+    if 'rss_anon_after_compile_mb' not in r:
+      r['rss_anon_after_compile_mb'] = _rss()[0]
     for cache in ('cold', 'warm'):
-      rates = {'scone': [], 'baseline': []}
-      for i in range(rounds):
-        for name, g in (('scone', gen), ('baseline', base))[::1 if i % 2 else -1]:
-          if cache == 'cold' and name == 'scone':
-            _drop_page_cache(export_dir)
-          g.generate(prompts, **kw)
-          rates[name].append(g.last_stats['tokens'] / g.last_stats['decode_s'])
-      key = f'decode_{storage}_{cache}_b{b}'
-      r[key + '_tokens_per_s'] = statistics.median(rates['scone'])
-      r[key + '_ratio'] = statistics.median(s / q for s, q in zip(rates['scone'],
-                                                                  rates['baseline']))
-      r[key + '_lookup_p50_ms'] = r[key + '_lookup_p99_ms'] = None  # not instrumented yet
+      got = _serve_rounds(gen, base, prompts, b, cache, rounds, kw, export_dir, rss)
+      for name, (rates, steps, rows_read) in got.items():
+        if name == 'baseline':
+          continue
+        key = f'decode_{storage}_{cache}_b{b}' + ('_sequential' if name == 'sequential' else '')
+        r[key + '_tokens_per_s'] = statistics.median(rates)
+        r[key + '_ratio'] = statistics.median(
+            s / q for s, q in zip(rates, got['baseline'][0]))
+        pct = row_reads.percentiles_ms(np.concatenate(steps))
+        r[key + '_lookup_p50_ms'], r[key + '_lookup_p99_ms'] = pct['p50_ms'], pct['p99_ms']
+        r[key + '_lookup_steps'] = pct['count']
+        # What the step's lookups read: an untrained model's tokens match few f-grams.
+        read = np.concatenate(rows_read)
+        r[key + '_lookup_rows_per_step'] = float(read.mean()) if read.size else None
+      if gen.table.device_rows is None:  # a host lookup (ram, mmap, tensorstore)
+        r.update(_direct_lookups(gen.table, b, cache, rounds, export_dir))
+        _track_rss(rss)
+      tag = f'_{storage}_{cache}_b{b}_'
+      log(f'{storage} b{b} {cache}: ' + ', '.join(
+          f'{k.replace(tag, "_")}={v:.3g}' for k, v in r.items()
+          if tag in k and isinstance(v, float)))
+  r['rss_anon_max_mb'], r['rss_file_max_mb'] = rss['anon_max'], rss['file_max']
   r['peak_rss_mb'] = peak_rss_mb()
   return r
 
 
-def stage3(out, rows, storages, batches, new_tokens, rounds):
+def unit_synthetic_table(out, rows, source_rows, rows_per_chunk):
+  """Stage 3's synthetic export of `rows` rows (experiments/scale_table.py) from stage 2's
+  export of `source_rows` rows and stage 1's set of `rows` f-grams."""
+  from experiments import scale_table  # pylint: disable=g-import-not-at-top
+  r = scale_table.build(os.path.join(_stage2_dir(out, source_rows), 'export'),
+                        _set_path(out, rows), _serve_dir(out, rows, 'synthetic'),
+                        rows_per_chunk=rows_per_chunk, chunks_per_shard=_CHUNKS_PER_SHARD[0])
+  r['peak_rss_mb'] = peak_rss_mb()
+  return r
+
+
+def _check_disk(out, rows, storages, table_kind, source_rows):
+  """Refuses (one line, exit) when the table (synthetic) and the mmap storage's copy of it do
+  not fit in the free space under `out`."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from experiments import scale_table  # pylint: disable=g-import-not-at-top
+  src = _serve_dir(out, source_rows if table_kind == 'synthetic' else rows, 'real')
+  with open(os.path.join(src, 'export.json'), encoding='utf-8') as f:
+    layout = json.load(f)['layout']
+  dest = _serve_dir(out, rows, table_kind)
+  # A real export's table is there already: only the mmap copy can be new.
+  need = scale_table.bytes_needed(rows, layout['dim'], layout['dtype'], dest,
+                                  with_mmap_copy='mmap' in storages)
+  free = shutil.disk_usage(out).free
+  margin = 2 << 30
+  if need + margin > free:
+    sys.exit(f'bench_scale: stage 3 needs {need / 1e9:.1f} GB more disk under {out} (+2 GB '
+             f'margin) but {free / 1e9:.1f} GB are free; free some, serve fewer rows or drop '
+             'mmap from --storages.')
+  return {'disk_needed_bytes': need, 'disk_free_bytes': free}
+
+
+def stage3(out, rows, storages, batches, new_tokens, rounds, table_kind='real', source_rows=0,
+           rows_per_chunk=0):
   res = {}
+  r = {'serving_rows': rows, 'serve_table_content': table_kind}
+  if table_kind == 'synthetic':
+    run_unit(out, 'set_build', rows)  # stage 1's set of `rows` f-grams (skipped when done)
+    r['serve_disk'] = _check_disk(out, rows, storages, table_kind, source_rows)
+    r['synthetic_table'] = run_unit(out, 'synthetic_table', rows, source_rows, rows_per_chunk)
+  else:
+    r['serve_disk'] = _check_disk(out, rows, storages, table_kind, rows)
   for storage in storages:
-    u = run_unit(out, 'serve', f'{rows}_{storage}', rows, storage, batches, new_tokens, rounds)
-    res.update({k: v for k, v in u.items() if k.startswith('decode_')})
+    tag = f'{rows}_{storage}' + ('_synthetic' if table_kind == 'synthetic' else '')
+    u = run_unit(out, 'serve', tag, rows, storage, batches, new_tokens, rounds, table_kind)
+    res.update({k: v for k, v in u.items() if k.startswith(('decode_', 'lookup_'))})
     res[f'serve_{storage}_peak_rss_mb'] = u['peak_rss_mb']
-  return {'serving': res, 'serving_rows': rows}
+    for k in ('load_s', 'rss_anon_after_load_mb', 'rss_file_after_load_mb',
+              'rss_anon_after_compile_mb', 'rss_anon_max_mb', 'rss_file_max_mb',
+              'tensorstore_cache_bytes'):
+      res[f'serve_{storage}_{k}'] = u.get(k)
+  r['serving'] = res
+  return r
 
 
 # ----------------------------------------------------------------------------- stage 4
@@ -574,8 +764,8 @@ PROJECT_CHIP, PROJECT_CHIPS_PER_HOST = 'TPU v5p', 4
 
 
 def stage4(result, hosts=(1, 4, 16)):
-  """The 1B-row case projected from what stages 1-2 measured (a skeleton: the per-token
-  lookup times wait for stage 3). Each figure names the measured input it scales."""
+  """The 1B-row case projected from what stages 1-3 measured. Each figure names the
+  measured input it scales."""
   from experiments import configs  # pylint: disable=g-import-not-at-top
   from scone_jax import flops  # pylint: disable=g-import-not-at-top
   from scone_jax import model as model_lib  # pylint: disable=g-import-not-at-top
@@ -612,15 +802,49 @@ def stage4(result, hosts=(1, 4, 16)):
     p['measured'].append(f'export at {frac:.0%} of the FLOP bound (stage 2, this CPU)')
     p['projected'] += [f'export_* ({PROJECT_CHIPS_PER_HOST} x {PROJECT_CHIP} per host at '
                        f'{chip / 1e12:.0f} TFLOP/s peak, the same fraction of it)']
-  p['lookup_ms_per_token_b16'] = {'cold': None, 'warm': None}
-  p['projected'].append('lookup_ms_per_token_b16: not yet (stage 3 measures it)')
+  p.update(_lookup_projection(result))
+  if p['lookup_b16'] is None:
+    p['projected'].append('lookup_ms_per_token_b16: none (stage 3 did not run at batch 16)')
+  else:
+    p['measured'].append(p['lookup_b16']['measured_input'])
   return {'projection_1b': p}
+
+
+def _lookup_projection(result, batch=16):
+  """lookup_ms_per_token_b16 {'cold', 'warm'}: stage 3's per-step lookup p50 at batch 16
+  divided by the 16 tokens of a step (mmap storage if served, else tensorstore; the direct
+  lookups of 16 matched rows a step if measured, else the decode steps'), with the step
+  p50 / p99 and the key each comes from in `lookup_b16`. Measured at d=128 on this
+  host: a row there is 256 B (in one 4 KB page); at d=2048 float16 a row is 4 KB, one page
+  too, so a cold read is one page read per row either way."""
+  serving = result.get('serving') or {}
+  # The direct lookups (every position matched) where measured, else the decode steps'.
+  for storage, form in itertools.product(('mmap', 'tensorstore', 'ram'),
+                                         ('lookup_{}_{}_b{}', 'decode_{}_{}_b{}_lookup')):
+    keys = {c: form.format(storage, c, batch) for c in ('cold', 'warm')}
+    if all(serving.get(k + '_p50_ms') is not None for k in keys.values()):
+      break
+  else:
+    return {'lookup_ms_per_token_b16': {'cold': None, 'warm': None}, 'lookup_b16': None}
+  detail = {'storage': storage, 'rows': result.get('serving_rows'),
+            'table_content': result.get('serve_table_content'),
+            'measured_input': f'{keys["cold"]}_p50_ms / _p99_ms and {keys["warm"]}_p50_ms / '
+                              f'_p99_ms at {result.get("serving_rows")} rows '
+                              f'({result.get("serve_table_content")} table, d=128, stage 3)'}
+  for c, k in keys.items():
+    detail[f'{c}_step_p50_ms'] = serving[k + '_p50_ms']
+    detail[f'{c}_step_p99_ms'] = serving[k + '_p99_ms']
+    detail[f'{c}_per_token_p99_ms'] = serving[k + '_p99_ms'] / batch
+  return {'lookup_ms_per_token_b16': {c: serving[k + '_p50_ms'] / batch
+                                      for c, k in keys.items()},
+          'lookup_b16': detail}
 
 
 # ----------------------------------------------------------------------------- driver
 
 UNITS = {'set_build': unit_set_build, 'set_load_match': unit_set_load_match,
          'serve': lambda out, _name, *a: unit_serve(out, *a),
+         'synthetic_table': unit_synthetic_table,
          'tokenizer': unit_tokenizer, 'export_setup': unit_export_setup,
          'export': unit_export, 'export_kill': unit_export_kill,
          'matmul_flops': unit_matmul_flops}
@@ -727,6 +951,12 @@ def main():
                  help='stage 2: export.chunks_per_shard (0: ~64 MiB shard files)')
   p.add_argument('--serve_rows', type=int, default=0,
                  help='stage 3: the export to serve (0: the largest of --export_rows)')
+  p.add_argument('--serve_table', default='real', choices=('real', 'synthetic'),
+                 help='stage 3: serve stage 2\'s export of --serve_rows rows (real), or build '
+                      'a synthetic export of --serve_rows rows in the same format from the '
+                      'largest of --export_rows and stage 1\'s set of that many f-grams')
+  p.add_argument('--serve_rows_per_chunk', type=int, default=0,
+                 help='stage 3, synthetic: rows per read chunk (0: the real export\'s)')
   p.add_argument('--storages', default='mmap,tensorstore', help='stage 3')
   p.add_argument('--batches', default='1,16,64', help='stage 3')
   p.add_argument('--new_tokens', type=int, default=32, help='stage 3: tokens per round')
@@ -754,7 +984,7 @@ def main():
   if 3 in stages:
     result.update(stage3(args.out, args.serve_rows or max(sizes), args.storages.split(','),
                          [int(b) for b in args.batches.split(',')], args.new_tokens,
-                         args.rounds))
+                         args.rounds, args.serve_table, max(sizes), args.serve_rows_per_chunk))
   if 4 in stages:
     result.update(stage4(result))
   result['load_average_end'] = os.getloadavg()

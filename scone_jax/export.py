@@ -225,7 +225,7 @@ def choose_fgram_set(cfg, workdir: str, run: artifacts.RunArtifacts,
                 'tokenizer_fingerprint': request.get('tokenizer_fingerprint'),
                 'corpus': request.get('corpus'), 'min_count': request.get('min_count')}]
   trained_k = int(cfg.fgrams.max_len)
-  longer = int(np.sum(chosen.lengths > trained_k))
+  longer = _count_longer(chosen, trained_k)
   if longer:
     logging.info('export: %d of %d f-grams are longer than the %d tokens the f-gram model was '
                  'trained on; each is embedded from its last %d tokens', longer, len(chosen),
@@ -238,6 +238,16 @@ def choose_fgram_set(cfg, workdir: str, run: artifacts.RunArtifacts,
       'union': 'count summed over the sets' if len(sources) > 1 else None,
       'sources': sources,
   }
+
+
+def _count_longer(fgram_set, k: int, block: int = 1 << 20) -> int:
+  """F-grams longer than k, counted by blocks (no [S] temporary; a memory-mapped set's
+  pages are released as it goes)."""
+  n = 0
+  for lo in range(0, len(fgram_set), block):
+    n += int(np.count_nonzero(fgram_set.lengths[lo:lo + block] > k))
+    fgram_set.release_pages()
+  return n
 
 
 def _request(cfg, workdir, run, step, layout, fgram_record) -> dict:
@@ -443,6 +453,8 @@ def _write_rows(trainer, fgram_set, layout, table_dir, partial_dir, request,
         'sha256': digest, 'bytes': paths.getsize(layout.shard_file(table_dir, s))}
     # Recorded only once the shard is on disk: a crash before this redoes the shard.
     write_json_atomic(_progress_path(partial_dir, pid), progress)
+    # A memory-mapped set keeps none of the rows read so far: memory stays flat in S.
+    fgram_set.release_pages()
     lo, hi = layout.shard_range(s)
     written += hi - lo
 

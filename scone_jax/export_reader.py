@@ -164,7 +164,10 @@ def host_gather(table: Table, fid_B: np.ndarray) -> np.ndarray:
   matched = fid_B >= 0
   if matched.any():
     rows[matched] = table.lookup(fid_B[matched])
-  table.host_lookup_seconds += time.perf_counter() - t0
+  seconds = time.perf_counter() - t0
+  table.host_lookup_seconds += seconds
+  # A decode step asks for B ids, a prefill for B x width; only the matched ones are read.
+  table.lookup_times.record(seconds, fid_B.size, int(np.count_nonzero(matched)))
   return rows
 
 
@@ -374,7 +377,8 @@ def _read_table(export_dir, meta, layout, table_storage, table_dtype, *, cache_r
     return Table(rows, storage='mmap', scales=scales)
   if verify:
     table_lib.read_shards(store, meta, verify=True, what=table_dir)
-  return Table(store=store, storage='tensorstore', table_dtype=table_dtype)
+  return Table(store=store, storage='tensorstore', table_dtype=table_dtype,
+               cache_bytes=cache_bytes)
 
 
 def read(export_dir: str, table_storage: str = DEFAULT_STORAGE, *, cache_rows: int = 1 << 16,

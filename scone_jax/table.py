@@ -20,8 +20,10 @@ depend on that row alone, so every storage (including rows quantized as they are
 tensorstore) gives the same numbers.
 """
 import dataclasses
+import functools
 import hashlib
 import logging
+import mmap
 import os
 import time
 from typing import Optional
@@ -32,6 +34,7 @@ import numpy as np
 import tensorstore as ts
 
 from scone_jax import paths
+from scone_jax import row_reads
 
 FORMAT_VERSION = 1
 PARTIAL_SUFFIX = '.partial'
@@ -282,11 +285,20 @@ class Table:
   An int8 table also has `scales` [S] (float32; numpy, or a jax array beside device_rows) and
   its lookups return float32 rows q * scale (`row_dtype`). A tensorstore table stays as the
   export wrote it on disk; `table_dtype` converts each row as it is read (the same numbers
-  as a table converted at load)."""
+  as a table converted at load).
+
+  A lookup of several rows from disk (mmap, tensorstore) reads them concurrently
+  (`row_reads`) unless `lookup_concurrent` is False; the bits are the same either way.
+  `lookup_times` keeps the duration of the latest host lookups from a compiled step.
+  cache_bytes: a tensorstore table's cache bound (its cache pool), kept to reopen it."""
+
+  # Concurrent per-row reads for a lookup of several rows of an mmap or tensorstore table
+  # (False: one gather / one read of all rows, as before); a benchmark flips it per table.
+  lookup_concurrent = True
 
   def __init__(self, rows_SxD: Optional[np.ndarray] = None, *, store=None, storage='ram',
                device_rows=None, device_gather=None, scales=None,
-               table_dtype: Optional[str] = None):
+               table_dtype: Optional[str] = None, cache_bytes: int = 0):
     if sum(x is not None for x in (rows_SxD, store, device_rows)) != 1:
       raise ValueError('pass exactly one of rows_SxD (ram/mmap), store (tensorstore) or '
                        'device_rows (device/host).')
@@ -299,6 +311,8 @@ class Table:
     # Seconds spent in host lookups from a compiled step (serving.host_gather): the server's
     # table-lookup metric. Device/host storages gather inside the step and add nothing here.
     self.host_lookup_seconds = 0.0
+    self.lookup_times = row_reads.LookupTimes()
+    self.cache_bytes = int(cache_bytes)
     self._convert_on_read = None
     if device_rows is not None:
       self.num_rows, self.dim = (int(x) for x in device_rows.shape)
@@ -322,6 +336,9 @@ class Table:
                        'them.')
     if scales is not None and tuple(scales.shape) != (self.num_rows,):
       raise ValueError(f'scales have shape {tuple(scales.shape)}; expected [{self.num_rows}].')
+    if storage == 'mmap' and rows_SxD is not None:
+      # Lookups read scattered rows: a fault reads its page, not a readahead window around it.
+      row_reads.advise(rows_SxD, mmap.MADV_RANDOM)
 
   @property
   def quantized(self) -> bool:
@@ -366,25 +383,42 @@ class Table:
     if lo < 0 or hi >= self.num_rows:
       raise IndexError(f'f-gram ids in [{lo}, {hi}] are outside the table of {self.num_rows} '
                        'rows.')
+    concurrent = (self.lookup_concurrent and ids.size > 1
+                  and self.storage in ('mmap', 'tensorstore'))
     if self.device_rows is not None:
       out[...] = np.asarray(self._device_gather(self.operand, ids))
     elif self._rows is not None:
+      gather = (functools.partial(row_reads.gather_mapped, gather_rows_kernel)
+                if concurrent else gather_rows_kernel)
       if self.quantized:
         q = np.empty((ids.size, self.dim), np.int8)
-        gather_rows_kernel(self._rows_bits, ids, as_bits(q))
+        gather(self._rows_bits, ids, as_bits(q))
         out[...] = dequantize_rows(q, np.asarray(self.scales)[ids])
       else:
-        gather_rows_kernel(self._rows_bits, ids, as_bits(out))
+        gather(self._rows_bits, ids, as_bits(out))
     else:
-      # One read of the distinct rows: tensorstore fetches each chunk once through its cache.
+      # The distinct rows: tensorstore fetches each chunk once through its cache.
       uniq, inverse = np.unique(ids, return_inverse=True)
-      rows = self._store[uniq].read().result()
+      rows = (row_reads.read_rows_concurrent(self._store, uniq) if concurrent
+              else self._store[uniq].read().result())
       if self._convert_on_read is not None:
         rows, scales = convert_rows(rows, self._convert_on_read)
         if scales is not None:
           rows = dequantize_rows(rows, scales)
       np.take(rows, inverse.reshape(-1), axis=0, out=out)
     return out
+
+  def drop_cache(self):
+    """Forgets what this process holds of a table on disk, so the next lookups read the
+    disk once the page cache is dropped too: an mmap table's mapped pages are released
+    (and its files' page cache dropped), a tensorstore table is reopened with an empty
+    cache of the same bound. Nothing for tables in memory."""
+    if self.storage == 'mmap':
+      for arr in (self._rows, self.scales):
+        if arr is not None and row_reads.release_pages(arr):
+          row_reads.drop_file_cache(row_reads.mapping_of(arr)[1])
+    elif self._store is not None:
+      self._store = row_reads.reopen_store(self._store, self.cache_bytes)
 
 
 def read_shards(store, meta, *, into=None, verify=True, what=''):

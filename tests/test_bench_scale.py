@@ -74,12 +74,39 @@ def test_stage2_small_export_killed_and_resumed(tmp_path):
   assert 1 <= k['shards_recorded_at_kill'] < k['shards']
   assert k['shards_recomputed'] <= 1
   assert k['same_checksums'] and k['table_sha256'] == e['table_sha256']
-  # Stage 3's skeleton serves that export from disk, cold and warm.
+  # Stage 3 serves that export from disk, cold and warm, concurrent and sequential lookups.
   _, r3 = _bench(tmp_path / 'bench', '--stages=3', '--export_rows=100000',
                  '--storages=mmap', '--batches=2', '--rounds=1', '--new_tokens=4')
+  s = r3['serving']
   for cache in ('cold', 'warm'):
-    assert r3['serving'][f'decode_mmap_{cache}_b2_tokens_per_s'] > 0
-    assert r3['serving'][f'decode_mmap_{cache}_b2_ratio'] > 0
+    for mode in ('', '_sequential'):
+      key = f'decode_mmap_{cache}_b2{mode}'
+      assert s[key + '_tokens_per_s'] > 0 and s[key + '_ratio'] > 0
+      assert 0 < s[key + '_lookup_p50_ms'] <= s[key + '_lookup_p99_ms']
+      assert s[key + '_lookup_steps'] == 3  # 4 new tokens: the prefill's + 3 decode steps
+      assert 0 <= s[key + '_lookup_rows_per_step'] <= 2
+      direct = f'lookup_mmap_{cache}_b2{mode}'
+      assert 0 < s[direct + '_p50_ms'] <= s[direct + '_p99_ms']
+  assert r3['serve_table_content'] == 'real'
+  assert s['serve_mmap_rss_anon_max_mb'] > 0 and s['serve_mmap_rss_file_max_mb'] > 0
+  # A synthetic export of 150k rows in the same format (from that export and stage 1's set
+  # of 150k f-grams), served through tensorstore; a second run finds it built.
+  args = ['--stages=3', '--export_rows=100000', '--serve_rows=150000',
+          '--serve_table=synthetic', '--storages=tensorstore', '--batches=2', '--rounds=1',
+          '--new_tokens=4']
+  _, r4 = _bench(tmp_path / 'bench', *args)
+  built = r4['synthetic_table']
+  assert built['rows'] == 150000 and not built['skipped'] and built['write_mb_per_s'] > 0
+  assert r4['serve_table_content'] == 'synthetic' and r4['serving_rows'] == 150000
+  s = r4['serving']
+  assert s['serve_tensorstore_tensorstore_cache_bytes'] > 0
+  for cache in ('cold', 'warm'):
+    assert s[f'decode_tensorstore_{cache}_b2_lookup_p99_ms'] > 0
+  meta = json.loads((tmp_path / 'bench' / 'stage3' / 'synthetic_150000' / 'export' /
+                     'export.json').read_text())
+  assert meta['synthetic_table']['content'] == 'synthetic-v1' and meta['num_fgrams'] == 150000
+  lines, _ = _bench(tmp_path / 'bench', *args)
+  assert any('synthetic_table_150000: done in an earlier run' in line for line in lines)
 
 
 def test_stage4_projects_from_the_measured_inputs():
@@ -100,6 +127,35 @@ def test_stage4_projects_from_the_measured_inputs():
   slower = bench.stage4(dict(measured, export_fraction_of_flop_bound=0.25))['projection_1b']
   assert slower['export_hours']['1'] == pytest.approx(2 * hours['1'])
   assert p['lookup_ms_per_token_b16'] == {'cold': None, 'warm': None}
+  # With stage 3 at batch 16: its lookup p50 per step over the 16 tokens of a step.
+  served = dict(measured, serving_rows=10**8, serve_table_content='synthetic', serving={
+      'decode_mmap_cold_b16_lookup_p50_ms': 1.6, 'decode_mmap_cold_b16_lookup_p99_ms': 3.2,
+      'decode_mmap_warm_b16_lookup_p50_ms': 0.08, 'decode_mmap_warm_b16_lookup_p99_ms': 0.16})
+  p = bench.stage4(served)['projection_1b']
+  assert p['lookup_ms_per_token_b16'] == pytest.approx({'cold': 0.1, 'warm': 0.005})
+  assert p['lookup_b16']['storage'] == 'mmap' and p['lookup_b16']['cold_step_p99_ms'] == 3.2
+  assert 'decode_mmap_cold_b16_lookup' in p['lookup_b16']['measured_input']
+  # The direct lookups (16 matched rows a step) come first where stage 3 measured them.
+  served['serving'].update({'lookup_mmap_cold_b16_p50_ms': 3.2, 'lookup_mmap_cold_b16_p99_ms': 6.4,
+                            'lookup_mmap_warm_b16_p50_ms': 0.16,
+                            'lookup_mmap_warm_b16_p99_ms': 0.32})
+  p = bench.stage4(served)['projection_1b']
+  assert p['lookup_ms_per_token_b16'] == pytest.approx({'cold': 0.2, 'warm': 0.01})
+  assert p['lookup_b16']['measured_input'].startswith('lookup_mmap_cold_b16')
   # Without stage 2 the export figures are absent, not guessed.
   assert 'export_hours' not in bench.stage4({'fgram_sets': measured['fgram_sets'],
                                              'matcher_fgrams': 10_000_000})['projection_1b']
+
+
+def test_synthetic_rows_are_finite_distinct_and_reproducible():
+  from experiments import scale_table  # pylint: disable=g-import-not-at-top
+  from scone_jax import table as table_lib  # pylint: disable=g-import-not-at-top
+  for dtype in (np.float16, np.float32, table_lib.np_dtype('bfloat16')):
+    block = scale_table.random_block(16, np.dtype(dtype))
+    rows = scale_table.synthetic_rows(block, 4000, 9000, np.dtype(dtype))
+    assert rows.dtype == dtype and rows.shape == (5000, 16)
+    assert np.isfinite(rows.astype(np.float32)).all()
+    # Rows 4096 apart share their block row but not their bits.
+    assert not np.array_equal(rows[0], rows[4096])
+    again = scale_table.synthetic_rows(block, 4100, 4200, np.dtype(dtype))
+    np.testing.assert_array_equal(again, rows[100:200])

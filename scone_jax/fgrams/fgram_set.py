@@ -8,8 +8,11 @@ the Beam pipeline in `fgrams_beam.py`) and keeps the first `num_fgrams`.
 compiled hash table of `kernels.py` (built lazily on first use, never saved).
 """
 import hashlib
+import mmap
 import os
+import struct
 import threading
+import zipfile
 import time
 from typing import Iterable, Optional, Sequence
 
@@ -23,7 +26,8 @@ FORMAT_VERSION = 1
 _MAGIC = 'scone_jax.FGramSet'
 _FINGERPRINT_TAG = b'scone_jax.fgrams'
 MAX_TOKEN = 2**31 - 1  # tokens are stored as int32
-_CHECK_BLOCK = 1 << 20  # rows validated at a time
+_CHECK_BLOCK = 1 << 20  # rows validated, hashed or written at a time
+_MMAP_MIN_BYTES = 1 << 20  # smaller .npz members are read, larger ones memory-mapped
 
 # ---------------------------------------------------------------------------
 # Ranking shared by `extract` and the Beam pipeline.
@@ -157,8 +161,9 @@ def union(sets: Sequence['FGramSet']) -> 'FGramSet':
                   counts_U, k)
 
 
-def _check_rows(rows_SxK, lengths_S, what, pad):
-  """Rows must hold `length` tokens >= 0 then only `pad`, with 2 <= length <= K."""
+def _check_rows(rows_SxK, lengths_S, what, pad, release=None):
+  """Rows must hold `length` tokens >= 0 then only `pad`, with 2 <= length <= K.
+  release(): called after each block (a memory-mapped set drops the pages it read)."""
   if not rows_SxK.size:
     return
   k = rows_SxK.shape[1]
@@ -170,9 +175,76 @@ def _check_rows(rows_SxK, lengths_S, what, pad):
     rows, lens = rows_SxK[lo:lo + _CHECK_BLOCK], lengths_S[lo:lo + _CHECK_BLOCK]
     inside = np.arange(k)[None, :] < lens[:, None]
     bad = np.flatnonzero(((rows < 0) & inside).any(1) | ((rows != pad) & ~inside).any(1))
+    if release is not None:
+      release()
     if bad.size:
       raise ValueError(f'{what}: row {lo + bad[0]} = {rows[bad[0]].tolist()} is not tokens '
                        f'>= 0 followed by padding {pad}.')
+
+
+# ---------------------------------------------------------------------------
+# The .npz file: streamed out, memory-mapped in.
+
+
+def _release(arr) -> None:
+  """madvise(DONTNEED) on the file mapping under arr, if it has one."""
+  a = arr
+  while a is not None and not isinstance(a, mmap.mmap):
+    a = getattr(a, 'base', None)
+  if a is not None and not a.closed:
+    a.madvise(mmap.MADV_DONTNEED)
+
+
+def _write_npz(f, arrays: dict, release) -> None:
+  """What np.savez writes (stored members `name.npy`), large arrays written by blocks of
+  rows with release() after each (a memory-mapped set's pages do not pile up)."""
+  fmt = np.lib.format
+  with zipfile.ZipFile(f, mode='w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    for name, arr in arrays.items():
+      with zf.open(name + '.npy', 'w', force_zip64=True) as out:
+        if arr.ndim == 0 or arr.nbytes < _MMAP_MIN_BYTES:
+          fmt.write_array(out, np.asanyarray(arr), allow_pickle=False)
+          continue
+        fmt.write_array_header_1_0(out, fmt.header_data_from_array_1_0(arr))
+        for lo in range(0, arr.shape[0], _CHECK_BLOCK):
+          block = np.ascontiguousarray(arr[lo:lo + _CHECK_BLOCK])
+          out.write(block.reshape(-1).view(np.uint8))
+          release()
+
+
+def _mapped_npz(path: str):
+  """{name: array} of an .npz whose members are all stored uncompressed: members of at least
+  _MMAP_MIN_BYTES memory-mapped at their offsets in the file, the others read; None when a
+  member is compressed or not a plain .npy (the caller reads the file whole)."""
+  fmt = np.lib.format
+  readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+  data = {}
+  if not zipfile.is_zipfile(path):
+    return None  # the whole read says what it is instead
+  with zipfile.ZipFile(path) as zf, open(path, 'rb') as f:
+    for info in zf.infolist():
+      if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith('.npy'):
+        return None
+      f.seek(info.header_offset)
+      local = f.read(30)
+      if len(local) < 30 or local[:4] != b'PK\x03\x04':
+        return None
+      name_len, extra_len = struct.unpack('<HH', local[26:30])
+      f.seek(info.header_offset + 30 + name_len + extra_len)
+      version = fmt.read_magic(f)
+      if version not in readers:
+        return None
+      shape, fortran, dtype = readers[version](f)
+      name = info.filename[:-4]
+      nbytes = int(np.prod(shape)) * dtype.itemsize
+      if dtype.hasobject or fortran:
+        return None
+      if nbytes < _MMAP_MIN_BYTES or not shape:
+        with zf.open(info.filename) as member:
+          data[name] = fmt.read_array(member, allow_pickle=False)
+      else:
+        data[name] = np.memmap(path, dtype=dtype, mode='r', offset=f.tell(), shape=shape)
+  return data
 
 
 # ---------------------------------------------------------------------------
@@ -271,12 +343,13 @@ class FGramSet:
       raise ValueError(f'FGramSet arrays disagree: tokens_padded {tokens_padded.shape}, '
                        f'lengths {lengths.shape}, counts {counts.shape}, max_len {max_len}; '
                        'expected [S, max_len], [S], [S].')
-    _check_rows(tokens_padded, lengths, 'tokens_padded (padding 0)', pad=0)
-    for a in (tokens_padded, lengths, counts):
-      a.flags.writeable = False
     self._tokens_padded = tokens_padded
     self._lengths = lengths
     self._counts = counts
+    _check_rows(tokens_padded, lengths, 'tokens_padded (padding 0)', pad=0,
+                release=self.release_pages)
+    for a in (tokens_padded, lengths, counts):
+      a.flags.writeable = False
     self._max_len = max_len
     self._fingerprint = None
     self._table = None
@@ -307,6 +380,7 @@ class FGramSet:
 
     Streamed to the file (a temporary beside it, renamed into place; on gs:// one upload,
     atomic by itself), never assembled in memory: at 100M f-grams that was 3.2 GB twice.
+    The members are stored uncompressed, so `load` can memory-map them.
     """
     path = paths.check(path)
     arrays = dict(magic=np.array(_MAGIC), format_version=np.array(FORMAT_VERSION, np.int64),
@@ -320,7 +394,7 @@ class FGramSet:
     tmp = f'{path}.tmp{os.getpid()}'
     try:
       with open(tmp, 'wb') as f:
-        np.savez(f, **arrays)
+        _write_npz(f, arrays, self.release_pages)
         f.flush()
         os.fsync(f.fileno())
       os.replace(tmp, path)
@@ -329,18 +403,24 @@ class FGramSet:
         os.remove(tmp)
 
   @classmethod
-  def load(cls, path) -> 'FGramSet':
-    """Reads a file written by `save`; ValueError naming the path if it is not one."""
+  def load(cls, path, *, mmap_arrays: bool = True) -> 'FGramSet':
+    """Reads a file written by `save`; ValueError naming the path if it is not one.
+
+    mmap_arrays: a local file's arrays are memory-mapped, not read (at 100M f-grams 3.2 GB
+    stay in the page cache, not in the process's own memory; `release_pages` lets them go);
+    a file on gs:// or with compressed members is read whole."""
     path = paths.check(path)
     if not paths.isfile(path):
       raise FileNotFoundError(f'{path}: no such FGramSet file.')
     try:
-      with paths.open(path, 'rb') as f:
-        z = np.load(f, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-          raise ValueError('it holds a single array, not an .npz archive')
-        with z:
-          data = {k: z[k] for k in z.files}
+      data = _mapped_npz(path) if mmap_arrays and not paths.is_cloud(path) else None
+      if data is None:
+        with paths.open(path, 'rb') as f:
+          z = np.load(f, allow_pickle=False)
+          if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError('it holds a single array, not an .npz archive')
+          with z:
+            data = {k: z[k] for k in z.files}
     except Exception as e:  # np.load raises many kinds for foreign or truncated files
       raise ValueError(f'{path}: not a readable FGramSet file ({type(e).__name__}: {e}); '
                        'write it with FGramSet.save or re-run extraction.') from e
@@ -417,15 +497,26 @@ class FGramSet:
   def counts(self) -> np.ndarray:
     return self._counts
 
+  def release_pages(self) -> None:
+    """For a memory-mapped set (`load`): drops this process's mapping of the pages read so
+    far (they stay in the page cache, out of its RSS), so passes over every f-gram keep the
+    process's memory flat; a no-op for a set in memory."""
+    for a in (self._tokens_padded, self._lengths, self._counts):
+      _release(a)
+
   @property
   def fingerprint(self) -> str:
     if self._fingerprint is None:
       h = hashlib.sha256()
       h.update(_FINGERPRINT_TAG)
       h.update(np.array([self._max_len, len(self)], '<i8').tobytes())
-      # The arrays' own buffers where they are already little-endian: no copy of the set.
-      h.update(self._lengths.astype('<i4', copy=False).data)
-      h.update(self._tokens_padded.astype('<i4', copy=False).data)
+      # The arrays' own buffers where they are already little-endian: no copy of the set;
+      # by blocks, so a memory-mapped set drops each block's pages once hashed.
+      for arr in (self._lengths, self._tokens_padded):
+        for lo in range(0, max(len(self), 1), _CHECK_BLOCK):
+          h.update(np.ascontiguousarray(arr[lo:lo + _CHECK_BLOCK]).astype('<i4',
+                                                                          copy=False).data)
+          self.release_pages()
       self._fingerprint = h.hexdigest()
     return self._fingerprint
 
