@@ -2,6 +2,8 @@
 
   python -m experiments.grow_table --workdir=runs/scone_s0 --workdir=runs/scone_s1 \
       --out=experiments/results/grow_table/grow_table.json
+  # or one process per seed, side by side, then their JSONs summarised together:
+  python -m experiments.grow_table --combine=seed0.json,seed1.json --out=grow_table.json
 
 Each --workdir is a trained SCONE run (its config.json and checkpoints; one per seed). Per
 run, every cell is an `--mode=extract` of some text with the run's tokenizer, an export of
@@ -43,8 +45,11 @@ from scone_jax import serving
 
 def _args(argv):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--workdir', action='append', required=True,
+  p.add_argument('--workdir', action='append', default=[],
                  help='a trained run (one per seed); repeat the flag')
+  p.add_argument('--combine', default='',
+                 help='comma-separated JSONs of earlier runs (e.g. one per seed, run side by '
+                      'side) to summarise together with any --workdir')
   p.add_argument('--sizes', default='16000,64000,256000,0',
                  help="S' of the training split's sets (0: every n-gram of count >= min_count)")
   p.add_argument('--domains', default='shakespeare,wiki',
@@ -195,7 +200,14 @@ def summarise(runs) -> dict:
 def main(argv=None):
   args = _args(sys.argv[1:] if argv is None else argv)
   scratch = args.scratch or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'scratch')
-  runs = [run_one(w, args, scratch) for w in args.workdir]
+  if not args.workdir and not args.combine:
+    sys.exit('grow_table: give at least one --workdir (a trained run) or --combine=JSON,...')
+  runs = [r for path in filter(None, args.combine.split(','))
+          for r in json.loads(paths.read_text(path))['runs']]
+  runs += [run_one(w, args, scratch) for w in args.workdir]
+  seeds = [r['seed'] for r in runs]
+  if len(set(seeds)) != len(seeds):
+    sys.exit(f'grow_table: two runs with the same seed ({seeds}); combine one run per seed')
   result = {'experiment': 'grow_table', 'runs': runs, 'summary': summarise(runs)}
   paths.makedirs(os.path.dirname(os.path.abspath(args.out)))
   paths.atomic_write(args.out, json.dumps(result, indent=1) + '\n')
