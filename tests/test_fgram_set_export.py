@@ -354,3 +354,40 @@ def test_cli_extract_a_whole_domain_then_export_the_union(s, tmp_path):
   r = _cli('--mode=eval', f'--export_dir={export_dir}', f'--fgram_set={domain}',
            f'--eval_text={s.domain_cfg.corpus.train_files}')
   assert r.returncode == 2 and 'error: --fgram_set is for --mode=export' in r.stderr
+
+
+# ----------------------------------------------------------------------------- grow_table
+
+
+def test_grow_table_runs_its_cells_and_keeps_the_eval_half_out_of_extraction(s, tmp_path):
+  """experiments/grow_table.py end to end on the tiny run (one seed): the control cell is the
+  trained set, a larger S' and a domain's cells export and evaluate, and no evaluation-half
+  document reaches the domain's extraction."""
+  from experiments import grow_table  # pylint: disable=g-import-not-at-top
+  domain_file = str(s.root / 'domain_corpus' / 'domain.txt')
+  trained_s = len(s.run.fgram_set)
+  artifacts.write_config(s.cfg, s.workdir)  # what --mode=train leaves; grow_table reads it
+  out = tmp_path / 'grow.json'
+  grow_table.main(['--workdir', s.workdir, '--sizes', f'{trained_s},{2 * trained_s}',
+                   '--domains', f'text:{domain_file}', '--eval_chars', '0',
+                   '--out', str(out), '--scratch', str(tmp_path / 'scratch')])
+  result = json.loads(out.read_text())
+  cells = result['runs'][0]['cells']
+  assert cells[f'more_S{trained_s}']['is_trained_set']
+  assert not cells[f'more_S{2 * trained_s}']['is_trained_set']
+  assert cells[f'more_S{2 * trained_s}']['fgram_set']['num_fgrams'] > trained_s
+  assert set(cells) >= {'domain_training', 'domain_domain', 'domain_union'}
+  union = cells['domain_union']['fgram_set']['num_fgrams']
+  assert union >= max(cells['domain_domain']['fgram_set']['num_fgrams'], trained_s)
+  for cell in cells.values():
+    for ev in cell.values():
+      if isinstance(ev, dict) and 'ppl' in ev:
+        assert np.isfinite(ev['ppl']) and ev['tokens'] > 0
+  extract_half, eval_half = grow_table.split_domain(corpus.read_text_documents([domain_file]))
+  assert extract_half and eval_half
+  extracted = [json.loads(line)['id'] for line in
+               (tmp_path / 'scratch' / 'seed0' / 'domain_domain' / 'extract_half.jsonl')
+               .read_text().splitlines()]
+  assert sorted(extracted) == sorted(d.id for d in extract_half)
+  assert not set(extracted) & {d.id for d in eval_half}
+  assert result['summary'][f'more_S{trained_s}']['heldout']['ppl_spread'] == 0.0
