@@ -31,9 +31,9 @@ writes its result under `--out`/units/, so a re-run skips what a previous run fi
    empty cache before each SCONE round) or warm; the per-step lookup p50 / p99 (the Table's
    lookup timer, decode steps only); concurrent per-row reads against sequential ones in the
    same rounds (`..._sequential_...` keys); the serving process's RSS split (RssAnon /
-   RssFile) and the tensorstore cache bound. Prompts are matched with the step's matcher
-   arrays (`StepMatcherSet`): serving's host matcher table does not fit beside the rest at
-   100M f-grams on this host.
+   RssFile) and the tensorstore cache bound. Prompts are matched as serving matches them,
+   with the step's matcher arrays on the host (`device_match.HostMatcher`): the f-gram set's
+   hash table (~170 B per f-gram) is never built.
 4. The 1B-row, d=2048 case (olmo1b.py's 1.8B f-gram model) projected from stages 1-3:
    table and disk bytes per dtype, matcher host RAM and build time, export hours per host
    count, the per-token lookup at batch 16 cold and warm (stage 3's step p50 / 16); each
@@ -538,33 +538,6 @@ def _serve_dir(out, rows, table_kind):
   return os.path.join(_stage2_dir(out, rows), 'export')
 
 
-class StepMatcherSet:
-  """An f-gram set whose `match` (what serving matches prompts with) runs the decode step's
-  own matcher arrays (device_match, ~39 B per f-gram, already built by the Generator) over
-  every prefix of the prompt, instead of the set's host hash table, which serving builds on
-  the first prompt: ~170 B per f-gram at 100M synthetic f-grams (17 GB), more than this
-  host holds beside the rest. Same ids (device_match equals the host matcher)."""
-
-  def __init__(self, fgram_set, matcher):
-    import jax  # pylint: disable=g-import-not-at-top
-    self.fgram_set = fgram_set
-    self.max_len = fgram_set.max_len
-    self._matcher = jax.tree.map(np.asarray, matcher)
-
-  def __len__(self):
-    return len(self.fgram_set)
-
-  def match(self, tokens):
-    from scone_jax import device_match  # pylint: disable=g-import-not-at-top
-    p = np.asarray(tokens, np.int64).reshape(-1)
-    k = self.max_len
-    padded = np.concatenate([np.zeros(k - 1, np.int64), p]).astype(np.int32)
-    ctx_PxK = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(padded, k))
-    doc_len_P = np.arange(1, p.size + 1, dtype=np.int32)
-    ids = np.asarray(device_match.match_last(self._matcher, ctx_PxK, doc_len_P), np.int32)
-    return ids, np.where(ids >= 0, np.asarray(self.fgram_set.lengths)[np.maximum(ids, 0)], 1)
-
-
 def _rss():
   st = _proc_status(os.getpid())
   return st.get('RssAnon', 0.0), st.get('RssFile', 0.0)
@@ -660,7 +633,6 @@ def unit_serve(out, rows, storage, batches, new_tokens, rounds, table_kind='real
        'tensorstore_cache_bytes': gen.table.cache_bytes if storage == 'tensorstore' else None}
   r['rss_anon_after_load_mb'], r['rss_file_after_load_mb'] = _rss()
   fs = gen.fgram_set
-  gen.fgram_set = StepMatcherSet(fs, gen.matcher)
   base = serving.Generator(gen.config, gen.params, None, None, use_table=False,
                            seq_len=gen.seq_len, max_len=gen.max_len)
   stream = token_stream(fs, 64 * 32, seed=3)

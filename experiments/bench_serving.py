@@ -196,7 +196,6 @@ def main():
   mc = model_config(args.model, vocab)
   progress(f'model {describe(args.model, mc)}; devices {jax.devices()}')
   fgram_set = all_bigrams(vocab, 5)
-  fgram_set.table  # pylint: disable=pointless-statement  # the host matcher (prefill)
   table_np = random_table(len(fgram_set), mc.d_model, seed=2)
   progress(f'f-gram set and table: {len(fgram_set):,} rows x {mc.d_model} float16 '
            f'({table_np.nbytes / 1e9:.2f} GB)')

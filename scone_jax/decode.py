@@ -188,8 +188,8 @@ class Prompts:
 
 def make_prompts(ids: Sequence[np.ndarray], add_bos: Sequence[bool], max_new: Sequence[int],
             width: int, k: int, match: Optional[Callable] = None) -> Prompts:
-  """Host-side Prompts; match(ids) -> f-gram id per position (the f-gram set's host
-  matcher; None: the baseline)."""
+  """Host-side Prompts; match(ids) -> f-gram id per position (serving passes its
+  `device_match.HostMatcher`; None: the baseline)."""
   n = len(ids)
   ints = np.zeros((n, width, 4), np.int32)
   ints[..., FID] = -1

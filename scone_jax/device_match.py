@@ -205,3 +205,124 @@ def window(docs, k: int):
     ctx[b, k - tail.size:] = tail
     doc_len[b] = len(doc)
   return ctx, doc_len
+
+
+# ----------------------------------------------------------------------------- on the host
+
+_HOST_CHUNK = 4096  # positions per numpy pass: bounds the [N, K-1, width] gathers (~MBs)
+
+
+def _match_windows_host(m: MatcherArrays, ctx_NxK: np.ndarray, doc_len_N: np.ndarray,
+                        keys_hook=None) -> np.ndarray:
+  """`match_last` in numpy on numpy arrays: the same keys, bucket reads and stored-token
+  check (so the same ids), without a jax dispatch per operation. ctx_NxK has K = max_len
+  columns; keys_hook as in match_last."""
+  num, k = ctx_NxK.shape
+  lengths = tuple(range(2, m.max_len + 1))
+  keys = _hash_suffixes(ctx_NxK, m.seed, lengths)
+  q_hi = np.stack([keys[n][0] for n in lengths], axis=1)            # [N, K-1]
+  q_lo = np.stack([keys[n][1] for n in lengths], axis=1)
+  if keys_hook is not None:
+    q_hi, q_lo = keys_hook(q_hi, q_lo)
+  bucket = (q_hi >> np.uint32(32 - m.bits)).astype(np.int64)
+  start, end = m.bucket_start[bucket], m.bucket_start[bucket + 1]
+  idx = start[..., None] + np.arange(m.width, dtype=np.int32)       # [N, K-1, W]
+  hit = ((idx < end[..., None]) & (m.key_hi_M[idx] == q_hi[..., None])
+         & (m.key_lo_M[idx] == q_lo[..., None]))
+  at = np.take_along_axis(idx, hit.argmax(axis=-1)[..., None], axis=-1)[..., 0]
+  fid = m.id_M[at]                                                  # [N, K-1]
+  n_N = np.asarray(lengths, np.int32)
+  # Confirm: the candidate's length and stored tokens equal the window's last n tokens.
+  col = np.arange(m.max_len)
+  src = np.minimum((k - n_N)[:, None] + col[None, :], k - 1)         # [K-1, K]
+  stored = m.tokens_SxK[fid][..., :m.max_len]                        # [N, K-1, K]
+  inside = col[None, :] < n_N[:, None]
+  same = np.all((stored == ctx_NxK[:, src]) | ~inside[None], axis=2)
+  ok = (hit.any(axis=-1) & same & (m.lengths_S[fid] == n_N[None])
+        & (n_N[None] <= np.minimum(doc_len_N, m.max_len)[:, None]))
+  best_N = np.where(ok, n_N[None], 0)
+  pick = best_N.argmax(axis=1)                                      # the longest confirmed
+  return np.where(best_N.max(axis=1) > 0, fid[np.arange(num), pick], -1).astype(np.int32)
+
+
+def match_windows_host(m: MatcherArrays, ctx_NxK, doc_len_N, *, keys_hook=None) -> np.ndarray:
+  """F-gram id (-1 = none) of the longest f-gram ending at each window's last token, using
+  its last min(doc_len, K) tokens: `match_last` on the host, for numpy MatcherArrays
+  (`build`'s, before they are placed). Windows wider than K keep their last K columns."""
+  ctx = np.asarray(ctx_NxK)
+  doc_len = np.asarray(doc_len_N, np.int64)
+  if ctx.ndim != 2 or doc_len.shape != ctx.shape[:1]:
+    raise ValueError(f'ctx_NxK {ctx.shape} / doc_len_N {doc_len.shape}: pass [N, K] and [N].')
+  k = m.max_len
+  out = np.full(ctx.shape[0], -1, np.int32)
+  if m.tokens_SxK.shape[0] == 0 or k < 2 or not ctx.size:
+    return out
+  if ctx.shape[1] < k:  # the missing columns are before the document: never compared
+    ctx = np.concatenate([np.zeros((ctx.shape[0], k - ctx.shape[1]), ctx.dtype), ctx], axis=1)
+  ctx = ctx[:, ctx.shape[1] - k:]
+  for lo in range(0, ctx.shape[0], _HOST_CHUNK):
+    out[lo:lo + _HOST_CHUNK] = _match_windows_host(m, ctx[lo:lo + _HOST_CHUNK],
+                                                   doc_len[lo:lo + _HOST_CHUNK], keys_hook)
+  return out
+
+
+def match_flat_host(m: MatcherArrays, tokens, offsets) -> np.ndarray:
+  """F-gram id (-1 = none) of the longest f-gram ending at each position of concatenated
+  documents (offsets = [0, end_0, ..., len(tokens)]), never crossing a document start:
+  `FGramSet.match_flat`'s ids from the matcher arrays, no hash table built."""
+  tokens = np.asarray(tokens).reshape(-1)
+  offsets = np.asarray(offsets, np.int64)
+  if offsets[0] != 0 or offsets[-1] != tokens.size or (np.diff(offsets) < 0).any():
+    raise ValueError(f'offsets must start at 0, end at len(tokens)={tokens.size} and not '
+                     f'decrease; got {offsets[:3].tolist()}…{offsets[-1]}.')
+  if not tokens.size:
+    return np.zeros(0, np.int32)
+  k = max(m.max_len, 1)
+  # Window i ends at token i: a strided view, nothing copied but the K-1 leading zeros.
+  padded = np.concatenate([np.zeros(k - 1, np.int32), tokens.astype(np.int32, copy=False)])
+  windows_PxK = np.lib.stride_tricks.sliding_window_view(padded, k)
+  doc_len_P = np.arange(tokens.size) - np.repeat(offsets[:-1], np.diff(offsets)) + 1
+  return match_windows_host(m, windows_PxK, doc_len_P)
+
+
+class HostMatcher:
+  """The f-gram set's matching calls (`match`, `match_flat`, `match_last_batch`, with its
+  `fingerprint` and `max_len`) answered from the decode step's matcher arrays in numpy.
+
+  Serving matches prompts and eval documents with it: the arrays (~39 B per f-gram) are the
+  ones the step already holds (on a CPU backend `device_put` aliases them), while the set's
+  own hash table (`FGramSet.table`) would add ~170 B per f-gram: 17 GB at 100M. Same ids and
+  lengths as the set's (tests/test_device_match.py).
+  """
+
+  def __init__(self, arrays: MatcherArrays, fgram_set: fgrams_lib.FGramSet):
+    self.arrays = arrays
+    self.fgram_set = fgram_set
+    self.max_len = arrays.max_len
+
+  def __len__(self) -> int:
+    return int(self.arrays.lengths_S.shape[0])
+
+  @property
+  def fingerprint(self) -> str:
+    return self.fgram_set.fingerprint
+
+  def _lengths(self, ids):
+    return np.where(ids >= 0, self.arrays.lengths_S[np.maximum(ids, 0)], 1).astype(np.int32)
+
+  def match_ids(self, tokens) -> np.ndarray:
+    """`match(tokens)[0]`: the ids alone (what a prompt needs)."""
+    tokens = np.asarray(tokens).reshape(-1)
+    return match_flat_host(self.arrays, tokens, np.array([0, tokens.size]))
+
+  def match(self, tokens):
+    ids = self.match_ids(tokens)
+    return ids, self._lengths(ids)
+
+  def match_flat(self, tokens, offsets):
+    ids = match_flat_host(self.arrays, tokens, offsets)
+    return ids, self._lengths(ids)
+
+  def match_last_batch(self, context_BxK, valid_B):
+    ids = match_windows_host(self.arrays, context_BxK, valid_B)
+    return ids, self._lengths(ids)

@@ -6,7 +6,8 @@ and returns a `Generator`: the model, its parameters, the table and the f-gram m
 where --table_storage / --matcher_storage say, and the jitted pieces of the decode core
 (`decode`: prefill, insert, decode_chunk) that both the CLI (`Generator.generate`,
 `evaluate`) and the server (`engine.Engine`) drive. A prompt is matched on the host (the
-f-gram set's compiled matcher) and prefilled; then each compiled decode chunk runs up to N
+step's own matcher arrays in numpy, `device_match.HostMatcher`: serving never builds the
+f-gram set's hash table) and prefilled; then each compiled decode chunk runs up to N
 steps on the device: per row it matches the longest f-gram ending at the new token
 (`device_match`, its arrays on the accelerator or in host memory), reads that row of the
 table, runs one KV-cached step of the main model and samples.
@@ -243,8 +244,9 @@ class Generator:
 
   Attributes: config (ModelConfig, fgrams disabled), params (token_embed, decoder, lm_head),
   table (Table), fgram_set, tokenizer, seq_len, batch_size (eval), max_len, matcher_storage,
-  path (decode.FgramPath; None without the table), last_stats (timing of the latest
-  generate call).
+  matcher (the step's placed matcher arrays), host_matcher (the same arrays in numpy: prompt
+  and eval matching; the set's hash table is never built), path (decode.FgramPath; None
+  without the table), last_stats (timing of the latest generate call).
   use_table=False turns the lookups off (every position gets T[token]): the baseline cost of
   the same main model, for benchmarks.
   mesh: a serving mesh (`sharding.serving_mesh('tensor:N')`): tensor parallelism as in
@@ -287,9 +289,14 @@ class Generator:
                   else export_reader.callback_gather(self.table))
       self.path = export_reader.fgram_path(self.table.storage, self.matcher_storage, callback)
     self.k = fgram_set.max_len if use_table else 2
-    self.matcher = (export_reader.place_matcher(device_match.build(fgram_set),
-                                                self.matcher_storage, self.device, mesh)
-                    if use_table else None)
+    self.matcher = self.host_matcher = None
+    if use_table:
+      arrays = device_match.build(fgram_set)
+      # Prompts and eval documents are matched on the host with the step's own arrays, never
+      # with the set's hash table (~170 B per f-gram on top of these ~39).
+      self.host_matcher = device_match.HostMatcher(arrays, fgram_set)
+      self.matcher = export_reader.place_matcher(arrays, self.matcher_storage, self.device,
+                                                 mesh)
     self.metadata = {}
     self.last_stats = {}
     self._row_dtype = table.row_dtype if table is not None else np.dtype(np.float32)
@@ -341,8 +348,8 @@ class Generator:
 
   def prompt_batch(self, ids: Sequence[np.ndarray], add_bos: Sequence[bool],
                    max_new: Sequence[int], width: int) -> decode.Prompts:
-    """decode.Prompts of token id arrays, matched by the f-gram set's host matcher."""
-    match = (lambda p: self.fgram_set.match(p)[0]) if self.use_table else None
+    """decode.Prompts of token id arrays, matched on the host by the step's matcher arrays."""
+    match = self.host_matcher.match_ids if self.use_table else None
     return decode.make_prompts(ids, add_bos, max_new, width, self.k, match)
 
   def lookup(self, ids) -> np.ndarray:
@@ -518,7 +525,7 @@ class Generator:
     if self.tokenizer is None:
       raise ValueError('evaluate needs the tokenizer; load the Generator with serving.load.')
     split = packing.prepare_split(docs, self.tokenizer,
-                                  self.fgram_set if self.use_table else None)
+                                  self.host_matcher if self.use_table else None)
     loader = packing.Loader(split, seq_len=self.seq_len, batch_size=self.batch_size, seed=0,
                             shuffle=False, eval_mode=True)
     ref_batches = None

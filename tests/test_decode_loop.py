@@ -155,3 +155,29 @@ def test_one_tokens_per_dispatch_default():
   assert engine.DEFAULT_TOKENS_PER_DISPATCH == serving.DEFAULT_TOKENS_PER_DISPATCH == want
   assert (inspect.signature(serving.Generator.generate).parameters['tokens_per_dispatch']
           .default == want)
+
+
+def test_prompts_are_matched_like_the_fgram_set_without_its_hash_table(parts):
+  """Generator.prompt_batch's f-gram ids equal FGramSet.match on each prompt (BOS-less), at
+  every position: near the start (less context than K), and never across BOS, even for
+  f-grams that start with BOS's id (a prompt may hold that id as a token). Matched by the
+  step's own arrays on the host: the set's hash table stays unbuilt."""
+  mc, params, fs, _, prompts = parts
+  grams = {tuple(g[:n]) for g, n in zip(np.asarray(fs.tokens_padded).tolist(), fs.lengths)}
+  grams |= {(decode.BOS_ID, 2), (decode.BOS_ID, 2, 3), (2, decode.BOS_ID, 4)}
+  fresh = fgrams.FGramSet.from_ngrams(sorted(grams), max_len=K)
+  table = np.random.default_rng(1).standard_normal((len(fresh), 16)).astype(np.float32)
+  gen = serving.Generator(mc, params, serving.place_table(table, 'ram'), fresh, seq_len=32,
+                          max_len=64)
+  ids = [np.array(p, np.int64) for p in prompts + [[2, 3, 4, 2], [0, 2, 3], [2, 0, 4, 4, 3]]]
+  width, n = 16, len(ids)
+  got = {bos: np.asarray(gen.prompt_batch(ids, [bos] * n, [4] * n, width).ints_NxWx4)
+         for bos in (True, False)}
+  assert fresh._table is None  # pylint: disable=protected-access
+  for bos, ints in got.items():
+    for b, p in enumerate(ids):
+      want = np.full(width, -1, np.int32)
+      if p.size:
+        want[width - p.size:] = fresh.match(p)[0]
+      np.testing.assert_array_equal(ints[b, :, decode.FID], want, err_msg=f'bos={bos} {p}')
+  assert (got[True][:, :, decode.FID] >= 0).sum() > 10

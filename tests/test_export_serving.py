@@ -305,6 +305,19 @@ def test_generate_text(setup):
   assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
+def test_serving_never_builds_the_fgram_set_hash_table(setup):
+  """load + generate + evaluate match prompts and eval documents with the step's matcher
+  arrays (device_match.HostMatcher): the f-gram set's host hash table (~170 B per f-gram,
+  17 GB at 100M) is never built. Their results equal the hash table's by
+  test_eval_via_export_matches_checkpoint_eval and
+  test_decode_loop.test_prompts_are_matched_like_the_fgram_set_without_its_hash_table."""
+  gen = serving.load(setup.export_dir)
+  gen.generate_text(['The nation'], max_new_tokens=4)
+  got = gen.evaluate(setup.run.heldout_docs)
+  assert gen.fgram_set._table is None  # pylint: disable=protected-access
+  assert got['fgram_match_rate'] > 0.2
+
+
 def test_serving_never_touches_the_fgram_model(setup):
   params_dir = os.path.join(setup.export_dir, export.PARAMS_DIR)
   raw = ocp.StandardCheckpointer().restore(params_dir)
