@@ -13,7 +13,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Data-flow order: a module may import only modules listed before it.
 ORDER = ['paths', 'config', 'loader', 'tokenizer', 'fgrams', 'corpus', 'packing', 'token_shards',
          'beam_dask', 'fgrams_beam', 'artifacts', 'seqio_tasks', 'grain_input', 'model', 'sharding',
-         'flops', 'metrics', 'checkpoints', 'table', 'device_match', 'decode',
+         'flops', 'metrics', 'checkpoints', 'row_reads', 'table', 'device_match', 'decode',
          'export_reader', 'step_batch', 'preemption', 'train_hooks',
          'train', 'export', 'serving',
          'engine', 'protocol', 'chat_template', 'tokenizing', 'streaming', 'server_metrics',
@@ -63,7 +63,8 @@ def test_import_graph_runs_one_way():
 # scone_jax module is forbidden there: the training loader (loader), token shards, f-gram
 # extraction, training, export, checkpoints, Beam, seqio ...
 SERVING_MAY_LOAD = {'paths', 'config', 'tokenizer', 'corpus', 'packing', 'fgrams', 'fgrams.fgram_set',
-                    'fgrams.kernels', 'model', 'sharding', 'table', 'device_match', 'metrics',
+                    'fgrams.kernels', 'model', 'sharding', 'row_reads', 'table', 'device_match',
+                    'metrics',
                     'decode', 'export_reader',
                     'serving',
                     'engine', 'protocol', 'chat_template', 'tokenizing', 'streaming',
