@@ -13,7 +13,8 @@ writes its result under `--out`/units/, so a re-run skips what a previous run fi
 2. A real export per `--export_rows` through `python -m scone_jax.main --mode=export` (the
    README config: experiments/configs/scone.py, f-gram model 2 layers d=128, table float16),
    from a real step-0 checkpoint (random weights) of a workdir whose f-gram set is a
-   synthetic set of that many rows over the README tokenizer's 4,096 pieces: rows/s and
+   synthetic set of that many rows over the README tokenizer's 4,096 pieces (stage 1's
+   file, hard-linked, when stage 1 made a set of that size): rows/s and
    peak RSS of the export process at each size (memory must not grow with the rows); at
    `--kill_rows` (the largest size by default) a second export is SIGKILLed once half its
    shards are recorded and resumed:
@@ -366,9 +367,18 @@ def unit_export_setup(out, rows):
   d = _stage2_dir(out, rows)
   os.makedirs(d, exist_ok=True)
   t0 = time.time()
-  toks, lens, counts = synthetic_fgrams(rows, seed=rows)
-  fgrams.FGramSet(toks, lens, counts, MAX_LEN, copy=False).save(os.path.join(d, 'fgrams.npz'))
-  del toks, lens, counts
+  stage1_set = _set_path(out, rows)
+  if os.path.isfile(stage1_set):  # stage 1 made a set of this size: the same file, linked
+    dest = os.path.join(d, 'fgrams.npz')
+    if os.path.exists(dest):
+      os.remove(dest)
+    os.link(stage1_set, dest)
+    set_source = 'stage 1'
+  else:
+    toks, lens, counts = synthetic_fgrams(rows, seed=rows)
+    fgrams.FGramSet(toks, lens, counts, MAX_LEN, copy=False).save(os.path.join(d, 'fgrams.npz'))
+    del toks, lens, counts
+    set_source = f'synthetic_fgrams(seed={rows})'
   gen_s = time.time() - t0
   cfg = configs.load(README_CONFIG, export_overrides(out, rows))
   workdir = os.path.join(d, 'work')
@@ -379,7 +389,8 @@ def unit_export_setup(out, rows):
   train.save_checkpoint(mngr, trainer, {'step': 0})
   mngr.wait_until_finished()
   mngr.close()
-  return {'set_seconds': gen_s, 'seconds': time.time() - t0, 'workdir': workdir}
+  return {'set_seconds': gen_s, 'set_source': set_source, 'seconds': time.time() - t0,
+          'workdir': workdir}
 
 
 def _export_cmd(out, rows, export_dir):
@@ -710,7 +721,8 @@ def stage3(out, rows, storages, batches, new_tokens, rounds, table_kind='real', 
   r = {'serving_rows': rows, 'serve_table_content': table_kind}
   if table_kind == 'synthetic':
     run_unit(out, 'set_build', rows)  # stage 1's set of `rows` f-grams (skipped when done)
-    r['serve_disk'] = _check_disk(out, rows, storages, table_kind, source_rows)
+    if not os.path.isfile(_unit_path(out, f'synthetic_table_{rows}')):  # not built yet
+      r['serve_disk'] = _check_disk(out, rows, storages, table_kind, source_rows)
     r['synthetic_table'] = run_unit(out, 'synthetic_table', rows, source_rows, rows_per_chunk)
   else:
     r['serve_disk'] = _check_disk(out, rows, storages, table_kind, rows)
