@@ -32,7 +32,10 @@ writes its result under `--out`/units/, so a re-run skips what a previous run fi
    empty cache before each SCONE round) or warm; the per-step lookup p50 / p99 (the Table's
    lookup timer, decode steps only); concurrent per-row reads against sequential ones in the
    same rounds (`..._sequential_...` keys); the serving process's RSS split (RssAnon /
-   RssFile) and the tensorstore cache bound. Prompts are matched as serving matches them,
+   RssFile) and the tensorstore cache bound. `--pair_rows=10000000,100000000`: stage 2's
+   exports of those sizes served from mmap in one process with the same prompts and
+   baseline in interleaved rounds (what the table's size alone costs a step), with the
+   step's matcher bytes and the anonymous memory each size adds. Prompts are matched as serving matches them,
    with the step's matcher arrays on the host (`device_match.HostMatcher`): the f-gram set's
    hash table (~170 B per f-gram) is never built.
 4. The 1B-row, d=2048 case (olmo1b.py's 1.8B f-gram model) projected from stages 1-3:
@@ -683,6 +686,80 @@ def unit_serve(out, rows, storage, batches, new_tokens, rounds, table_kind='real
   return r
 
 
+def unit_serve_pair(out, sizes, storage, batches, new_tokens, rounds):
+  """Stage 2's exports of each of `sizes` rows served from `storage` in one process, with the
+  same prompts and the same baseline, in interleaved rounds (each size leads in turn), the
+  page cache dropped before each SCONE round (cold) or not (warm): what the table's size
+  alone costs a decode step, with the per-round ratio of the largest size's SCONE tokens/s
+  to the smallest's (its median, min and max) -> pair_<storage>_<cache>_b<B>_...
+
+  The prompts are made of the smallest size's f-grams (the sets are different synthetic
+  sets, so the larger one matches its own share of them: rows read per step, per size)."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  from scone_jax import row_reads  # pylint: disable=g-import-not-at-top
+  from scone_jax import serving  # pylint: disable=g-import-not-at-top
+  sizes = sorted(int(n) for n in sizes)
+  gens, r = {}, {'pair_sizes': sizes, 'storage': storage}
+  for n in sizes:
+    t0 = time.time()
+    gens[n] = serving.load(_serve_dir(out, n, 'real'), table_storage=storage)
+    gens[n].table.drop_cache()
+    tag = _size_tag(n)
+    r[f'pair_load_s_{tag}'] = time.time() - t0
+    # What serving holds per f-gram: the step's matcher arrays as placed, and the process's
+    # anonymous memory after this size's load (each size adds its own).
+    r[f'pair_matcher_bytes_{tag}'] = int(gens[n].matcher.nbytes)
+    r[f'pair_rss_anon_after_load_{tag}_mb'] = _rss()[0]
+  small, big = gens[sizes[0]], gens[sizes[-1]]
+  base = serving.Generator(small.config, small.params, None, None, use_table=False,
+                           seq_len=small.seq_len, max_len=small.max_len)
+  stream = token_stream(small.fgram_set, 64 * 32, seed=3)
+  kw = dict(max_new_tokens=new_tokens, stop_tokens=())
+  for b in batches:
+    prompts = stream[:b * 32].reshape(b, 32).tolist()
+    for g in list(gens.values()) + [base]:
+      g.generate(prompts, **kw)  # compile
+    for cache in ('cold', 'warm'):
+      names = sizes + ['baseline']
+      rates = {n: [] for n in names}
+      steps = {n: [] for n in sizes}
+      rows_read = {n: [] for n in sizes}
+      for i in range(rounds):
+        for n in names[i % len(names):] + names[:i % len(names)]:
+          if n == 'baseline':
+            rates[n].append(_timed_generate(base, prompts, kw))
+            continue
+          g = gens[n]
+          if cache == 'cold':
+            g.table.drop_cache()
+            _drop_page_cache(_serve_dir(out, n, 'real'))
+          g.table.lookup_times.reset()
+          rates[n].append(_timed_generate(g, prompts, kw))
+          steps[n].append(g.table.lookup_times.seconds(num_ids=b))
+          rows_read[n].append(g.table.lookup_times.rows(num_ids=b))
+      key = f'pair_{storage}_{cache}_b{b}'
+      for n in sizes:
+        tag = f'{key}_{_size_tag(n)}'
+        r[tag + '_tokens_per_s'] = statistics.median(rates[n])
+        r[tag + '_ratio'] = statistics.median(s / q for s, q in zip(rates[n], rates['baseline']))
+        pct = row_reads.percentiles_ms(np.concatenate(steps[n]))
+        r[tag + '_lookup_p50_ms'], r[tag + '_lookup_p99_ms'] = pct['p50_ms'], pct['p99_ms']
+        read = np.concatenate(rows_read[n])
+        r[tag + '_lookup_rows_per_step'] = float(read.mean()) if read.size else None
+      per_round = [x / y for x, y in zip(rates[sizes[-1]], rates[sizes[0]])]
+      r[key + '_big_over_small'] = statistics.median(per_round)
+      r[key + '_big_over_small_min'], r[key + '_big_over_small_max'] = (min(per_round),
+                                                                        max(per_round))
+      log(f'pair {storage} b{b} {cache}: ' + ', '.join(
+          f'{k[len(key) + 1:]}={v:.4g}' for k, v in r.items()
+          if k.startswith(key) and isinstance(v, float)))
+  a, z = (r[f'pair_rss_anon_after_load_{_size_tag(n)}_mb'] for n in (sizes[0], sizes[-1]))
+  r['pair_rss_anon_bytes_per_fgram'] = (z - a) * 2**20 / sizes[-1]  # the largest's load alone
+  r['pair_matcher_bytes_per_fgram'] = r[f'pair_matcher_bytes_{_size_tag(sizes[-1])}'] / sizes[-1]
+  r['peak_rss_mb'] = peak_rss_mb()
+  return r
+
+
 def unit_synthetic_table(out, rows, source_rows, rows_per_chunk):
   """Stage 3's synthetic export of `rows` rows (experiments/scale_table.py) from stage 2's
   export of `source_rows` rows and stage 1's set of `rows` f-grams."""
@@ -773,6 +850,17 @@ def stage4(result, hosts=(1, 4, 16)):
     p['measured'].append(f'matcher bytes/f-gram {per:.0f} and build s at {big} f-grams '
                          '(stage 1, synthetic set: an upper bound in bytes)')
     p['projected'] += ['matcher_host_ram_bytes (x 1B)', 'matcher_build_s (linear in N)']
+  pair = result.get('serve_pair')
+  if pair:
+    per = pair['pair_matcher_bytes_per_fgram']
+    anon = pair['pair_rss_anon_bytes_per_fgram']
+    big = _size_tag(pair['pair_sizes'][-1])
+    p['serving_matcher_host_ram_bytes'] = per * n
+    p['serving_anon_ram_bytes'] = anon * n
+    p['measured'].append(f'serving: the decode step\'s matcher arrays, {per:.1f} B/f-gram, and '
+                         f'the serving process\'s anonymous memory, {anon:.1f} B/f-gram, at '
+                         f'{big} f-grams (stage 3 pair)')
+    p['projected'] += ['serving_matcher_host_ram_bytes, serving_anon_ram_bytes (x 1B)']
   mm = result.get('matmul')
   if mm and 'export_fraction_of_flop_bound' in result:
     frac = result['export_fraction_of_flop_bound']
@@ -828,6 +916,7 @@ def _lookup_projection(result, batch=16):
 
 UNITS = {'set_build': unit_set_build, 'set_load_match': unit_set_load_match,
          'serve': lambda out, _name, *a: unit_serve(out, *a),
+         'serve_pair': lambda out, _name, *a: unit_serve_pair(out, *a),
          'synthetic_table': unit_synthetic_table,
          'tokenizer': unit_tokenizer, 'export_setup': unit_export_setup,
          'export': unit_export, 'export_kill': unit_export_kill,
@@ -941,6 +1030,10 @@ def main():
                       'largest of --export_rows and stage 1\'s set of that many f-grams')
   p.add_argument('--serve_rows_per_chunk', type=int, default=0,
                  help='stage 3, synthetic: rows per read chunk (0: the real export\'s)')
+  p.add_argument('--pair_rows', default='',
+                 help='stage 3: stage 2\'s exports of these sizes (e.g. 10000000,100000000) '
+                      'served from mmap in one process, same prompts, interleaved rounds')
+  p.add_argument('--pair_batches', default='16', help='stage 3: batches of the --pair_rows run')
   p.add_argument('--storages', default='mmap,tensorstore', help='stage 3')
   p.add_argument('--batches', default='1,16,64', help='stage 3')
   p.add_argument('--new_tokens', type=int, default=32, help='stage 3: tokens per round')
@@ -969,6 +1062,11 @@ def main():
     result.update(stage3(args.out, args.serve_rows or max(sizes), args.storages.split(','),
                          [int(b) for b in args.batches.split(',')], args.new_tokens,
                          args.rounds, args.serve_table, max(sizes), args.serve_rows_per_chunk))
+    if args.pair_rows:
+      pair = sorted(int(n) for n in args.pair_rows.split(','))
+      result['serve_pair'] = run_unit(
+          args.out, 'serve_pair', '_'.join(_size_tag(n) for n in pair) + '_mmap', pair, 'mmap',
+          [int(b) for b in args.pair_batches.split(',')], args.new_tokens, args.rounds)
   if 4 in stages:
     result.update(stage4(result))
   result['load_average_end'] = os.getloadavg()

@@ -107,6 +107,24 @@ def test_stage2_small_export_killed_and_resumed(tmp_path):
   assert meta['synthetic_table']['content'] == 'synthetic-v1' and meta['num_fgrams'] == 150000
   lines, _ = _bench(tmp_path / 'bench', *args)
   assert any('synthetic_table_150000: done in an earlier run' in line for line in lines)
+  # A second, smaller export served beside the first in one process (--pair_rows): same
+  # prompts, interleaved rounds, each size's ratio and the per-round big / small tokens/s.
+  _bench(tmp_path / 'bench', '--stages=2', '--export_rows=50000,100000', '--kill_rows=0')
+  _, r5 = _bench(tmp_path / 'bench', '--stages=3', '--export_rows=50000,100000',
+                 '--pair_rows=50000,100000', '--pair_batches=2', '--storages=mmap',
+                 '--batches=2', '--rounds=2', '--new_tokens=4')
+  pair = r5['serve_pair']
+  assert pair['pair_sizes'] == [50000, 100000]
+  for cache in ('cold', 'warm'):
+    key = f'pair_mmap_{cache}_b2'
+    for tag in ('50k', '100k'):
+      assert pair[f'{key}_{tag}_tokens_per_s'] > 0 and pair[f'{key}_{tag}_ratio'] > 0
+      assert 0 < pair[f'{key}_{tag}_lookup_p50_ms'] <= pair[f'{key}_{tag}_lookup_p99_ms']
+    got = pair[key + '_big_over_small']
+    assert pair[key + '_big_over_small_min'] <= got <= pair[key + '_big_over_small_max']
+  # The step's matcher arrays: ~39 B per f-gram whatever the size.
+  assert 30 < pair['pair_matcher_bytes_per_fgram'] < 50
+  assert pair['pair_matcher_bytes_100k'] > pair['pair_matcher_bytes_50k']
 
 
 def test_stage4_projects_from_the_measured_inputs():
@@ -142,6 +160,15 @@ def test_stage4_projects_from_the_measured_inputs():
   p = bench.stage4(served)['projection_1b']
   assert p['lookup_ms_per_token_b16'] == pytest.approx({'cold': 0.2, 'warm': 0.01})
   assert p['lookup_b16']['measured_input'].startswith('lookup_mmap_cold_b16')
+  # With stage 3's pair run: serving's host memory per f-gram, scaled to 1B.
+  paired = dict(measured, serve_pair={'pair_sizes': [10**7, 10**8],
+                                      'pair_matcher_bytes_per_fgram': 38.6,
+                                      'pair_rss_anon_bytes_per_fgram': 46.0})
+  p = bench.stage4(paired)['projection_1b']
+  assert p['serving_matcher_host_ram_bytes'] == pytest.approx(38.6e9)
+  assert p['serving_anon_ram_bytes'] == pytest.approx(46e9)
+  assert any('100m f-grams (stage 3 pair)' in m for m in p['measured'])
+  assert 'serving_matcher_host_ram_bytes' not in bench.stage4(measured)['projection_1b']
   # Without stage 2 the export figures are absent, not guessed.
   assert 'export_hours' not in bench.stage4({'fgram_sets': measured['fgram_sets'],
                                              'matcher_fgrams': 10_000_000})['projection_1b']
