@@ -59,6 +59,11 @@ less memory than that, after stages 1 (at 100M) and 2 (at a smaller size) have r
       --sizes=1000000,10000000,100000000 --export_rows=2000000 --serve_rows=100000000 \
       --serve_table=synthetic --host_note="quiet host" >> bench_scale.log 2>&1 &
 
+The table's size alone, with stage 2's 10M and 100M exports served side by side (the
+100M one needs 25.6 GB more disk for its mmap copy):
+  python -m experiments.bench_scale --out=/data/bench_scale --stages=3 \
+      --export_rows=10000000,100000000 --pair_rows=10000000,100000000 >> bench_scale.log 2>&1
+
 Progress goes to stdout; the last line is one JSON object with every unit's results.
 """
 import argparse
