@@ -579,6 +579,7 @@ def _serve_rounds(gen, base, prompts, b, cache, rounds, kw, export_dir, rss):
   if b > 1 and gen.table.storage in ('mmap', 'tensorstore'):
     modes.append(('sequential', False))
   got = {name: ([], [], []) for name, _ in modes + [('baseline', None)]}
+  default = gen.table.lookup_concurrent
   for i in range(rounds):
     order = modes + [('baseline', None)]
     order = order[i % len(order):] + order[:i % len(order)]  # each mode leads in turn
@@ -595,7 +596,7 @@ def _serve_rounds(gen, base, prompts, b, cache, rounds, kw, export_dir, rss):
       got[name][1].append(gen.table.lookup_times.seconds(num_ids=b))  # decode steps only
       got[name][2].append(gen.table.lookup_times.rows(num_ids=b))
       _track_rss(rss)
-  gen.table.lookup_concurrent = True
+  gen.table.lookup_concurrent = default
   return got
 
 
@@ -612,6 +613,7 @@ def _direct_lookups(table, b, cache, rounds, export_dir, steps=DIRECT_STEPS) -> 
   from scone_jax import row_reads  # pylint: disable=g-import-not-at-top
   modes = [('', True)] + ([('_sequential', False)] if b > 1 else [])
   got = {name: [] for name, _ in modes}
+  default = table.lookup_concurrent
   for i in range(rounds):
     rng = np.random.default_rng(1000 + i)
     ids = (rng.random((steps, b)) ** 3 * table.num_rows).astype(np.int64)
@@ -624,7 +626,7 @@ def _direct_lookups(table, b, cache, rounds, export_dir, steps=DIRECT_STEPS) -> 
       for step in range(steps):
         export_reader.host_gather(table, ids[step])
       got[name].append(table.lookup_times.seconds(num_ids=b))
-  table.lookup_concurrent = True
+  table.lookup_concurrent = default
   r = {}
   for name, secs in got.items():
     pct = row_reads.percentiles_ms(np.concatenate(secs))

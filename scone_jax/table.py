@@ -287,13 +287,17 @@ class Table:
   export wrote it on disk; `table_dtype` converts each row as it is read (the same numbers
   as a table converted at load).
 
-  A lookup of several rows from disk (mmap, tensorstore) reads them concurrently
-  (`row_reads`) unless `lookup_concurrent` is False; the bits are the same either way.
+  A lookup of several rows of an mmap table reads them concurrently (`row_reads`: one
+  page fault per pool thread); a tensorstore table reads them in one batched read (its
+  own I/O runs the chunks in parallel; per-row read futures were no faster at 10M or
+  100M rows: experiments/results/scale/cpu_quiet_100m.json). `lookup_concurrent` sets it
+  per table; the bits are the same either way.
   `lookup_times` keeps the duration of the latest host lookups from a compiled step.
   cache_bytes: a tensorstore table's cache bound (its cache pool), kept to reopen it."""
 
   # Concurrent per-row reads for a lookup of several rows of an mmap or tensorstore table
-  # (False: one gather / one read of all rows, as before); a benchmark flips it per table.
+  # (False: one gather / one read of all rows); set in __init__ per storage, and a
+  # benchmark flips it per table.
   lookup_concurrent = True
 
   def __init__(self, rows_SxD: Optional[np.ndarray] = None, *, store=None, storage='ram',
@@ -303,6 +307,7 @@ class Table:
       raise ValueError('pass exactly one of rows_SxD (ram/mmap), store (tensorstore) or '
                        'device_rows (device/host).')
     self.storage = storage
+    self.lookup_concurrent = storage != 'tensorstore'
     self._rows = rows_SxD
     self._store = store
     self.device_rows = device_rows
