@@ -46,12 +46,13 @@ writes its result under `--out`/units/, so a re-run skips what a previous run fi
   python -m experiments.bench_scale --out=runs/bench_scale --stages=1,2 \
       --sizes=1000000,10000000 --export_rows=250000,1000000
 
-At the paper's scale on a quiet host (100M rows: 25.6 GB of table, twice with the kill
-check, plus 2 x 2.6 GB at 10M; stage 1 at 100M needs ~12 GB of RAM; resumable: rerun the same
+At the paper's scale on a quiet host (100M rows: 25.6 GB of table, plus 2 x 2.6 GB at 10M
+with the kill check there; stage 1 at 100M peaked at 19 GB of RAM, its matcher 17 GB; the
+100M export took 47 minutes of both cores of a 2-core host; resumable: rerun the same
 command after any interruption):
   nohup python -m experiments.bench_scale --out=/data/bench_scale --stages=1,2,4 \
       --sizes=1000000,10000000,100000000 --export_rows=10000000,100000000 \
-      --host_note="quiet host" > bench_scale.log 2>&1 &
+      --kill_rows=10000000 --host_note="quiet host" > bench_scale.log 2>&1 &
 
 Serving a synthetic 100M-row table (25.6 GB, plus 25.6 GB for mmap's copy) on a host with
 less memory than that, after stages 1 (at 100M) and 2 (at a smaller size) have run:
