@@ -163,28 +163,42 @@ def match_last(m: MatcherArrays, ctx_BxK, doc_len_B, *, take=None, keys_hook=Non
   batch = ctx_BxK.shape[0]
   if m.tokens_SxK.shape[0] == 0 or m.max_len < 2:
     return jnp.full((batch,), -1, jnp.int32)
+  q_hi, q_lo = _query_keys(m, ctx_BxK, keys_hook)                    # [B, K-1]
+  found, fid = _find(m, q_hi, q_lo, take)                           # [B, K-1]
+  stored, stored_len = take(((m.tokens_SxK, fid), (m.lengths_S, fid)))
+  return _longest_confirmed(m, ctx_BxK, doc_len_B, found, fid, stored, stored_len, jnp)
+
+
+def _query_keys(m: MatcherArrays, ctx_BxK, keys_hook=None):
+  """(q_hi, q_lo), [B, K-1] each: the keys of each row's last n tokens for n = 2..K, numpy
+  or jax like ctx_BxK; keys_hook(q_hi, q_lo) -> (q_hi, q_lo) forces collisions in tests."""
+  xp = jnp if isinstance(ctx_BxK, jax.Array) else np
   lengths = tuple(range(2, m.max_len + 1))
   keys = _hash_suffixes(ctx_BxK, m.seed, lengths)
-  q_hi = jnp.stack([keys[n][0] for n in lengths], axis=1)          # [B, K-1]
-  q_lo = jnp.stack([keys[n][1] for n in lengths], axis=1)
+  q_hi = xp.stack([keys[n][0] for n in lengths], axis=1)
+  q_lo = xp.stack([keys[n][1] for n in lengths], axis=1)
   if keys_hook is not None:
     q_hi, q_lo = keys_hook(q_hi, q_lo)
-  found, fid = _find(m, q_hi, q_lo, take)                           # [B, K-1]
-  n_N = jnp.asarray(lengths, jnp.int32)
-  # Confirm: the candidate's length and stored tokens equal the row's last n tokens.
-  stored, stored_len = take(((m.tokens_SxK, fid), (m.lengths_S, fid)))
-  stored = stored[..., :m.max_len]                                  # [B, K-1, Kf]
-  col = jnp.arange(m.max_len)
-  src = (k - n_N)[None, :, None] + col[None, None, :]                # [1, K-1, Kf]
-  mine = ctx_BxK[:, jnp.minimum(src, k - 1)[0]]                      # [B, K-1, Kf]
+  return q_hi, q_lo
+
+
+def _longest_confirmed(m: MatcherArrays, ctx_BxK, doc_len_B, found, fid, stored, stored_len,
+                       xp):
+  """The id of the longest candidate (fid [B, K-1], lengths 2..K) whose stored tokens
+  (stored [B, K-1, >= K]) and length equal the row's last n tokens and fit in its document
+  (-1: none), so a hash collision never selects a wrong row; xp: numpy or jax.numpy."""
+  k = ctx_BxK.shape[1]
+  n_N = xp.asarray(tuple(range(2, m.max_len + 1)), xp.int32)
+  col = xp.arange(m.max_len)
+  src = xp.minimum((k - n_N)[:, None] + col[None, :], k - 1)         # [K-1, K]
   inside = col[None, :] < n_N[:, None]
-  same = jnp.all((stored == mine) | ~inside[None], axis=2)
+  same = xp.all((stored[..., :m.max_len] == ctx_BxK[:, src]) | ~inside[None], axis=2)
   ok = (found & same & (stored_len == n_N[None])
-        & (n_N[None] <= jnp.minimum(doc_len_B, m.max_len)[:, None]))
-  # The longest confirmed length wins.
-  best = jnp.max(jnp.where(ok, n_N[None], 0), axis=1)
-  pick = jnp.argmax(jnp.where(ok, n_N[None], 0), axis=1)
-  return jnp.where(best > 0, jnp.take_along_axis(fid, pick[:, None], axis=1)[:, 0], -1)
+        & (n_N[None] <= xp.minimum(doc_len_B, m.max_len)[:, None]))
+  best = xp.where(ok, n_N[None], 0)
+  pick = xp.argmax(best, axis=1)                                     # the longest confirmed
+  chosen = xp.take_along_axis(fid, pick[:, None], axis=1)[:, 0]
+  return xp.where(xp.max(best, axis=1) > 0, chosen, -1).astype(xp.int32)
 
 
 def push(ctx_BxK, doc_len_B, new_B, valid_B: Optional[object] = None):
@@ -217,32 +231,17 @@ def _match_windows_host(m: MatcherArrays, ctx_NxK: np.ndarray, doc_len_N: np.nda
   """`match_last` in numpy on numpy arrays: the same keys, bucket reads and stored-token
   check (so the same ids), without a jax dispatch per operation. ctx_NxK has K = max_len
   columns; keys_hook as in match_last."""
-  num, k = ctx_NxK.shape
-  lengths = tuple(range(2, m.max_len + 1))
-  keys = _hash_suffixes(ctx_NxK, m.seed, lengths)
-  q_hi = np.stack([keys[n][0] for n in lengths], axis=1)            # [N, K-1]
-  q_lo = np.stack([keys[n][1] for n in lengths], axis=1)
-  if keys_hook is not None:
-    q_hi, q_lo = keys_hook(q_hi, q_lo)
+  q_hi, q_lo = _query_keys(m, ctx_NxK, keys_hook)                    # [N, K-1]
   bucket = (q_hi >> np.uint32(32 - m.bits)).astype(np.int64)
   start, end = m.bucket_start[bucket], m.bucket_start[bucket + 1]
   idx = start[..., None] + np.arange(m.width, dtype=np.int32)       # [N, K-1, W]
   hit = ((idx < end[..., None]) & (m.key_hi_M[idx] == q_hi[..., None])
          & (m.key_lo_M[idx] == q_lo[..., None]))
+  # Only the found key's id is read (the device reads the bucket's ids with its keys).
   at = np.take_along_axis(idx, hit.argmax(axis=-1)[..., None], axis=-1)[..., 0]
   fid = m.id_M[at]                                                  # [N, K-1]
-  n_N = np.asarray(lengths, np.int32)
-  # Confirm: the candidate's length and stored tokens equal the window's last n tokens.
-  col = np.arange(m.max_len)
-  src = np.minimum((k - n_N)[:, None] + col[None, :], k - 1)         # [K-1, K]
-  stored = m.tokens_SxK[fid][..., :m.max_len]                        # [N, K-1, K]
-  inside = col[None, :] < n_N[:, None]
-  same = np.all((stored == ctx_NxK[:, src]) | ~inside[None], axis=2)
-  ok = (hit.any(axis=-1) & same & (m.lengths_S[fid] == n_N[None])
-        & (n_N[None] <= np.minimum(doc_len_N, m.max_len)[:, None]))
-  best_N = np.where(ok, n_N[None], 0)
-  pick = best_N.argmax(axis=1)                                      # the longest confirmed
-  return np.where(best_N.max(axis=1) > 0, fid[np.arange(num), pick], -1).astype(np.int32)
+  return _longest_confirmed(m, ctx_NxK, doc_len_N, hit.any(axis=-1), fid, m.tokens_SxK[fid],
+                            m.lengths_S[fid], np)
 
 
 def match_windows_host(m: MatcherArrays, ctx_NxK, doc_len_N, *, keys_hook=None) -> np.ndarray:
